@@ -1,0 +1,169 @@
+"""Hugging Face ``transformers.Trainer`` integration: callbacks only, no Trainer subclass.
+
+    from slimkit.plugins.hf import slim_callbacks
+    callbacks = slim_callbacks(model, recipe, teacher=teacher)   # before the Trainer is built
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
+    trainer.train()
+
+A ``TrainerCallback`` can neither change the loss nor add parameters to an optimizer that
+already exists, so the callbacks *prepare the model when they are made*: the KD forward hook
+writes the mixed loss into ``outputs.loss`` (which the Trainer backpropagates and logs),
+projectors and slimkit's state live in a child module (so they are in the optimizer and in
+every checkpoint, and ``resume_from_checkpoint`` restores them), and the teacher is held by
+the method, never by the model. The callbacks then advance the pruning / QAT schedules after
+each optimizer step and add the KD terms, sparsity and QAT state to the Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+import slimkit
+from slimkit.controller import controller_of, unwrap
+from slimkit.errors import SlimkitError
+from slimkit.recipe import DistillConfig, PruneConfig, QuantConfig, Recipe
+
+from . import hf_adapters  # noqa: F401  (registers the HF adapter)
+
+
+def _average_across_processes(values: dict[str, float]) -> dict[str, float]:
+    if not values or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+class SlimCallback(TrainerCallback):
+    """Base of the slimkit callbacks: prepares one recipe section and drives the controller."""
+
+    section: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Any = None,
+        *,
+        teacher: nn.Module | None = None,
+        example_inputs: Any = None,
+    ) -> None:
+        model = unwrap(model)
+        controller = controller_of(model, required=False)
+        if controller is None or self.section not in controller.methods:
+            if config is None:
+                raise SlimkitError(f"{type(self).__name__} needs the recipe's {self.section!r} section")
+            slimkit.prepare(
+                model, Recipe(**{self.section: config}), teacher=teacher, example_inputs=example_inputs
+            )
+        self.model = model
+        self.controller = controller_of(model)
+        self._logged: tuple[int, dict[str, float]] | None = None
+
+    # Report integrations (TensorBoard, W&B, ...) are called before user callbacks; move the
+    # slimkit callbacks ahead of them so that the values added in on_log reach every target.
+    def on_init_end(self, args, state, control, **kwargs):
+        handler = sys._getframe(1).f_locals.get("self")
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and self in callbacks:
+            ours = [c for c in callbacks if isinstance(c, SlimCallback)]
+            others = [c for c in callbacks if not isinstance(c, SlimCallback)]
+            first_report = next(
+                (
+                    i
+                    for i, c in enumerate(others)
+                    if type(c).__module__.startswith("transformers.integrations")
+                ),
+                len(others),
+            )
+            handler.callbacks = others[:first_report] + ours + others[first_report:]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "fsdp", None):
+            raise SlimkitError(
+                "slimkit does not support FSDP: pruning masks, fake-quant observers and KD projectors "
+                "need whole (unsharded) parameters. Train with DDP (the default of accelerate launch "
+                "--multi_gpu) instead."
+            )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.controller.on_step(unwrap(model) if model is not None else self.model, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        # One pop per log event, shared by all slimkit callbacks of this controller.
+        cached = getattr(self.controller, "_hf_logged", None)
+        if cached is None or cached[0] != state.global_step:
+            cached = (state.global_step, _average_across_processes(self.controller.pop_log()))
+            self.controller._hf_logged = cached
+        values = cached[1]
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+
+class DistillationCallback(SlimCallback):
+    """Knowledge distillation on a stock Trainer (the model's loss becomes the KD mix)."""
+
+    section = "distill"
+
+    def __init__(self, model: nn.Module, config: DistillConfig | dict | None = None, *, teacher=None, **kw):
+        if isinstance(config, dict):
+            config = DistillConfig.from_dict(config)
+        super().__init__(model, config, teacher=teacher, **kw)
+
+
+class PruningCallback(SlimCallback):
+    """Scheduled pruning on a stock Trainer; logs the current sparsity."""
+
+    section = "prune"
+
+    def __init__(self, model: nn.Module, config: PruneConfig | dict | None = None, **kw):
+        if isinstance(config, dict):
+            config = PruneConfig.from_dict(config)
+        super().__init__(model, config, **kw)
+
+
+class QATCallback(SlimCallback):
+    """Quantization-aware training on a stock Trainer; logs the QAT phase."""
+
+    section = "quant"
+
+    def __init__(self, model: nn.Module, config: QuantConfig | dict | None = None, **kw):
+        if isinstance(config, dict):
+            config = QuantConfig.from_dict(config)
+        super().__init__(model, config, **kw)
+
+
+_CALLBACKS = {"distill": DistillationCallback, "prune": PruningCallback, "quant": QATCallback}
+
+
+def slim_callbacks(
+    model: nn.Module,
+    recipe: Recipe | dict | str,
+    *,
+    teacher: nn.Module | None = None,
+    example_inputs: Any = None,
+) -> list[SlimCallback]:
+    """Prepare ``model`` for the whole recipe now and return one callback per section.
+
+    Call it before building the Trainer, so that the optimizer the Trainer creates holds the
+    projectors (and any other parameters slimkit adds).
+    """
+    recipe = slimkit.api._as_recipe(recipe)
+    slimkit.prepare(model, recipe, teacher=teacher, example_inputs=example_inputs)
+    return [
+        _CALLBACKS[name](model) for name in ("distill", "prune", "quant") if getattr(recipe, name) is not None
+    ]
+
+
+__all__ = ["DistillationCallback", "PruningCallback", "QATCallback", "SlimCallback", "slim_callbacks"]

@@ -1,0 +1,102 @@
+"""timm integration: what slimkit knows of timm models.
+
+* the classifier and stem come from the model's ``pretrained_cfg`` (``classifier``,
+  ``first_conv``), so they are excluded from pruning by default;
+* attention probabilities of ViT-style ``Attention`` blocks (fused qkv) are recomputed from
+  the ``qkv`` projection's output (timm runs fused SDPA, which never materialises them);
+* folders use timm's own ``config.json`` (``architecture`` + ``model_args`` +
+  ``pretrained_cfg``), so a dense model also loads with ``timm.create_model('local-dir:...')``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import _hub as timm_hub
+from timm.models import _input as timm_input
+from torch import nn
+
+from slimkit.adapters import ModelAdapter, register_adapter
+from slimkit.errors import FormatError, UnsupportedModelError
+from slimkit.modules import get_module, user_named_modules
+
+
+def _names(model: nn.Module, value: Any) -> list[str]:
+    values = [value] if isinstance(value, str) else list(value or [])
+    present = {n for n, _ in user_named_modules(model)}
+    return [v for v in values if v in present]
+
+
+def is_timm_attention(module: nn.Module) -> bool:
+    """A ViT-style attention block with a fused ``qkv`` Linear and ``num_heads``."""
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads")
+
+
+@register_adapter
+class TimmAdapter(ModelAdapter):
+    library = "timm"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.")
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        return _names(model, getattr(model, "pretrained_cfg", {}).get("classifier"))
+
+    def stem_names(self, model: nn.Module) -> list[str]:
+        return _names(model, getattr(model, "pretrained_cfg", {}).get("first_conv"))
+
+    def attention_modules(self, model: nn.Module) -> list[str]:
+        return [n for n, m in user_named_modules(model) if is_timm_attention(m)]
+
+    def capture_attention(self, model: nn.Module, name: str, store: dict[str, torch.Tensor]) -> list[Any]:
+        attn = get_module(model, name)
+        if not is_timm_attention(attn):
+            hits = self.attention_modules(model)[:4]
+            raise UnsupportedModelError(
+                f"attention KD: {name!r} in {type(model).__name__} is a {type(attn).__name__}, not a timm "
+                f"Attention block with a fused qkv; attention blocks here are e.g. {hits}"
+            )
+
+        def hook(qkv_module: nn.Module, args: Any, qkv: torch.Tensor) -> None:
+            b, n, _ = qkv.shape
+            heads, head_dim = attn.num_heads, attn.head_dim
+            q, k, _v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            store[name] = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+
+        return [attn.qkv.register_forward_hook(hook)]
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2) -> torch.Tensor:
+        config = timm_input.get_model_input_config(model)
+        c, h, w = config["input_size"]
+        if not config.get("fixed_input_size", False):
+            h, w = min(h, 64), min(w, 64)  # any size works; small keeps tracing cheap
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.randn(batch_size, c, h, w, device=device)
+
+    # -- folders ---------------------------------------------------------------------------------
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            timm_hub.save_config_for_hf(model, str(path))
+            return json.loads(path.read_text())
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        cfg = copy.deepcopy(config)
+        cfg.pop("slimkit", None)
+        pretrained_cfg, name, model_args = timm_hub._parse_model_cfg(cfg, {"source": "local-dir"})
+        return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+
+    def load_plain(self, folder: Path) -> nn.Module:
+        if not (folder / "model.safetensors").is_file():
+            raise FormatError(
+                f"{folder / 'model.safetensors'} is missing; slimkit loads safetensors only (never pickle)"
+            )
+        return timm.create_model(f"local-dir:{folder}", pretrained=True)

@@ -1,0 +1,117 @@
+"""What slimkit needs to know about a model family, behind one small interface.
+
+Adapters for timm and transformers live in ``slimkit.plugins`` (they import those libraries);
+the core only knows this interface and the fallback for plain ``nn.Module``s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+Task = Literal["classification", "token_classification", "causal_lm", "embedding"]
+
+
+class ModelAdapter:
+    """Model-family knowledge: classifier, stem, attention, inputs, config.
+
+    Subclasses override what their family knows; the defaults describe a plain PyTorch model
+    that returns logits.
+    """
+
+    library: str = "torch"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return False
+
+    # -- structure ------------------------------------------------------------------------
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        """Modules that produce the final prediction; excluded from pruning by default."""
+        last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return last[-1:]
+
+    def stem_names(self, model: nn.Module) -> list[str]:
+        """The first layer(s) that see raw inputs; excluded from pruning by default."""
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                return [name]
+        return []
+
+    def attention_modules(self, model: nn.Module) -> list[str]:
+        """Names of attention modules whose probabilities / heads slimkit can reach."""
+        return []
+
+    def capture_attention(self, model: nn.Module, name: str, store: dict[str, torch.Tensor]) -> list[Any]:
+        """Arrange for ``store[name]`` to receive the attention probabilities [B, H, Q, K] of
+        module ``name`` on every forward; return removable handles."""
+        raise UnsupportedModelError(
+            f"attention KD: {type(model).__name__} has no adapter that exposes attention probabilities "
+            f"(module {name!r}). Use a timm ViT-style or Hugging Face transformer model, or drop "
+            "distill.attention for this model."
+        )
+
+    def release_attention(self, model: nn.Module) -> None:
+        """Undo what ``capture_attention`` changed on the model (hooks are removed by the caller)."""
+
+    # -- inputs and outputs ----------------------------------------------------------------
+    def task(self, model: nn.Module) -> Task:
+        return "classification"
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: slimkit cannot guess example inputs for this model; "
+            "pass example_inputs=... (a tensor, a tuple of tensors or a dict of keyword tensors)."
+        )
+
+    # -- hub-style folders ---------------------------------------------------------------------
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        raise UnsupportedModelError(
+            f"save_pretrained: {type(model).__name__} is neither a Hugging Face PreTrainedModel nor a "
+            "timm model, so no config.json can rebuild it. Wrap it in one of those, or save its "
+            "state_dict with safetensors.torch.save_file."
+        )
+
+    def build(self, config: dict[str, Any]) -> nn.Module:  # pragma: no cover - abstract for torch
+        raise UnsupportedModelError("plain PyTorch models cannot be rebuilt from config.json")
+
+
+class TorchAdapter(ModelAdapter):
+    """Fallback for a plain ``nn.Module``: knows only what the module structure shows."""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return True
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple/list or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def get_logits(outputs: Any) -> torch.Tensor | None:
+    """The logits in a model's outputs: a tensor, ``.logits`` / ``["logits"]``, or a tuple's first."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    is_tuple = isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor)
+    if logits is None and is_tuple and getattr(outputs, "last_hidden_state", None) is None:
+        logits = outputs[0]
+    return logits
+
+
+def get_loss(outputs: Any) -> torch.Tensor | None:
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    return loss

@@ -1,0 +1,120 @@
+"""The plain-loop API: ``prepare``, ``compute_loss``, ``step``, ``convert``.
+
+    model = slimkit.prepare(model, recipe, teacher=teacher, example_inputs=x)
+    optimizer = torch.optim.AdamW(model.parameters())      # after prepare: includes projectors
+    for x, y in loader:
+        out = model(x)
+        loss = slimkit.compute_loss(model, out, labels=y)   # HF models with labels: out.loss already is it
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        slimkit.step(model)                                 # pruning / QAT schedules
+    small = slimkit.convert(model)
+
+Works the same on a model wrapped by DDP or ``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .controller import Controller, controller_of, unwrap
+from .recipe import Recipe
+
+
+def _as_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_file(recipe)
+
+
+def prepare(
+    model: nn.Module,
+    recipe: Recipe | dict | str | os.PathLike,
+    *,
+    teacher: nn.Module | None = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Attach the recipe's methods to ``model`` (in place) and return it.
+
+    Shapes do not change: build the optimizer, DDP wrapper or Trainer *after* this call so
+    that they see the projectors and state slimkit adds. ``example_inputs`` (a tensor, tuple
+    or dict of kwargs) is used to trace the model; adapters supply one for timm and HF models.
+    """
+    recipe = _as_recipe(recipe)
+    model = unwrap(model)
+    controller = controller_of(model, required=False) or Controller(model)
+    # Pruning traces the clean model, quantization hooks in next, KD probes the result last.
+    if recipe.prune is not None:
+        from .prune import Pruner
+
+        controller.add(Pruner(controller, recipe.prune, example_inputs=example_inputs), model)
+    if recipe.quant is not None:
+        from .quant import Quantizer
+
+        controller.add(Quantizer(controller, recipe.quant, example_inputs=example_inputs), model)
+    if recipe.distill is not None:
+        from .distill import Distiller
+
+        controller.add(Distiller(controller, recipe.distill, teacher, example_inputs), model)
+    return model
+
+
+def compute_loss(
+    model: nn.Module,
+    outputs: Any,
+    *,
+    labels: torch.Tensor | None = None,
+    task_loss: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss to backpropagate after ``outputs = model(...)``.
+
+    With KD, this is the mixed loss of the recipe; the task loss is ``task_loss`` if given,
+    else cross-entropy against ``labels`` (-100 ignored; shifted for causal LMs). Without KD it
+    is the task loss itself.
+    """
+    controller = controller_of(model)
+    distiller = controller.methods.get("distill")
+    if distiller is not None:
+        return distiller.compute_loss(outputs, labels, task_loss, attention_mask)
+    if task_loss is not None:
+        return task_loss
+    from .adapters import get_logits, get_loss
+    from .distill.losses import task_cross_entropy
+
+    loss = get_loss(outputs)
+    if loss is not None:
+        return loss
+    if labels is None:
+        raise ValueError("compute_loss needs labels= or task_loss= when the outputs carry no loss")
+    causal = controller.adapter.task(unwrap(model)) == "causal_lm"
+    total, count = task_cross_entropy(get_logits(outputs), labels, attention_mask, causal)
+    return total / count.clamp_min(1)
+
+
+def step(model: nn.Module, global_step: int | None = None) -> None:
+    """Call after each ``optimizer.step()``: advances pruning / QAT schedules and re-applies
+    masks. ``global_step`` defaults to one more than the last call."""
+    controller_of(model).on_step(unwrap(model), global_step)
+
+
+def log_values(model: nn.Module) -> dict[str, float]:
+    """Averaged loss terms since the last call, and each method's state (sparsity, QAT phase)."""
+    return controller_of(model).pop_log()
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Make the recipe permanent: physically remove pruned units, convert to INT8, drop KD
+    hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``."""
+    model = unwrap(model)
+    return controller_of(model).convert(model)
+
+
+def teacher_of(model: nn.Module) -> nn.Module | None:
+    distiller = controller_of(model).methods.get("distill")
+    return None if distiller is None else distiller.teacher

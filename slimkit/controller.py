@@ -1,0 +1,221 @@
+"""What ``slimkit.prepare`` attaches to a model, and the protocol every method follows.
+
+A prepared model gets:
+
+* one child module named ``slimkit`` (:class:`SlimkitModule`) holding everything that must
+  train or be checkpointed with the model: the step counter, KD projectors, pruning masks and
+  importance statistics, observer state. Being a child, it moves with ``.to()``, is in the
+  optimizer built from ``model.parameters()``, in ``state_dict()`` (so Trainer checkpoints and
+  ``resume_from_checkpoint`` restore it) and in DDP's parameter and buffer sync. It is never
+  written by ``slimkit.save_pretrained``.
+* a plain attribute ``_slimkit`` holding the :class:`Controller`: the recipe, the methods,
+  hooks, and (for KD) the teacher, which is deliberately *not* a submodule so that it is never
+  saved, trained or wrapped by DDP.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+from .errors import SlimkitError
+from .modules import SLIMKIT_ATTR
+
+CONTROLLER_ATTR = "_slimkit"
+
+
+class SlimkitModule(nn.Module):
+    """The child module that holds slimkit's trainable and checkpointed state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
+        raise RuntimeError("the slimkit state module is not callable")
+
+
+class Method:
+    """One compression method attached to a model (distill, prune, quant).
+
+    ``prepare`` keeps parameter shapes (masks, fake-quant, hooks); ``convert`` changes the
+    architecture once, after training. State that must survive a checkpoint is registered as
+    parameters / buffers under ``controller.state`` (the ``slimkit`` child).
+    """
+
+    name: str = ""
+
+    def __init__(self, controller: Controller, config: Any) -> None:
+        self.controller = controller
+        self.config = config
+
+    def prepare(self, model: nn.Module) -> None:
+        """Attach to the model before the optimizer is built."""
+
+    def after_forward(
+        self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Called by the model's forward hook in training; returns loss terms (KD only)."""
+        return {}
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called once after each optimizer step, with the number of steps done."""
+
+    def log_values(self) -> dict[str, float]:
+        """Values worth logging now (sparsity, QAT phase, ...)."""
+        return {}
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Make the change permanent (physical pruning, INT8); returns the model."""
+        return model
+
+    def remove(self, model: nn.Module) -> None:
+        """Detach hooks; called after convert."""
+
+
+class Controller:
+    """The recipe, the methods and the hooks of one prepared model."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter | None = None) -> None:
+        self.adapter = adapter or get_adapter(model)
+        self.methods: dict[str, Method] = {}
+        self.recipe_sections: dict[str, Any] = {}
+        self.state = SlimkitModule()
+        self._suspended = 0
+        self._hook = None
+        self.last_terms: dict[str, torch.Tensor] = {}
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
+        # Put the state module on the model's device without moving the model.
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.state.to(device)
+        model.add_module(SLIMKIT_ATTR, self.state)
+        object.__setattr__(model, CONTROLLER_ATTR, self)
+
+    # -- methods -----------------------------------------------------------------------------
+    def add(self, method: Method, model: nn.Module) -> None:
+        if method.name in self.methods:
+            raise SlimkitError(
+                f"{type(model).__name__} is already prepared for {method.name!r}; prepare each recipe "
+                "section once (slim_callbacks / prepare with the whole recipe do this)"
+            )
+        self.methods[method.name] = method
+        self.recipe_sections[method.name] = method.config
+        method.prepare(model)
+        if self._hook is None:
+            self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+
+    @property
+    def recipe(self) -> Any:
+        from .recipe import Recipe
+
+        return Recipe(**self.recipe_sections)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    # -- the forward hook ----------------------------------------------------------------------
+    @contextmanager
+    def suspended(self):
+        """Run the model without KD (e.g. while tracing it for the pruning graph)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+    def _forward_hook(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        if self._suspended or not model.training or not torch.is_grad_enabled():
+            return None
+        terms: dict[str, torch.Tensor] = {}
+        for method in self.methods.values():
+            terms.update(method.after_forward(model, args, kwargs, outputs))
+        self.last_terms = terms
+        distill = self.methods.get("distill")
+        if distill is not None:
+            return distill.replace_loss(outputs, terms)
+        return None
+
+    # -- steps and logging -------------------------------------------------------------------------
+    def on_step(self, model: nn.Module, step: int | None = None) -> None:
+        """Advance every method's schedule to ``step`` (default: one more than the last)."""
+        step = self.step + 1 if step is None else int(step)
+        if step == self.step and step != 0:
+            return
+        self.state.step.fill_(step)
+        for method in self.methods.values():
+            method.on_step(model, step)
+
+    def record(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Accumulate loss terms between two logging points (averaged by ``pop_log``)."""
+        for key, value in values.items():
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            self._log_sums[key] = self._log_sums.get(key, 0.0) + value
+        self._log_count += 1
+
+    def pop_log(self) -> dict[str, float]:
+        """Averages of the recorded terms since the last call, plus each method's state."""
+        out = {k: v / max(self._log_count, 1) for k, v in self._log_sums.items()}
+        self._log_sums, self._log_count = {}, 0
+        for method in self.methods.values():
+            out.update(method.log_values())
+        return out
+
+    # -- convert / remove -----------------------------------------------------------------------
+    def convert(self, model: nn.Module) -> nn.Module:
+        order = ["prune", "quant", "distill"]
+        for name in sorted(self.methods, key=lambda n: order.index(n) if n in order else len(order)):
+            model = self.methods[name].convert(model)
+        self.detach(model)
+        return model
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove hooks and the state module; the model keeps any changes made so far."""
+        for method in self.methods.values():
+            method.remove(model)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if SLIMKIT_ATTR in model._modules:
+            del model._modules[SLIMKIT_ATTR]
+        if CONTROLLER_ATTR in model.__dict__:
+            del model.__dict__[CONTROLLER_ATTR]
+        object.__setattr__(model, "_slimkit_info", _ConvertedInfo(self.recipe))
+
+
+class _ConvertedInfo:
+    """What a converted model remembers of how it was made (for save_pretrained's block)."""
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe = recipe
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / accelerate / torch.compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if CONTROLLER_ATTR in model.__dict__:
+            return model
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        else:
+            break
+    return model
+
+
+def controller_of(model: nn.Module, required: bool = True) -> Controller | None:
+    model = unwrap(model)
+    controller = model.__dict__.get(CONTROLLER_ATTR)
+    if controller is None and required:
+        raise SlimkitError(
+            f"{type(model).__name__} was not prepared by slimkit; call slimkit.prepare(model, recipe, ...) "
+            "(or slim_callbacks for a Trainer) first"
+        )
+    return controller

@@ -1,0 +1,1 @@
+"""Structured and unstructured pruning (built in the pruning issue)."""

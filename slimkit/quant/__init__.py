@@ -1,0 +1,1 @@
+"""Quantization-aware training and INT8 conversion (built in the quantization issue)."""

@@ -1,0 +1,316 @@
+"""Recipes: one file, three optional sections (``distill``, ``prune``, ``quant``).
+
+Each section is a config dataclass that validates itself; ``Recipe.from_file`` reads YAML or
+JSON and ``Recipe.to_dict`` round-trips. See the README's "Recipe reference" for every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ._config import Config, help_field
+from .errors import ConfigError
+
+# ----------------------------------------------------------------------------------------
+# distill
+# ----------------------------------------------------------------------------------------
+
+LayerMap = Literal["uniform"] | list[list[int]]
+
+
+def _check_pair_names(cfg: Any, path: str) -> None:
+    for side in ("student", "teacher"):
+        name = getattr(cfg, side)
+        if not name:
+            Config.fail(path, side, "must name a module, e.g. 'encoder.layer.3'")
+        if name.count("*") > 1:
+            Config.fail(path, side, f"{name!r} has more than one '*'; use one '*' for the layer index")
+    wild = ["*" in cfg.student, "*" in cfg.teacher]
+    if any(wild) and not all(wild):
+        Config.fail(
+            path,
+            "student" if not wild[0] else "teacher",
+            "both names need a '*' for the layer index when one has it "
+            f"(got student={cfg.student!r}, teacher={cfg.teacher!r})",
+        )
+    if cfg.map is not None and not all(wild):
+        Config.fail(path, "map", "a layer map needs '*' in both names, e.g. 'encoder.layer.*'")
+    if isinstance(cfg.map, list):
+        for i, pair in enumerate(cfg.map):
+            if len(pair) != 2 or any(p < 0 for p in pair):
+                Config.fail(path, f"map[{i}]", f"expected [student_layer, teacher_layer] >= 0, got {pair}")
+    if cfg.weight < 0:
+        Config.fail(path, "weight", f"must be >= 0, got {cfg.weight}")
+
+
+@dataclasses.dataclass
+class FeaturePair(Config):
+    """Projected feature KD between one student module and one teacher module."""
+
+    student: str = help_field("", "student module name; '*' stands for the layer index")
+    teacher: str = help_field("", "teacher module name; '*' stands for the layer index")
+    weight: float = help_field(1.0, "weight of this term in the loss")
+    loss: Literal["mse", "cosine"] = help_field("mse", "mse, or cosine (1 - cosine similarity)")
+    map: LayerMap | None = help_field(
+        None, "with '*': 'uniform' (default) or explicit [[student_layer, teacher_layer], ...]"
+    )
+
+    def validate(self, path: str) -> None:
+        _check_pair_names(self, path)
+
+
+@dataclasses.dataclass
+class AttentionPair(Config):
+    """Attention-map KD: KL between the attention probabilities of mapped layers."""
+
+    student: str = help_field("", "student attention module; '*' stands for the layer index")
+    teacher: str = help_field("", "teacher attention module; '*' stands for the layer index")
+    weight: float = help_field(1.0, "weight of this term in the loss")
+    heads: Literal["auto", "average", "per_head"] = help_field(
+        "auto", "per_head when both have the same head count, else the head-averaged maps"
+    )
+    map: LayerMap | None = help_field(None, "with '*': 'uniform' (default) or explicit pairs")
+
+    def validate(self, path: str) -> None:
+        _check_pair_names(self, path)
+
+
+@dataclasses.dataclass
+class DistillConfig(Config):
+    """Knowledge distillation: alpha*T^2*KL(teacher||student) + (1-alpha)*task + features + attention."""
+
+    section: ClassVar[str] = "distill"
+
+    temperature: float = help_field(4.0, "softmax temperature T (> 0)")
+    alpha: float = help_field(0.5, "weight of the logit KD term; the task loss gets 1 - alpha")
+    features: list[FeaturePair] = help_field([], "projected feature KD pairs")
+    attention: list[AttentionPair] = help_field([], "attention-map KD pairs")
+
+    def validate(self, path: str) -> None:
+        if not self.temperature > 0:
+            self.fail(path, "temperature", f"must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            self.fail(path, "alpha", f"must be in [0, 1], got {self.alpha}")
+
+
+# ----------------------------------------------------------------------------------------
+# prune
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScheduleConfig(Config):
+    """When units are removed: all at once, in stages, or gradually (Zhu & Gupta cubic)."""
+
+    section: ClassVar[str] = "prune.schedule"
+
+    kind: Literal["one_shot", "iterative", "cubic"] = help_field("one_shot", "one_shot | iterative | cubic")
+    start_step: int = help_field(0, "first pruning step")
+    end_step: int | None = help_field(None, "step at which the final ratio is reached (iterative, cubic)")
+    every: int = help_field(100, "cubic: re-rank and prune every this many steps")
+    stages: int = help_field(3, "iterative: number of stages between start_step and end_step")
+
+    def validate(self, path: str) -> None:
+        if self.start_step < 0:
+            self.fail(path, "start_step", f"must be >= 0, got {self.start_step}")
+        if self.every < 1:
+            self.fail(path, "every", f"must be >= 1, got {self.every}")
+        if self.stages < 1:
+            self.fail(path, "stages", f"must be >= 1, got {self.stages}")
+        if self.kind != "one_shot":
+            if self.end_step is None:
+                self.fail(path, "end_step", f"is required for kind={self.kind!r}")
+            if self.end_step <= self.start_step:
+                self.fail(path, "end_step", f"must be > start_step ({self.start_step}), got {self.end_step}")
+
+    @property
+    def last_step(self) -> int:
+        """The step after which no unit is pruned any more."""
+        return self.start_step if self.kind == "one_shot" else int(self.end_step)
+
+
+def _ratio(cfg: Config, path: str, name: str) -> None:
+    value = getattr(cfg, name)
+    if not 0.0 <= value < 1.0:
+        cfg.fail(path, name, f"must be in [0, 1), got {value}")
+
+
+@dataclasses.dataclass
+class PruneConfig(Config):
+    """Structured pruning (channels, MLP neurons, heads) and unstructured / N:M masks."""
+
+    section: ClassVar[str] = "prune"
+
+    channels: float = help_field(0.0, "fraction of prunable conv channels / MLP neurons to remove")
+    heads: float = help_field(0.0, "fraction of attention heads to remove (never all of a layer)")
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = help_field("l2", "how units are ranked")
+    scope: Literal["local", "global"] = help_field("local", "same ratio per layer, or one global threshold")
+    max_layer_ratio: float = help_field(0.9, "global scope: the most any one layer may lose")
+    round_to: int | None = help_field(None, "keep widths a multiple of this")
+    schedule: ScheduleConfig = help_field(
+        dataclasses.MISSING, "when to prune", default_factory=ScheduleConfig
+    )
+    exclude: list[str] = help_field(
+        [], "module names or fnmatch patterns never pruned (classifier and stem are)"
+    )
+    sparsity: float = help_field(0.0, "unstructured magnitude sparsity of weights (masks only)")
+    nm: str | None = help_field(None, "semi-structured N:M mask such as '2:4' (masks only)")
+
+    def validate(self, path: str) -> None:
+        for name in ("channels", "heads", "sparsity"):
+            _ratio(self, path, name)
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            self.fail(path, "max_layer_ratio", f"must be in (0, 1), got {self.max_layer_ratio}")
+        if self.round_to is not None and self.round_to < 1:
+            self.fail(path, "round_to", f"must be >= 1, got {self.round_to}")
+        if self.nm is not None:
+            m = re.fullmatch(r"(\d+):(\d+)", self.nm)
+            if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+                self.fail(path, "nm", f"expected 'N:M' with 0 < N < M, such as '2:4', got {self.nm!r}")
+        if self.sparsity and self.nm:
+            self.fail(path, "nm", "use either sparsity (unstructured) or nm (N:M), not both")
+
+    @property
+    def structured(self) -> bool:
+        """True when pruning changes shapes at convert time."""
+        return self.channels > 0 or self.heads > 0
+
+
+# ----------------------------------------------------------------------------------------
+# quant
+# ----------------------------------------------------------------------------------------
+
+Observer = Literal["minmax", "moving_average_minmax", "histogram", "percentile"]
+
+
+@dataclasses.dataclass
+class WeightQuantConfig(Config):
+    """How weights are fake-quantized: int8, per output channel, symmetric by default."""
+
+    bits: int = help_field(8, "bit width; only 8 is supported")
+    granularity: Literal["per_channel", "per_tensor"] = help_field("per_channel", "per_channel | per_tensor")
+    symmetric: bool = help_field(True, "symmetric (zero-point 0) or affine")
+    observer: Observer = help_field("minmax", "how the range is estimated")
+    percentile: float = help_field(99.99, "percentile / histogram observers: the kept quantile in percent")
+
+    def validate(self, path: str) -> None:
+        if self.bits != 8:
+            self.fail(path, "bits", f"only 8-bit quantization is supported, got {self.bits}")
+        if not 50.0 < self.percentile <= 100.0:
+            self.fail(path, "percentile", f"must be in (50, 100], got {self.percentile}")
+
+
+@dataclasses.dataclass
+class ActivationQuantConfig(WeightQuantConfig):
+    """How activations are fake-quantized: 8-bit, per tensor, affine by default."""
+
+    granularity: Literal["per_tensor"] = help_field("per_tensor", "activations are quantized per tensor")
+    symmetric: bool = help_field(False, "symmetric or affine (default)")
+    observer: Observer = help_field("moving_average_minmax", "how the range is estimated")
+    averaging_constant: float = help_field(0.01, "moving_average_minmax: the EMA factor")
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if not 0.0 < self.averaging_constant <= 1.0:
+            self.fail(path, "averaging_constant", f"must be in (0, 1], got {self.averaging_constant}")
+
+
+@dataclasses.dataclass
+class QuantConfig(Config):
+    """Quantization-aware training (fake-quant), PTQ calibration and INT8 conversion."""
+
+    section: ClassVar[str] = "quant"
+
+    mode: Literal["qat", "ptq", "dynamic"] = help_field("qat", "qat | ptq (static calibration) | dynamic")
+    weights: WeightQuantConfig = help_field(dataclasses.MISSING, "", default_factory=WeightQuantConfig)
+    activations: ActivationQuantConfig = help_field(
+        dataclasses.MISSING, "", default_factory=ActivationQuantConfig
+    )
+    learn_scales: bool = help_field(False, "learn scale and zero-point (LSQ-style)")
+    fold_bn: bool = help_field(True, "fold BatchNorm into the preceding conv during QAT")
+    start_step: int = help_field(0, "step at which fake-quant switches on")
+    freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
+    freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
+    exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
+
+    def validate(self, path: str) -> None:
+        if self.start_step < 0:
+            self.fail(path, "start_step", f"must be >= 0, got {self.start_step}")
+        for name in ("freeze_observers_step", "freeze_bn_step"):
+            value = getattr(self, name)
+            if value is not None and value < self.start_step:
+                self.fail(path, name, f"must be >= start_step ({self.start_step}), got {value}")
+
+
+# ----------------------------------------------------------------------------------------
+# the recipe
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Recipe(Config):
+    """A full recipe. Any section may be left out."""
+
+    distill: DistillConfig | None = help_field(None, "knowledge distillation")
+    prune: PruneConfig | None = help_field(None, "pruning")
+    quant: QuantConfig | None = help_field(None, "quantization")
+
+    def validate(self, path: str) -> None:
+        if self.prune is not None and self.quant is not None and self.prune.structured:
+            last = self.prune.schedule.last_step
+            if self.quant.mode == "qat" and self.quant.start_step <= last:
+                raise ConfigError(
+                    f"quant.start_step: QAT starts at step {self.quant.start_step} but structured pruning "
+                    f"changes shapes until step {last} (prune.schedule). Fake-quant ranges observed before "
+                    f"the last pruning step describe channels that are then removed; set quant.start_step "
+                    f"to at least {last + 1}."
+                )
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | None = None) -> Recipe:
+        return super().from_dict(data, "" if path is None else path)  # type: ignore[return-value]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        """Read a recipe from ``.yaml`` / ``.yml`` / ``.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".json":
+                data = json.loads(text)
+            elif suffix in (".yaml", ".yml"):
+                import yaml  # imported here: only YAML recipes need it
+
+                data = yaml.safe_load(text)
+            else:
+                raise ConfigError(f"recipe file {str(path)!r}: use a .yaml, .yml or .json file")
+        except (json.JSONDecodeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"recipe file {str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+        except Exception as exc:  # yaml.YAMLError
+            raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path.name}: {exc}") from None
+
+    def to_file(self, path: str | Path) -> None:
+        path = Path(path)
+        data = self.to_dict()
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            import yaml
+
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
