@@ -61,9 +61,7 @@ class SlimCallback(TrainerCallback):
         if controller is None or self.section not in controller.methods:
             if config is None:
                 raise SlimkitError(f"{type(self).__name__} needs the recipe's {self.section!r} section")
-            slimkit.prepare(
-                model, Recipe(**{self.section: config}), teacher=teacher, example_inputs=example_inputs
-            )
+            slimkit.prepare(model, Recipe(**{self.section: config}), teacher=teacher, example_inputs=example_inputs)
         self.model = model
         self.controller = controller_of(model)
         self._logged: tuple[int, dict[str, float]] | None = None
@@ -77,11 +75,7 @@ class SlimCallback(TrainerCallback):
             ours = [c for c in callbacks if isinstance(c, SlimCallback)]
             others = [c for c in callbacks if not isinstance(c, SlimCallback)]
             first_report = next(
-                (
-                    i
-                    for i, c in enumerate(others)
-                    if type(c).__module__.startswith("transformers.integrations")
-                ),
+                (i for i, c in enumerate(others) if type(c).__module__.startswith("transformers.integrations")),
                 len(others),
             )
             handler.callbacks = others[:first_report] + ours + others[first_report:]
@@ -98,12 +92,12 @@ class SlimCallback(TrainerCallback):
         self.controller.on_step(unwrap(model) if model is not None else self.model, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
+        if logs is None or "loss" not in logs:  # training-step logs only (not eval, not the final summary)
             return
         # One pop per log event, shared by all slimkit callbacks of this controller.
         cached = getattr(self.controller, "_hf_logged", None)
-        if cached is None or cached[0] != state.global_step:
-            cached = (state.global_step, _average_across_processes(self.controller.pop_log()))
+        if cached is None or cached[0] is not logs:
+            cached = (logs, _average_across_processes(self.controller.pop_log()))
             self.controller._hf_logged = cached
         values = cached[1]
         logs.update(values)
@@ -161,9 +155,7 @@ def slim_callbacks(
     """
     recipe = slimkit.api._as_recipe(recipe)
     slimkit.prepare(model, recipe, teacher=teacher, example_inputs=example_inputs)
-    return [
-        _CALLBACKS[name](model) for name in ("distill", "prune", "quant") if getattr(recipe, name) is not None
-    ]
+    return [_CALLBACKS[name](model) for name in ("distill", "prune", "quant") if getattr(recipe, name) is not None]
 
 
 __all__ = ["DistillationCallback", "PruningCallback", "QATCallback", "SlimCallback", "slim_callbacks"]

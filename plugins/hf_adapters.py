@@ -219,15 +219,11 @@ class HFAdapter(ModelAdapter):
 
     def _config_and_class(self, config: dict[str, Any], where: str) -> tuple[Any, type]:
         if "auto_map" in config:
-            raise FormatError(
-                f"{where} asks for remote code (auto_map); slimkit never runs code from a model folder"
-            )
+            raise FormatError(f"{where} asks for remote code (auto_map); slimkit never runs code from a model folder")
         architectures = config.get("architectures") or []
         cls = getattr(transformers, architectures[0], None) if architectures else None
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-            raise FormatError(
-                f"{where}: 'architectures' must name a transformers model class, got {architectures!r}"
-            )
+            raise FormatError(f"{where}: 'architectures' must name a transformers model class, got {architectures!r}")
         try:
             config_obj = transformers.AutoConfig.for_model(**config)
         except (KeyError, ValueError) as exc:
@@ -241,9 +237,6 @@ class HFAdapter(ModelAdapter):
     def load_plain(self, folder: Path) -> nn.Module:
         config = json.loads((folder / "config.json").read_text())
         _, cls = self._config_and_class(config, str(folder / "config.json"))
-        if (
-            not (folder / "model.safetensors").is_file()
-            and not (folder / "model.safetensors.index.json").is_file()
-        ):
+        if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
             raise FormatError(f"{folder / 'model.safetensors'} is missing; slimkit loads safetensors only")
         return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)

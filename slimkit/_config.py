@@ -61,8 +61,7 @@ class Config:
             if key not in fields:
                 where = f"{path}.{key}" if path else str(key)
                 raise ConfigError(
-                    f"{where}: unknown key.{did_you_mean(str(key), fields)} "
-                    f"Valid keys: {', '.join(sorted(fields))}."
+                    f"{where}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(sorted(fields))}."
                 )
         hints = typing.get_type_hints(cls)
         kwargs = {}
@@ -113,9 +112,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(
-            errors[-1] if len(errors) == 1 else f"{path}: {value!r} fits none of the allowed forms"
-        )
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} fits none of the allowed forms")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -144,9 +141,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not (
-            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        ):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"{path}: expected a whole number, got {value!r}")
         return int(value)
     if tp is str:

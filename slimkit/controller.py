@@ -56,9 +56,7 @@ class Method:
     def prepare(self, model: nn.Module) -> None:
         """Attach to the model before the optimizer is built."""
 
-    def after_forward(
-        self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any
-    ) -> dict[str, torch.Tensor]:
+    def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         """Called by the model's forward hook in training; returns loss terms (KD only)."""
         return {}
 

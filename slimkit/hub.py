@@ -145,9 +145,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"config value of type {type(value).__name__} is not JSON-serialisable")
 
 
-def save_pretrained(
-    model: nn.Module, path: str | os.PathLike, *, recipe: Any = None, model_card: bool = True
-) -> Path:
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, recipe: Any = None, model_card: bool = True) -> Path:
     """Write ``model`` as a hub-style folder at ``path`` and return the path.
 
     HF ``PreTrainedModel``s and timm models are supported. Projectors, masks and other training
@@ -192,18 +190,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a folder, with errors that name the file."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FormatError(
-            f"{str(folder)!r} is not a folder; from_pretrained needs a folder with {CONFIG_NAME}"
-        )
+        raise FormatError(f"{str(folder)!r} is not a folder; from_pretrained needs a folder with {CONFIG_NAME}")
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise FormatError(f"{file} is missing; a hub-style folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(
-            f"{file} is not valid JSON ({exc}); the file is corrupt, save the model again"
-        ) from None
+        raise FormatError(f"{file} is not valid JSON ({exc}); the file is corrupt, save the model again") from None
     if not isinstance(config, dict):
         raise FormatError(f"{file} must hold a JSON object")
     return config
@@ -217,9 +211,7 @@ def _library_of(config: dict[str, Any], file: Path) -> str:
         return "transformers"
     if "architecture" in config:
         return "timm"
-    raise FormatError(
-        f"{file} holds neither a transformers config ('model_type') nor a timm config ('architecture')"
-    )
+    raise FormatError(f"{file} holds neither a transformers config ('model_type') nor a timm config ('architecture')")
 
 
 def _check_version(block: dict[str, Any], file: Path) -> None:
@@ -244,9 +236,7 @@ def load_weights(file: Path, expected_sha: str | None = None) -> dict[str, torch
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(
-            f"{file} is not a readable safetensors file ({exc}); save the model again"
-        ) from None
+        raise FormatError(f"{file} is not a readable safetensors file ({exc}); save the model again") from None
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -261,11 +251,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> 
                 f"{tuple(expected[key].shape)}; config.json and the weights do not belong together"
             )
     model.load_state_dict(state, strict=False)
-    loaded = {
-        (t.untyped_storage().data_ptr(), t.storage_offset())
-        for k, t in model.state_dict().items()
-        if k in state
-    }
+    loaded = {(t.untyped_storage().data_ptr(), t.storage_offset()) for k, t in model.state_dict().items() if k in state}
     missing = [
         k
         for k in sorted(set(expected) - set(state))

@@ -151,12 +151,8 @@ class PruneConfig(Config):
     scope: Literal["local", "global"] = help_field("local", "same ratio per layer, or one global threshold")
     max_layer_ratio: float = help_field(0.9, "global scope: the most any one layer may lose")
     round_to: int | None = help_field(None, "keep widths a multiple of this")
-    schedule: ScheduleConfig = help_field(
-        dataclasses.MISSING, "when to prune", default_factory=ScheduleConfig
-    )
-    exclude: list[str] = help_field(
-        [], "module names or fnmatch patterns never pruned (classifier and stem are)"
-    )
+    schedule: ScheduleConfig = help_field(dataclasses.MISSING, "when to prune", default_factory=ScheduleConfig)
+    exclude: list[str] = help_field([], "module names or fnmatch patterns never pruned (classifier and stem are)")
     sparsity: float = help_field(0.0, "unstructured magnitude sparsity of weights (masks only)")
     nm: str | None = help_field(None, "semi-structured N:M mask such as '2:4' (masks only)")
 
@@ -226,9 +222,11 @@ class QuantConfig(Config):
     section: ClassVar[str] = "quant"
 
     mode: Literal["qat", "ptq", "dynamic"] = help_field("qat", "qat | ptq (static calibration) | dynamic")
-    weights: WeightQuantConfig = help_field(dataclasses.MISSING, "", default_factory=WeightQuantConfig)
+    weights: WeightQuantConfig = help_field(
+        dataclasses.MISSING, "how weights are fake-quantized", default_factory=WeightQuantConfig
+    )
     activations: ActivationQuantConfig = help_field(
-        dataclasses.MISSING, "", default_factory=ActivationQuantConfig
+        dataclasses.MISSING, "how activations are fake-quantized", default_factory=ActivationQuantConfig
     )
     learn_scales: bool = help_field(False, "learn scale and zero-point (LSQ-style)")
     fold_bn: bool = help_field(True, "fold BatchNorm into the preceding conv during QAT")

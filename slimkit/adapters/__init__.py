@@ -49,9 +49,7 @@ def adapter_for_library(library: str) -> ModelAdapter:
     if plugin is None:
         from ..errors import FormatError
 
-        raise FormatError(
-            f"unknown model library {library!r}; slimkit folders hold timm or transformers models"
-        )
+        raise FormatError(f"unknown model library {library!r}; slimkit folders hold timm or transformers models")
     importlib.import_module(plugin)
     for cls in _ADAPTERS:
         if cls.library == library:

@@ -51,9 +51,7 @@ class Distiller(Method):
     name = "distill"
     config: DistillConfig
 
-    def __init__(
-        self, controller: Controller, config: DistillConfig, teacher: nn.Module, example_inputs: Any = None
-    ):
+    def __init__(self, controller: Controller, config: DistillConfig, teacher: nn.Module, example_inputs: Any = None):
         super().__init__(controller, config)
         if teacher is None:
             raise SlimkitError("the recipe has a distill section but no teacher was given; pass teacher=...")
@@ -69,7 +67,7 @@ class Distiller(Method):
         self.teacher_logits: torch.Tensor | None = None
         self._pending: dict[str, torch.Tensor] = {}
         self._last_kwargs: dict[str, Any] = {}
-        self._mixed_outputs: Any = None  # outputs whose loss the hook already replaced
+        self._mixed_loss: torch.Tensor | None = None  # the loss the hook already wrote into outputs
         self._use_logits = config.alpha > 0
         self.causal = False
 
@@ -153,9 +151,7 @@ class Distiller(Method):
             t_out = self.teacher(*args, **teacher_kwargs)
         self.teacher_logits = get_logits(t_out)
 
-    def after_forward(
-        self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any
-    ) -> dict[str, torch.Tensor]:
+    def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         self._run_teacher(model, args, kwargs)
         self._last_kwargs = kwargs
         s_feats, t_feats = self._student_feats.pop(), self._teacher_feats.pop()
@@ -192,9 +188,9 @@ class Distiller(Method):
         if num_items_in_batch is not None and labels is not None and student_logits is not None:
             _, valid = valid_positions(student_logits, labels, None, causal)
             n_local = valid.sum() if valid is not None else torch.tensor(student_logits.shape[0])
-            scale = n_local.to(student_logits.device).float() / torch.as_tensor(
-                num_items_in_batch
-            ).float().to(student_logits.device)
+            scale = n_local.to(student_logits.device).float() / torch.as_tensor(num_items_in_batch).float().to(
+                student_logits.device
+            )
             terms = {k: v * scale for k, v in terms.items()}
         total = sum(terms.values()) if terms else None
         if self._use_logits and student_logits is not None and self.teacher_logits is not None:
@@ -232,15 +228,16 @@ class Distiller(Method):
         )
         self.controller.record(logged)
         outputs["loss"] = loss
-        self._mixed_outputs = outputs
+        self._mixed_loss = loss
         return outputs
 
     def compute_loss(
         self, outputs: Any, labels: torch.Tensor | None, task_loss: torch.Tensor | None, attention_mask: Any
     ) -> torch.Tensor:
-        if outputs is self._mixed_outputs:  # the forward hook already mixed it (HF outputs with labels)
-            self._mixed_outputs = None
-            return get_loss(outputs)
+        loss = get_loss(outputs)
+        if loss is not None and loss is self._mixed_loss:  # the forward hook already mixed it (HF outputs)
+            self._mixed_loss = None
+            return loss
         logits = get_logits(outputs)
         if task_loss is None and labels is not None and logits is not None:
             ce_sum, count = task_cross_entropy(logits, labels, attention_mask, self.causal)

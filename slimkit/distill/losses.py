@@ -85,9 +85,7 @@ def task_cross_entropy(
     target = target.reshape(-1)
     if mask is not None:
         flat, target = flat[mask], target[mask]
-    return F.cross_entropy(flat.float(), target, reduction="sum"), torch.tensor(
-        target.numel(), device=flat.device
-    )
+    return F.cross_entropy(flat.float(), target, reduction="sum"), torch.tensor(target.numel(), device=flat.device)
 
 
 def feature_loss(

@@ -15,9 +15,7 @@ def uniform_layer_map(num_student: int, num_teacher: int) -> list[tuple[int, int
     3 student and 12 teacher layers give [(0, 3), (1, 7), (2, 11)].
     """
     if num_student < 1 or num_teacher < 1:
-        raise ConfigError(
-            f"uniform layer map needs >= 1 layer on each side, got {num_student} and {num_teacher}"
-        )
+        raise ConfigError(f"uniform layer map needs >= 1 layer on each side, got {num_student} and {num_teacher}")
     # round half up, not Python's banker's rounding: the formula is meant literally
     return [(i, int((i + 1) * num_teacher / num_student + 0.5) - 1) for i in range(num_student)]
 

@@ -20,9 +20,7 @@ from ..errors import IncompatibleError
 
 
 def _describe(shape: tuple[int, ...]) -> str:
-    kind = {2: "[B, C] vectors", 3: "[B, N, C] tokens", 4: "[B, C, H, W] maps"}.get(
-        len(shape), f"rank {len(shape)}"
-    )
+    kind = {2: "[B, C] vectors", 3: "[B, N, C] tokens", 4: "[B, C, H, W] maps"}.get(len(shape), f"rank {len(shape)}")
     return f"{kind} {tuple(shape)}"
 
 

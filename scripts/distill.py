@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Distil (and prune / quantize, as the recipe says) a student from a teacher with accelerate.
+
+    accelerate launch scripts/distill.py --teacher T --student S --recipe R --output-dir D \
+        [--dataset X] [--max-steps N]
+
+T and S are hub-style folders (slimkit, transformers or timm) or timm model names (built
+with random weights, never downloaded). X is 'digits' (images, the default for image models),
+'stdlib-docs' (text, the default for text models) or a local data set that the ``datasets``
+library loads (a saved folder, an image folder, or a .csv/.json/.jsonl/.parquet file).
+
+It runs on one process or many: ``accelerate launch --multi_gpu --num_processes 2 ...``
+starts two CPU processes (gloo) on a machine without GPUs. D receives the converted student
+as a hub-style folder and ``metrics.json`` (teacher and student accuracy, parameters, the loss
+curve, the processes that ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+import slimkit
+from slimkit.adapters import get_adapter
+from slimkit.errors import SlimkitError
+from slimkit.plugins.accelerate import gather_log_values, gather_mean, save_student
+from slimkit.plugins.data import TaskData, load_task_data
+from slimkit.report import count_parameters
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher: a hub-style folder or a timm model name")
+    p.add_argument("--student", required=True, help="student: a hub-style folder or a timm model name")
+    p.add_argument("--recipe", required=True, help="recipe file (.yaml / .json)")
+    p.add_argument("--output-dir", required=True, help="where the student folder and metrics.json go")
+    p.add_argument("--dataset", default=None, help="'digits', 'stdlib-docs' or a local data set (default: by model)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=float, default=3.0, help="epochs when --max-steps is not given")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size per process")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 images, 1e-4 text)")
+    p.add_argument("--image-size", type=int, default=32, help="image side for models without a fixed size")
+    p.add_argument("--max-length", type=int, default=64, help="token length for text models")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def load_model(spec: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    """A hub-style folder, or a timm model name built with random weights."""
+    if Path(spec).is_dir():
+        return slimkit.from_pretrained(spec)
+    import timm
+
+    if not timm.is_model(spec):
+        raise SlimkitError(
+            f"{spec!r} is neither a folder nor a timm model name; pass a hub-style folder "
+            "(config.json + model.safetensors) or a name from timm.list_models()"
+        )
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    return timm.create_model(spec, pretrained=False, **kwargs)
+
+
+def input_kind(model: nn.Module) -> str:
+    name = getattr(model, "main_input_name", None)
+    return "text" if name == "input_ids" else "image"
+
+
+def image_geometry(model: nn.Module, default_size: int) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) the model expects; free-size models get ``default_size``."""
+    example = get_adapter(model).example_inputs(model, batch_size=1)
+    pixels = example["pixel_values"] if isinstance(example, dict) else example
+    fixed = getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False) or isinstance(example, dict)
+    size = tuple(pixels.shape[-2:]) if fixed else (default_size, default_size)
+    return pixels.shape[1], size
+
+
+def load_tokenizer(*folders: str):
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if Path(folder).is_dir() and any((Path(folder) / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True), folder
+    raise SlimkitError(f"no tokenizer files (tokenizer.json / vocab.txt) in {list(folders)}; add them to a folder")
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def make_tensors(data: TaskData, split: str, tokenizer, max_length: int) -> TensorDataset:
+    part = getattr(data, split)
+    if data.kind == "image":
+        return TensorDataset(part.inputs, part.labels)
+    enc = tokenizer(part.inputs, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], part.labels)
+
+
+def as_call(batch: tuple[torch.Tensor, ...], kind: str) -> tuple[dict | tuple, torch.Tensor]:
+    """(model inputs, labels) in the model's calling convention."""
+    if kind == "image":
+        return (batch[0],), batch[1]
+    return {"input_ids": batch[0], "attention_mask": batch[1]}, batch[2]
+
+
+def call(model: nn.Module, inputs, labels=None, with_labels: bool = False):
+    if isinstance(inputs, dict):
+        return model(**inputs, labels=labels) if with_labels else model(**inputs)
+    return model(*inputs)
+
+
+def check_classes(teacher: nn.Module, example, data: TaskData, name: str | None) -> bool:
+    """A classifier's head must match the data set's classes. Returns whether it has one
+    (an encoder without a head, like MiniLM, is distilled on features only)."""
+    with torch.no_grad():
+        logits = slimkit.adapters.get_logits(call(teacher.eval(), example))
+    if logits is not None and logits.shape[-1] != data.num_classes:
+        raise SlimkitError(
+            f"--dataset {name or 'default'!r} has {data.num_classes} classes but the teacher "
+            f"({type(teacher).__name__}) predicts {logits.shape[-1]}; use a data set with the teacher's classes"
+        )
+    return logits is not None
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, kind: str, batch_size: int, device) -> dict[str, float]:
+    """Accuracy of a classifier; for embedding models, mean-pooled embeddings are returned."""
+    model.eval()
+    correct, total, embeddings = 0, 0, []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        batch = tuple(t.to(device) for t in batch)
+        inputs, labels = as_call(batch, kind)
+        out = call(model, inputs)
+        logits = slimkit.adapters.get_logits(out)
+        if logits is not None:
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+        else:  # an encoder without a head: mean-pooled sentence embeddings
+            hidden, mask = out.last_hidden_state, inputs["attention_mask"].unsqueeze(-1).float()
+            embeddings.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    if total:
+        return {"accuracy": correct / total}
+    return {"embeddings": torch.cat(embeddings)}
+
+
+def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if a.shape != b.shape:
+        return None
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # accelerate only picks its multi-process CPU mode (gloo) when told cpu=True; without a GPU,
+    # `accelerate launch --multi_gpu --num_processes 2` would otherwise start two lone processes.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(args.seed)
+    torch.set_flush_denormal(True)
+    recipe = slimkit.Recipe.from_file(args.recipe)
+
+    # A timm name builds a random-weight teacher sized to the data (useful for trying recipes out).
+    teacher = load_model(args.teacher) if Path(args.teacher).is_dir() else None
+    kind = input_kind(teacher) if teacher is not None else "image"
+    tokenizer = None
+    if kind == "image":
+        channels, size = (
+            image_geometry(teacher, args.image_size) if teacher is not None else (3, (args.image_size,) * 2)
+        )
+        data = load_task_data(args.dataset, "image", channels, size, seed=args.seed)
+    else:
+        tokenizer, _ = load_tokenizer(args.student, args.teacher)
+        data = load_task_data(args.dataset, "text", seed=args.seed)
+    if teacher is None:
+        teacher = load_model(args.teacher, num_classes=data.num_classes, in_chans=channels)
+    student = load_model(args.student, num_classes=data.num_classes, in_chans=channels if kind == "image" else None)
+    if input_kind(student) != kind:
+        raise SlimkitError(f"teacher takes {kind} inputs but student {type(student).__name__} does not")
+
+    train_set = make_tensors(data, "train", tokenizer, args.max_length)
+    eval_set = make_tensors(data, "eval", tokenizer, args.max_length)
+    example, _ = as_call(train_set[:2], kind)
+    has_head = check_classes(teacher, example, data, args.dataset)
+    student.train()
+    slimkit.prepare(student, recipe, teacher=teacher, example_inputs=example)
+    lr = args.lr or (1e-3 if kind == "image" else 1e-4)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+
+    steps = args.max_steps or max(1, int(args.epochs * len(loader)))
+    with_labels = kind == "text" and has_head
+    curve, samples_seen, step = [], 0, 0
+    progress = tqdm(total=steps, desc="distill", disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    student.train()
+    while step < steps:
+        for batch in loader:
+            inputs, labels = as_call(batch, kind)
+            out = call(student, inputs, labels, with_labels)
+            loss = slimkit.compute_loss(student, out, labels=labels if with_labels or kind == "image" else None)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            slimkit.step(student, step)
+            samples_seen += len(labels)
+            mean_loss = gather_mean(accelerator, loss)
+            curve.append({"step": step, "loss": mean_loss})
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if step >= steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    terms = gather_log_values(accelerator, student)
+    samples = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+
+    out_dir = Path(args.output_dir)
+    params_before = count_parameters(accelerator.unwrap_model(student))
+    small = save_student(
+        accelerator, student, out_dir, extra_files=(tokenizer.save_pretrained if tokenizer is not None else None)
+    )
+    metrics = {}
+    if accelerator.is_main_process:
+        device = accelerator.device
+        t_eval = evaluate(teacher.to(device), eval_set, kind, 64, device)
+        s_eval = evaluate(small.to(device), eval_set, kind, 64, device)
+        metrics = {
+            "teacher": {"parameters": count_parameters(teacher)},
+            "student": {"parameters": count_parameters(small), "parameters_before_convert": params_before},
+            "dataset": args.dataset or ("digits" if kind == "image" else "stdlib-docs"),
+            "train_samples": len(train_set),
+            "eval_samples": len(eval_set),
+            "steps": step,
+            "train_seconds": round(train_seconds, 2),
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "samples_per_process": samples,
+            "recipe": recipe.to_dict(),
+            "final_terms": terms,
+            "loss_curve": curve,
+        }
+        if "accuracy" in t_eval:
+            metrics["teacher"]["accuracy"] = t_eval["accuracy"]
+            metrics["student"]["accuracy"] = s_eval["accuracy"]
+        else:
+            metrics["student"]["embedding_cosine_to_teacher"] = embedding_cosine(
+                s_eval["embeddings"], t_eval["embeddings"]
+            )
+        tmp = out_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, out_dir / "metrics.json")
+        summary = {k: v for k, v in metrics.items() if k in ("teacher", "student", "steps", "num_processes")}
+        accelerator.print(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SlimkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,155 @@
+"""`accelerate launch scripts/distill.py` for real: one and two CPU processes (gloo)."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimkit
+from tests.models import ROOT, copy_tokenizer, tiny_hf, tiny_timm
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+SCRIPT = str(ROOT / "scripts" / "distill.py")
+
+
+def launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    multi = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *multi,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        SCRIPT,
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_distil_a_timm_student(tmp_path):
+    slimkit.save_pretrained(tiny_timm("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
+    slimkit.save_pretrained(tiny_timm("resnet", seed=2, in_chans=1), tmp_path / "student")
+    recipe = write_recipe(tmp_path / "r.json", {"distill": {"features": [{"student": "layer4", "teacher": "layer4"}]}})
+    out = tmp_path / "out"
+    result = launch(
+        [
+            "--teacher",
+            "teacher",
+            "--student",
+            "student",
+            "--recipe",
+            str(recipe),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "16",
+        ],
+        2,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert metrics["samples_per_process"] == [24, 24]  # 3 steps x 8 samples on each of 2 processes
+    assert metrics["steps"] == 3 and len(metrics["loss_curve"]) == 3
+    assert 0 <= metrics["teacher"]["accuracy"] <= 1 and 0 <= metrics["student"]["accuracy"] <= 1
+    assert metrics["student"]["parameters"] < metrics["teacher"]["parameters"]
+    assert {"distill/kd", "distill/task", "distill/feature.layer4"} <= set(metrics["final_terms"])
+    assert "distill:" in result.stderr  # the progress bar
+    student = slimkit.from_pretrained(out)
+    with torch.no_grad():
+        assert student(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_one_process_text_student_on_the_builtin_and_a_local_dataset(tmp_path, minilm_path):
+    for name, layers in (("teacher", 2), ("student", 1)):
+        model = tiny_hf("bert", seed=layers, vocab_size=30522, num_hidden_layers=layers, num_labels=6)
+        model.save_pretrained(tmp_path / name)
+    copy_tokenizer(minilm_path, tmp_path / "teacher")  # the student borrows the teacher's tokenizer
+    recipe = write_recipe(tmp_path / "r.json", {"distill": {"alpha": 0.5}})
+    out = tmp_path / "out"
+    args = [
+        "--teacher",
+        "teacher",
+        "--student",
+        "student",
+        "--recipe",
+        str(recipe),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+    ]
+    result = launch([*args, "--output-dir", str(out)], 1, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "stdlib-docs" and metrics["num_processes"] == 1
+    assert metrics["train_samples"] + metrics["eval_samples"] > 1500
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    assert type(slimkit.from_pretrained(out)).__name__ == "BertForSequenceClassification"
+
+    topics = ["animals", "money", "weather", "sport", "food", "music"]
+    rows = [(f"a sentence about {t} number {i}", t) for i in range(4) for t in topics]
+    write_csv(tmp_path / "six.csv", rows)
+    shutil.rmtree(out)
+    result = launch([*args, "--output-dir", str(out), "--dataset", str(tmp_path / "six.csv")], 1, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_samples"] + metrics["eval_samples"] == 24
+
+    write_csv(tmp_path / "two.csv", [r for r in rows if r[1] in ("animals", "money")])
+    result = launch([*args, "--output-dir", str(tmp_path / "o2"), "--dataset", str(tmp_path / "two.csv")], 1, tmp_path)
+    assert result.returncode != 0  # accelerate reports the script's exit status 2 as 1
+    assert "two.csv' has 2 classes but the teacher (BertForSequenceClassification) predicts 6" in result.stderr
+
+
+def write_csv(path: Path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+
+
+@pytest.mark.slow
+def test_bad_model_spec_is_a_clear_error(tmp_path):
+    recipe = write_recipe(tmp_path / "r.json", {"distill": {}})
+    result = launch(
+        [
+            "--teacher",
+            "no_such_model_xyz",
+            "--student",
+            "resnet18",
+            "--recipe",
+            str(recipe),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        1,
+        tmp_path,
+    )
+    assert result.returncode != 0
+    assert "'no_such_model_xyz' is neither a folder nor a timm model name" in result.stderr
