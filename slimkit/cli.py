@@ -31,7 +31,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     params, dtypes = 0, Counter()
     try:
         with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 sl = f.get_slice(key)
                 n = math.prod(sl.get_shape())
                 dtypes[sl.get_dtype()] += n
