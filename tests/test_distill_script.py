@@ -44,14 +44,14 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_distil_a_timm_student(tmp_path):
-    slimkit.save_pretrained(tiny_timm("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
-    slimkit.save_pretrained(tiny_timm("resnet", seed=2, in_chans=1), tmp_path / "student")
+    # the teacher is a timm model name (random weights, 3 channels), the student a folder
+    slimkit.save_pretrained(tiny_timm("resnet", seed=2), tmp_path / "student")
     recipe = write_recipe(tmp_path / "r.json", {"distill": {"features": [{"student": "layer4", "teacher": "layer4"}]}})
     out = tmp_path / "out"
     result = launch(
         [
             "--teacher",
-            "teacher",
+            "resnet18",
             "--student",
             "student",
             "--recipe",
@@ -79,7 +79,7 @@ def test_two_processes_distil_a_timm_student(tmp_path):
     assert "distill:" in result.stderr  # the progress bar
     student = slimkit.from_pretrained(out)
     with torch.no_grad():
-        assert student(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+        assert student(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 @pytest.mark.slow

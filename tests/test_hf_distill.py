@@ -109,3 +109,22 @@ def test_num_items_in_batch_normalises_kd_like_the_task_loss():
     plain = student(input_ids=IDS, labels=IDS).loss
     scaled = student(input_ids=IDS, labels=IDS, num_items_in_batch=torch.tensor(27 * 2))  # 2 micro-batches
     assert scaled.loss.item() == pytest.approx(plain.item() / 2, rel=1e-5)
+
+
+def test_hf_vit_classifier_distils_with_features_and_attention():
+    teacher, student = tiny_hf("vit", seed=1, num_hidden_layers=4), tiny_hf("vit", seed=2, hidden_size=16)
+    recipe = {
+        "distill": {
+            "features": [{"student": "vit.layers.*", "teacher": "vit.layers.*"}],
+            "attention": [{"student": "vit.layers.*.attention", "teacher": "vit.layers.*.attention"}],
+        }
+    }
+    slimkit.prepare(student, recipe, teacher=teacher)
+    student.train()
+    pixels = torch.randn(3, 3, 16, 16)
+    out = student(pixel_values=pixels, labels=torch.tensor([0, 1, 4]))
+    out.loss.backward()
+    terms = slimkit.log_values(student)
+    assert {"distill/kd", "distill/task", "distill/attention.vit.layers.1.attention"} <= set(terms)
+    assert student.slimkit.projectors["vit_layers_1__to__vit_layers_3"].weight.shape == (32, 16)
+    assert student.slimkit.projectors["vit_layers_1__to__vit_layers_3"].weight.grad is not None
