@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import slimkit
 from slimkit.adapters import get_adapter
+from slimkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.plugins.accelerate import gather_log_values, gather_mean, save_student
 from slimkit.plugins.data import TaskData, load_task_data
@@ -52,6 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 images, 1e-4 text)")
     p.add_argument("--image-size", type=int, default=32, help="image side for models without a fixed size")
     p.add_argument("--max-length", type=int, default=64, help="token length for text models")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="cosine: 5%% linear warm-up, then cosine decay to 0 at the last step",
+    )
+    p.add_argument("--shift", type=int, default=0, help="images: random translation of up to this many pixels")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -99,6 +112,33 @@ def load_tokenizer(*folders: str):
         if Path(folder).is_dir() and any((Path(folder) / f).exists() for f in ("tokenizer.json", "vocab.txt")):
             return AutoTokenizer.from_pretrained(folder, local_files_only=True), folder
     raise SlimkitError(f"no tokenizer files (tokenizer.json / vocab.txt) in {list(folders)}; add them to a folder")
+
+
+# -- training helpers ---------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, schedule: str) -> float:
+    """Stateless schedule (a function of the step), so a resumed run needs no scheduler state."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, int(0.05 * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def random_shift(images: torch.Tensor, pixels: int, seed: int, step: int) -> torch.Tensor:
+    """Translate the batch by up to ``pixels`` (the same shift on every process for a step, so
+    the augmentation is reproducible on resume); teacher and student see the same images."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    dy, dx = torch.randint(-pixels, pixels + 1, (2,), generator=g).tolist()
+    return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -205,21 +245,32 @@ def main(argv: list[str] | None = None) -> dict:
     student.train()
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=example)
     lr = args.lr or (1e-3 if kind == "image" else 1e-4)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
-    loader = DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
-    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
 
     steps = args.max_steps or max(1, int(args.epochs * len(loader)))
     with_labels = kind == "text" and has_head
-    curve, samples_seen, step = [], 0, 0
-    progress = tqdm(total=steps, desc="distill", disable=not accelerator.is_local_main_process)
+    out_dir = Path(args.output_dir)
+    loop = {"epoch": 0, "batch": 0, "samples_seen": 0, "curve": []}
+    step = 0
+    checkpoint = latest_checkpoint(out_dir / "checkpoints") if args.resume else None
+    if checkpoint is not None:
+        loop = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, rank=accelerator.process_index)
+        step = loop["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    progress = tqdm(total=steps, initial=step, desc="distill", disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     student.train()
     while step < steps:
-        for batch in loader:
+        generator.manual_seed(args.seed + loop["epoch"])  # the same order for an epoch, resumed or not
+        batches = accelerator.skip_first_batches(loader, loop["batch"]) if loop["batch"] else loader
+        for batch in batches:
+            set_lr(optimizer, lr * lr_factor(step, steps, args.lr_schedule))
             inputs, labels = as_call(batch, kind)
+            if kind == "image" and args.shift:
+                inputs = (random_shift(inputs[0], args.shift, args.seed, step),)
             out = call(student, inputs, labels, with_labels)
             loss = slimkit.compute_loss(student, out, labels=labels if with_labels or kind == "image" else None)
             accelerator.backward(loss)
@@ -227,19 +278,35 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             slimkit.step(student, step)
-            samples_seen += len(labels)
+            loop["batch"] += 1
+            loop["samples_seen"] += len(labels)
             mean_loss = gather_mean(accelerator, loss)
-            curve.append({"step": step, "loss": mean_loss})
+            loop["curve"].append({"step": step, "loss": mean_loss})
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint(
+                    out_dir / "checkpoints",
+                    step,
+                    accelerator.unwrap_model(student),
+                    optimizer,
+                    loop,
+                    rank=accelerator.process_index,
+                    world_size=accelerator.num_processes,
+                    barrier=accelerator.wait_for_everyone,
+                    keep=args.keep_checkpoints,
+                )
             if step >= steps:
                 break
+        else:
+            loop["epoch"] += 1
+            loop["batch"] = 0
     progress.close()
     train_seconds = time.perf_counter() - started
     terms = gather_log_values(accelerator, student)
-    samples = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+    samples = accelerator.gather(torch.tensor([loop["samples_seen"]], device=accelerator.device)).tolist()
+    curve = loop["curve"]
 
-    out_dir = Path(args.output_dir)
     params_before = count_parameters(accelerator.unwrap_model(student))
     small = save_student(
         accelerator, student, out_dir, extra_files=(tokenizer.save_pretrained if tokenizer is not None else None)

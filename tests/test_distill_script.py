@@ -153,3 +153,74 @@ def test_bad_model_spec_is_a_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "'no_such_model_xyz' is neither a folder nor a timm model name" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_its_checkpoints_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import time
+
+    slimkit.save_pretrained(tiny_timm("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
+    slimkit.save_pretrained(tiny_timm("resnet", seed=2, in_chans=1), tmp_path / "student")
+    recipe = write_recipe(tmp_path / "r.json", {"distill": {"features": [{"student": "layer3", "teacher": "layer3"}]}})
+    common = [
+        "--teacher",
+        "teacher",
+        "--student",
+        "student",
+        "--recipe",
+        str(recipe),
+        "--batch-size",
+        "16",
+        "--image-size",
+        "16",
+        "--shift",
+        "2",
+        "--lr-schedule",
+        "constant",
+        "--checkpoint-every",
+        "2",
+    ]
+    script = [sys.executable, SCRIPT]
+    straight = subprocess.run(
+        [*script, *common, "--output-dir", "a", "--max-steps", "8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    # the same run, killed (SIGKILL) once its second checkpoint exists, then resumed
+    victim = subprocess.Popen(
+        [*script, *common, "--output-dir", "b", "--max-steps", "100000"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert "step-000004" in names and len(names) <= 2
+    for name in names:  # every step-* folder is complete: it was renamed into place when whole
+        assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng-0.safetensors", "state.json"} <= {
+            p.name for p in (tmp_path / "b" / "checkpoints" / name).iterdir()
+        }
+    resumed = subprocess.run(
+        [*script, *common, "--output-dir", "b", "--max-steps", "8", "--resume"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    curve_a = json.loads((tmp_path / "a" / "metrics.json").read_text())["loss_curve"]
+    curve_b = json.loads((tmp_path / "b" / "metrics.json").read_text())["loss_curve"]
+    assert curve_a == curve_b[: len(curve_a)] and len(curve_b) == 8
