@@ -158,4 +158,50 @@ def slim_callbacks(
     return [_CALLBACKS[name](model) for name in ("distill", "prune", "quant") if getattr(recipe, name) is not None]
 
 
-__all__ = ["DistillationCallback", "PruningCallback", "QATCallback", "SlimCallback", "slim_callbacks"]
+__all__ = [
+    "DistillationCallback",
+    "PruningCallback",
+    "QATCallback",
+    "SlimCallback",
+    "layer_subset_student",
+    "slim_callbacks",
+]
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer layers (as many entries as config.num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and n:
+            return name, module
+    raise SlimkitError(
+        f"{type(model).__name__}: no ModuleList of config.num_hidden_layers={n} layers was found; "
+        "build the student by hand"
+    )
+
+
+def layer_subset_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A student with the teacher's config, ``len(layers)`` layers, and the teacher's weights for
+    the embeddings, the heads and the kept layers (DistilBERT-style initialisation)."""
+    import copy
+
+    name, teacher_layers = _layer_list(teacher)
+    bad = [i for i in layers if not 0 <= i < len(teacher_layers)]
+    if bad or not layers:
+        raise SlimkitError(f"layers {layers}: the teacher has layers 0..{len(teacher_layers) - 1}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    for attr in ("layer_types",):  # per-layer lists (e.g. attention types) follow the kept layers
+        if isinstance(getattr(config, attr, None), list):
+            setattr(config, attr, [getattr(config, attr)[i] for i in layers])
+    student = type(teacher)(config)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(name + ".")}
+    for new, old in enumerate(layers):
+        prefix = f"{name}.{old}."
+        state.update(
+            {f"{name}.{new}.{k[len(prefix) :]}": v for k, v in teacher.state_dict().items() if k.startswith(prefix)}
+        )
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(tuple(getattr(student, "_tied_weights_keys", None) or ()))]:
+        raise SlimkitError(f"could not copy the teacher's weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return student.eval()

@@ -1,7 +1,7 @@
 """The ``slimkit`` command line.
 
-    slimkit info DIR     what a hub-style folder holds: architecture, parameters, size,
-                         what was pruned / quantized, the recipe
+slimkit info DIR     what a hub-style folder holds: architecture, parameters, size,
+                     what was pruned / quantized, the recipe
 """
 
 from __future__ import annotations

@@ -128,3 +128,40 @@ def test_hf_vit_classifier_distils_with_features_and_attention():
     assert {"distill/kd", "distill/task", "distill/attention.vit.layers.1.attention"} <= set(terms)
     assert student.slimkit.projectors["vit_layers_1__to__vit_layers_3"].weight.shape == (32, 16)
     assert student.slimkit.projectors["vit_layers_1__to__vit_layers_3"].weight.grad is not None
+
+
+def test_layer_subset_student_copies_the_kept_layers(tmp_path, minilm_path):
+    import subprocess
+    import sys
+
+    from slimkit.plugins.hf import layer_subset_student
+    from tests.models import ROOT
+
+    gpt2 = tiny_hf("gpt2", n_layer=4)
+    student = layer_subset_student(gpt2, [0, 3])
+    assert student.config.num_hidden_layers == 2 and len(student.transformer.h) == 2
+    assert torch.equal(student.transformer.h[1].attn.c_attn.weight, gpt2.transformer.h[3].attn.c_attn.weight)
+    assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()
+    with pytest.raises(slimkit.SlimkitError, match=r"the teacher has layers 0..3"):
+        layer_subset_student(gpt2, [4])
+
+    out = tmp_path / "student"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_student.py"),
+            "--teacher",
+            str(minilm_path),
+            "--layers",
+            "1,3,5",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = slimkit.from_pretrained(out)
+    teacher = slimkit.from_pretrained(minilm_path)
+    assert made.config.num_hidden_layers == 3 and (out / "tokenizer.json").exists()
+    assert torch.equal(made.encoder.layer[2].output.dense.weight, teacher.encoder.layer[5].output.dense.weight)
