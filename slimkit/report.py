@@ -89,3 +89,35 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
 @torch.no_grad()
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward on ``example_inputs`` (torch's FLOP counter / 2).
+
+    Only ops the counter knows are counted (matmuls, convolutions, attention); INT8 kernels are
+    not, so count MACs on the float architecture."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .adapters import call_model
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        call_model(model, example_inputs)
+    return counter.get_total_flops() // 2
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, warmup: int = 3) -> float:
+    """Median wall time of one forward in milliseconds (inference mode)."""
+    import statistics
+    import time
+
+    from .adapters import call_model
+
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            call_model(model, example_inputs)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
