@@ -14,6 +14,9 @@ layer's requantization fused, so activations often stay uint8 between layers.
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
 from ..errors import SlimkitError
@@ -32,10 +35,11 @@ def _register_x86_int8_lowering() -> None:
 
 
 def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mirrors torch.compile
-    """Compile a converted INT8 model in place (``model.compile``) for the oneDNN int8 kernels
-    with fused post-ops; returns the same model object. Call it under ``torch.no_grad()`` or
-    ``torch.inference_mode()``: Inductor freezes (constant-folds and prepacks) the int8 weights
-    only for inference graphs.
+    """Compile a converted INT8 model in place for the oneDNN int8 kernels with fused post-ops;
+    returns the same model object (its ``forward`` becomes the compiled one). Call it under
+    ``torch.no_grad()`` or ``torch.inference_mode()``: Inductor freezes (constant-folds and
+    prepacks) the int8 weights only for inference graphs. Compile last: weights loaded or
+    changed afterwards are not seen by the frozen graph.
 
     This sets ``torch._inductor.config.freezing = True`` for the process, which affects only
     graphs compiled without gradients.
@@ -52,7 +56,20 @@ def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mi
     inductor_config.freezing = True
     prepare_for_tracing(model)
     model.eval()
-    model.compile(**compile_kwargs)
+    compiled_forward = torch.compile(model.forward, **compile_kwargs)
+
+    @functools.wraps(model.forward)
+    def forward(*args, **kwargs):
+        # Checked here, outside the compiled region: a graph traced with gradients on would
+        # not be frozen, and its int8 weights could not be prepacked.
+        if torch.is_grad_enabled():
+            raise SlimkitError(
+                f"the compiled INT8 {type(model).__name__} runs for inference only: call it under "
+                "torch.no_grad() or torch.inference_mode()"
+            )
+        return compiled_forward(*args, **kwargs)
+
+    model.forward = forward  # an instance attribute: the model keeps its class and its hooks
     return model
 
 

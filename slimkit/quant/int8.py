@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IncompatibleError, SlimkitError
+from ..errors import IncompatibleError
 from .layers import is_hf_conv1d_class
 from .numerics import ACT_QMAX, ACT_QMIN, EPS, WEIGHT_QMAX, WEIGHT_QMIN, quantize_activation
 from .qat import subclass
@@ -118,11 +118,6 @@ class Int8Layer:
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            if torch.is_grad_enabled() and not torch.compiler.is_exporting():
-                raise SlimkitError(
-                    "a compiled INT8 model runs for inference only: call it under torch.no_grad() or "
-                    "torch.inference_mode() (Inductor prepacks int8 weights only in inference graphs)"
-                )
             return self._reference_forward(input)
         return self._onednn_forward(input)
 
@@ -195,9 +190,12 @@ class Int8Layer:
         lowers to oneDNN int8 kernels and the ONNX exporter writes as QDQ."""
         qd = load_decomposed_ops()
         if self.__dict__.get(DYNAMIC_ATTR, False):
-            scale, zero_point = _dynamic_qparams(x)
-            q = qd.quantize_per_tensor.tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-            x = qd.dequantize_per_tensor.tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+            if torch.compiler.is_exporting():  # one op, written to ONNX as DynamicQuantizeLinear
+                x = torch.ops.slimkit.dynamic_qdq_uint8(x)
+            else:
+                scale, zero_point = _dynamic_qparams(x)
+                q = qd.quantize_per_tensor.tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+                x = qd.dequantize_per_tensor.tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
         else:
             x_scale, x_zp = self.__dict__["_slimkit_trace_qparams"]
             q = qd.quantize_per_tensor(x, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
@@ -218,12 +216,26 @@ class Int8Layer:
 
 def _dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-batch affine uint8 qparams (plain aten ops, so eager, compiled and exported agree)."""
-    lo, hi = torch.aminmax(x.detach())
-    lo = torch.clamp(lo.float(), max=0.0)
-    hi = torch.clamp(hi.float(), min=0.0)
+    x = x.detach()
+    # min / max rather than aminmax: the ONNX exporter translates these (ReduceMin / ReduceMax)
+    lo = torch.clamp(x.min().float(), max=0.0)
+    hi = torch.clamp(x.max().float(), min=0.0)
     scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=EPS)
     zero_point = torch.clamp(ACT_QMIN - torch.round(lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int64)
     return scale, zero_point
+
+
+@torch.library.custom_op("slimkit::dynamic_qdq_uint8", mutates_args=())
+def dynamic_qdq_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Quantize to uint8 with the input's own range, then dequantize (ONNX:
+    DynamicQuantizeLinear + DequantizeLinear, which onnxruntime fuses with the MatMul)."""
+    scale, zero_point = _dynamic_qparams(x)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.int(), ACT_QMIN, ACT_QMAX)
+
+
+@dynamic_qdq_uint8.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def prepare_for_tracing(model: nn.Module) -> None:

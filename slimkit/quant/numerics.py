@@ -111,7 +111,7 @@ def lsq_fake_quantize(
     """
     per_scale = x.numel() // max(scale.numel(), 1)
     factor = 1.0 / float(per_scale * qmax) ** 0.5
-    s = _scale_grad(scale.abs() + EPS, factor)
+    s = _scale_grad(scale.abs().clamp_min(EPS), factor)
     if axis is not None and s.dim() > 0:
         shape = [1] * x.dim()
         shape[axis] = -1

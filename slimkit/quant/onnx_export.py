@@ -45,6 +45,13 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> Any:
     return tuple(spec(a) for a in args)
 
 
+def _dynamic_qdq_to_onnx(x):
+    from onnxscript import opset18 as op
+
+    quantized, scale, zero_point = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(quantized, scale, zero_point)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -80,6 +87,12 @@ def export_onnx(
     prepare_for_tracing(model)
     was_training = model.training
     model.eval()
+    # A KV cache (transformers' use_cache) is an output torch.export cannot flatten, and a
+    # single-pass ONNX graph has no use for it.
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -91,9 +104,12 @@ def export_onnx(
                 opset_version=opset_version,
                 optimize=True,
                 verbose=False,
+                custom_translation_table={torch.ops.slimkit.dynamic_qdq_uint8.default: _dynamic_qdq_to_onnx},
             )
     finally:
         model.train(was_training)
+        if use_cache:
+            config.use_cache = use_cache
     program.save(str(path))
     return path
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import OUT_AXIS
-from .numerics import EPS, WEIGHT_QMAX, WEIGHT_QMIN, fake_quantize_weight, lsq_fake_quantize
+from .numerics import EPS, WEIGHT_QMAX, WEIGHT_QMIN, fake_quantize_weight, lsq_fake_quantize, quantize_weight
 from .observers import weight_scale
 from .quantizers import ActivationQuantizer, DynamicActivationQuantizer
 
@@ -114,6 +114,27 @@ def quantization_inputs(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     else:
         scale = _observed_scale(layer, state, weight, s)
     return weight, s, scale
+
+
+def folded_bias(bias: torch.Tensor | None, bn: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """The bias of ``conv + BatchNorm`` folded into one conv: ``(b - mean) * s + beta``."""
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(s)
+    return ((bias if bias is not None else 0.0) - bn.running_mean) * s + shift
+
+
+@torch.no_grad()
+def int8_parameters(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8 weight in the layer's layout, per-channel scale, float bias) of a fake-quant layer,
+    with its BatchNorm folded in: the integers the fake-quant forward computes with."""
+    state: LayerState = layer.__dict__[STATE_ATTR]
+    weight, s, scale = quantization_inputs(layer)
+    if scale.dim() == 0:
+        scale = scale.expand(weight.shape[state.axis])
+    weight_int8 = quantize_weight(weight, scale, state.axis)
+    bias = layer.bias
+    if state.bn is not None:
+        bias = folded_bias(bias, state.bn, s)
+    return weight_int8, scale.clone(), None if bias is None else bias.detach().clone()
 
 
 def fake_quant_weight(layer: nn.Module) -> torch.Tensor:
@@ -247,6 +268,8 @@ __all__ = [
     "bn_factor",
     "detach_layer",
     "fake_quant_weight",
+    "folded_bias",
+    "int8_parameters",
     "is_qat_layer",
     "quantization_inputs",
 ]

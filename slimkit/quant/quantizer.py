@@ -37,7 +37,6 @@ from . import qat
 from .fold import foldable_batchnorms
 from .int8 import make_int8, require_int8_engine
 from .layers import layer_kind, unsupported_reason
-from .numerics import quantize_weight
 
 logger = logging.getLogger("slimkit")
 
@@ -288,15 +287,7 @@ class Quantizer(Method):
         folded: dict[str, str] = dict(model.__dict__.get(FOLDED_ATTR, {}))
         for name, layer in self.layers.items():
             state: qat.LayerState = layer.__dict__[qat.STATE_ATTR]
-            weight, s, scale = qat.quantization_inputs(layer)
-            if scale.dim() == 0:
-                scale = scale.expand(weight.shape[state.axis])
-            weight_int8 = quantize_weight(weight.detach(), scale.detach(), state.axis)
-            bias = layer.bias.detach() if layer.bias is not None else None
-            if state.bn is not None:
-                bn = state.bn
-                shift = bn.bias.detach() if bn.bias is not None else torch.zeros_like(s)
-                bias = ((bias if bias is not None else 0.0) - bn.running_mean) * s + shift
+            weight_int8, scale, bias = qat.int8_parameters(layer)
             quantizer = layer.input_quantizer
             input_qparams = None if self.config.mode == "dynamic" else quantizer.qparams()
             original = layer.__dict__[qat.ORIGINAL_CLASS_ATTR]
