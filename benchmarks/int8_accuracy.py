@@ -17,7 +17,14 @@ Writes ``benchmarks/results/int8_accuracy.json``.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Set before torch loads OpenMP: this machine is shared, and spin-waiting OpenMP threads
+# collapse (10x and more) when another process holds one of the two cores; passive waiting
+# keeps PyTorch's timings meaningful. onnxruntime sessions get the same (no spinning).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import copy
 import sys
 import tempfile

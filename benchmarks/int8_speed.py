@@ -20,8 +20,15 @@ training step against a plain one. Prints ratios and writes ``benchmarks/results
 
 from __future__ import annotations
 
-import argparse
-import copy
+import os
+
+# Set before torch loads OpenMP: this machine is shared, and spin-waiting OpenMP threads
+# collapse (10x and more) when another process holds one of the two cores; passive waiting
+# keeps PyTorch's timings meaningful. onnxruntime sessions get the same (no spinning).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
 import sys
 import tempfile
 import time
@@ -358,11 +365,13 @@ def main() -> None:
     setup_machine()
     report = {"machine": machine_info(), "settings": vars(args), "models": {}, "qat_step": {}}
     for name in args.models:
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()[0]
         report["models"][name] = (
             bench_minilm(args.rounds) if name == "minilm" else bench_timm(name, args.batches, args.rounds)
         )
         report["models"][name]["wall_s"] = round(time.perf_counter() - start, 1)
+        # other processes on this shared machine skew absolute times (ratios are interleaved)
+        report["models"][name]["load_average"] = {"start": load, "end": os.getloadavg()[0]}
         write_json(args.output, report)  # keep partial results if a later model fails
     for name in args.qat_models:
         report["qat_step"][name] = qat_step_ratio(name, rounds=max(3, args.rounds))

@@ -18,6 +18,7 @@ from ..hub import register_block
 from . import hub_block
 from .compiled import compile
 from .int8 import int8_engine_problem, is_int8_layer
+from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
 from .quantizer import Quantizer, calibrate, phase_at
 
@@ -32,5 +33,6 @@ __all__ = [
     "is_int8_layer",
     "onnx_session",
     "phase_at",
+    "register_plain_forward",
     "run_onnx",
 ]

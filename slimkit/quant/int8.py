@@ -148,41 +148,29 @@ class Int8Layer:
             )
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if dynamic:
-            scale, zero_point = _dynamic_qparams(x2)
-            qx = torch.clamp(torch.round(x2 / scale) + zero_point, ACT_QMIN, ACT_QMAX).to(torch.uint8)
-            out = torch.ops.onednn.qlinear_pointwise.tensor(
-                qx,
-                scale,
-                zero_point,
-                self._packed(0.0, 0, None),
-                self.weight_scale,
-                self.weight_zero_point,
-                self.bias,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
+        if dynamic:  # this batch's own range, as tensors (the .tensor overload)
+            x_scale, x_zp = _dynamic_qparams(x2)
+            qx = torch.clamp(torch.round(x2 / x_scale) + x_zp, ACT_QMIN, ACT_QMAX).to(torch.uint8)
+            linear, packed = torch.ops.onednn.qlinear_pointwise.tensor, self._packed(0.0, 0, None)
         else:
             x_scale, x_zp = self._input_qparams()
-            out = torch.ops.onednn.qlinear_pointwise(
-                quantize_activation(x2, x_scale, x_zp),
-                x_scale,
-                x_zp,
-                self._packed(x_scale, x_zp, None),
-                self.weight_scale,
-                self.weight_zero_point,
-                self.bias,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
+            qx = quantize_activation(x2, x_scale, x_zp)
+            linear, packed = torch.ops.onednn.qlinear_pointwise, self._packed(x_scale, x_zp, None)
+        out = linear(
+            qx,
+            x_scale,
+            x_zp,
+            packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,27 @@ def _base_of(module: nn.Module) -> tuple[LayerKind, type] | None:
     return None
 
 
+# Subclasses whose forward computes exactly the base layer (timm's Linear only adds dtype casts
+# under TorchScript); more can be added with register_plain_forward.
+_PLAIN_FORWARD: set[str] = {"timm.layers.linear.Linear"}
+
+
+def register_plain_forward(cls: type) -> type:
+    """Declare that ``cls`` (a Conv2d / Linear subclass) overrides ``forward`` without changing
+    what it computes, so slimkit may quantize it like its base class. Usable as a decorator."""
+    _PLAIN_FORWARD.add(f"{cls.__module__}.{cls.__qualname__}")
+    return cls
+
+
 def _own_forward(module: nn.Module, base: type) -> bool:
     """True when a subclass between ``type(module)`` and ``base`` defines its own forward."""
     for cls in type(module).__mro__:
         if cls is base:
             return False
-        if "forward" in vars(cls) and not getattr(cls, "_slimkit_quant_class", False):
+        ours_or_plain = getattr(cls, "_slimkit_quant_class", False) or (
+            f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_FORWARD
+        )
+        if "forward" in vars(cls) and not ours_or_plain:
             return True
     return False
 

@@ -151,3 +151,37 @@ def test_preparing_quant_twice_is_refused():
     model = slimkit.prepare(SmallCNN(), {"quant": {}}, example_inputs=x)
     with pytest.raises(SlimkitError, match="already prepared for 'quant'"):
         slimkit.prepare(model, {"quant": {}}, example_inputs=x)
+
+
+def test_register_plain_forward_makes_an_equivalent_subclass_quantizable():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = MyLinear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(UnsupportedModelError, match="MyLinear overrides Linear.forward"):
+        slimkit.prepare(Net(), {"quant": {}})
+    slimkit.quant.register_plain_forward(MyLinear)
+    assert list(slimkit.prepare(Net(), {"quant": {}})._slimkit.methods["quant"].layers) == ["fc"]
+
+
+def test_timm_linear_is_quantized_like_nn_linear():
+    timm = pytest.importorskip("timm")
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = timm.layers.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = slimkit.prepare(Head(), {"quant": {}})
+    assert type(model.fc).__name__ == "QATLinear" and isinstance(model.fc, timm.layers.Linear)
