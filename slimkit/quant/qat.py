@@ -192,7 +192,9 @@ def subclass(mixin: type, base: type, prefix: str) -> type:
     cls = _CLASSES.get((mixin, base))
     if cls is None:
         name = f"{prefix}{base.__name__}"
-        if name in globals():  # two bases with one name (e.g. two Conv1D classes)
+        if name in globals():  # two bases with one name (timm's Linear and nn.Linear)
+            name = f"{prefix}{base.__module__.split('.')[0].capitalize()}{base.__name__}"
+        if name in globals():
             name = f"{name}_{len(_CLASSES)}"
         cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
         _CLASSES[(mixin, base)] = cls

@@ -184,4 +184,5 @@ def test_timm_linear_is_quantized_like_nn_linear():
             return self.fc(x)
 
     model = slimkit.prepare(Head(), {"quant": {}})
-    assert type(model.fc).__name__ == "QATLinear" and isinstance(model.fc, timm.layers.Linear)
+    assert type(model.fc).__name__.startswith("QAT") and isinstance(model.fc, timm.layers.Linear)
+    assert hasattr(model.fc, "input_quantizer")
