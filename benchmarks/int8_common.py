@@ -121,12 +121,16 @@ def ort_static_quantize(fp32_path: Path, out_path: Path, calibration: list) -> P
             return next(self.it, None)
 
     pre = out_path.with_suffix(".pre.onnx")
+    cwd = os.getcwd()
+    os.chdir(out_path.parent)  # quant_pre_process writes temporary files into the working directory
     try:
         quant_pre_process(str(fp32_path), str(pre))
         source = pre
     except Exception as exc:  # symbolic shape inference fails on some graphs; quantize as exported
         print(f"  quant_pre_process failed ({type(exc).__name__}); quantizing the exported graph")
         source = fp32_path
+    finally:
+        os.chdir(cwd)
     quantize_static(
         str(source),
         str(out_path),
