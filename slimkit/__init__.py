@@ -19,6 +19,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hub import from_pretrained, save_pretrained
+from .quant import calibrate, export_onnx
 from .recipe import (
     ActivationQuantConfig,
     AttentionPair,
@@ -48,8 +49,10 @@ __all__ = [
     "UnsupportedModelError",
     "WeightQuantConfig",
     "__version__",
+    "calibrate",
     "compute_loss",
     "convert",
+    "export_onnx",
     "from_pretrained",
     "log_values",
     "prepare",

@@ -238,6 +238,20 @@ class QuantConfig(Config):
     def validate(self, path: str) -> None:
         if self.start_step < 0:
             self.fail(path, "start_step", f"must be >= 0, got {self.start_step}")
+        if not self.weights.symmetric:
+            self.fail(
+                path,
+                "weights.symmetric",
+                "false is not supported: the INT8 kernels (oneDNN, onnxruntime) take symmetric int8 "
+                "weights (zero-point 0); use true",
+            )
+        if self.weights.observer == "moving_average_minmax":
+            self.fail(
+                path,
+                "weights.observer",
+                "'moving_average_minmax' is for activations; weights are seen whole every step, so "
+                "use 'minmax', 'percentile' or 'histogram'",
+            )
         for name in ("freeze_observers_step", "freeze_bn_step"):
             value = getattr(self, name)
             if value is not None and value < self.start_step:

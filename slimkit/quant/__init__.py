@@ -1,1 +1,38 @@
-"""Quantization-aware training and INT8 conversion (built in the quantization issue)."""
+"""Quantization-aware training, PTQ calibration, INT8 conversion and ONNX export.
+
+    model = slimkit.prepare(model, {"quant": {...}}, example_inputs=x)   # fake-quant layers
+    slimkit.calibrate(model, loader, num_batches=32)                     # PTQ (or to start QAT)
+    ...                                                                  # QAT: train as usual
+    int8 = slimkit.convert(model)         # oneDNN int8 kernels, same model class
+    slimkit.quant.compile(int8)           # optional: fused int8 graph via torch.compile
+    slimkit.save_pretrained(int8, "out")  # int8 weights + scales in safetensors
+    slimkit.export_onnx(int8, "out/model.onnx", x)                       # QDQ INT8 for onnxruntime
+
+This package imports torch only; torchao, onnx and onnxruntime are imported when compiling,
+exporting or running ONNX. Importing it registers the ``quantization`` block of saved folders.
+"""
+
+from __future__ import annotations
+
+from ..hub import register_block
+from . import hub_block
+from .compiled import compile
+from .int8 import int8_engine_problem, is_int8_layer
+from .layers import register_plain_forward
+from .onnx_export import export_onnx, onnx_session, run_onnx
+from .quantizer import Quantizer, calibrate, phase_at
+
+register_block("quantization", hub_block.describe, hub_block.rebuild)
+
+__all__ = [
+    "Quantizer",
+    "calibrate",
+    "compile",
+    "export_onnx",
+    "int8_engine_problem",
+    "is_int8_layer",
+    "onnx_session",
+    "phase_at",
+    "register_plain_forward",
+    "run_onnx",
+]

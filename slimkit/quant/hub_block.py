@@ -1,0 +1,82 @@
+"""The ``quantization`` block of a saved folder, and the rebuild from it.
+
+``config.json``'s ``slimkit.quantization`` lists every INT8 layer (kind, static or dynamic
+activations) and every BatchNorm folded away. ``from_pretrained`` builds the float model,
+replays pruning, then gives each listed layer the INT8 structure (int8 weight, scales, bias,
+input qparams as empty tensors of the right shapes) before the weights are loaded with strict
+shape checks. Nothing is unpickled: the int8 weights and scales are plain safetensors tensors.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import FormatError
+from ..modules import user_named_modules
+from .int8 import DYNAMIC_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
+from .layers import layer_kind
+from .quantizer import FOLDED_ATTR, neutralize_batchnorm
+
+BLOCK_FORMAT = 1
+
+
+def describe(model: nn.Module) -> dict | None:
+    layers = {
+        name: {
+            "kind": module.__dict__[INT8_KIND_ATTR],
+            "activations": "dynamic" if module.__dict__.get(DYNAMIC_ATTR) else "static",
+        }
+        for name, module in user_named_modules(model)
+        if is_int8_layer(module)
+    }
+    if not layers:
+        return None
+    return {
+        "format": BLOCK_FORMAT,
+        "backend": "onednn",
+        "weights": "int8, symmetric, per output channel (weight, weight_scale)",
+        "activations": "uint8, per tensor, affine (input_scale, input_zero_point) or dynamic per batch",
+        "layers": layers,
+        "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
+    }
+
+
+def _module(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise FormatError(
+            f"config.json: the quantization block names {what} {name!r}, which {type(model).__name__} does "
+            "not have; the folder was written for another architecture"
+        ) from None
+
+
+def rebuild(model: nn.Module, block: dict) -> nn.Module:
+    if not isinstance(block, dict) or block.get("format", BLOCK_FORMAT) > BLOCK_FORMAT:
+        raise FormatError(
+            "config.json: the slimkit 'quantization' block was written by a newer slimkit; upgrade slimkit"
+        )
+    folded = block.get("folded_batchnorms", {})
+    for name, how in folded.items():
+        bn = _module(model, name, "BatchNorm")
+        if how == "identity":
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+        elif how == "frozen":
+            neutralize_batchnorm(bn)
+        else:
+            raise FormatError(f"config.json: unknown folded BatchNorm form {how!r} for {name!r}")
+    for name, info in block.get("layers", {}).items():
+        layer = _module(model, name, "layer")
+        kind = info.get("kind")
+        if layer_kind(layer) != kind:
+            raise FormatError(
+                f"config.json: quantized layer {name!r} is a {kind} in the folder but a "
+                f"{type(layer).__name__} in the rebuilt {type(model).__name__}"
+            )
+        empty_int8_like(layer, kind, dynamic=info.get("activations") == "dynamic")
+    model.__dict__[FOLDED_ATTR] = dict(folded)
+    return model
+
+
+__all__ = ["describe", "rebuild"]

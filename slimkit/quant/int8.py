@@ -1,0 +1,304 @@
+"""INT8 layers: int8 weights + scales as tensors, computed by oneDNN's int8 kernels.
+
+``convert`` swaps each fake-quant layer's class in place to an INT8 subclass of its original
+class (``nn.Conv2d`` -> ``Int8Conv2d``, ...), so the model keeps its own class and every
+module keeps its name. State (all plain tensors, no quantized dtypes, saved as-is by
+safetensors):
+
+* ``weight``: ``int8`` (Linear layout ``[out, in]`` also for GPT-2's Conv1D);
+* ``weight_scale``: ``float32 [out]``, symmetric (zero-point 0);
+* ``bias``: ``float32 [out]`` (the folded BatchNorm's shift included);
+* ``input_scale`` / ``input_zero_point``: the uint8 input's qparams (absent for dynamic layers,
+  which compute them per batch).
+
+Two execution paths with identical numerics:
+
+* eager: ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with weights prepacked
+  once by ``qconv_prepack`` / ``qlinear_prepack`` (u8 x s8 -> s32 accumulate -> fp32 out, VNNI
+  on x86); only the input quantization is a separate elementwise pass.
+* traced (``torch.compile`` via :func:`slimkit.quant.compile`, ``torch.export`` /
+  :func:`slimkit.export_onnx`): the reference pattern ``dequantize(quantize(x))`` ->
+  ``conv/linear(dequantize(w_int8))`` with PyTorch's ``quantized_decomposed`` ops. Inductor
+  (with torchao's x86 passes) lowers it to the same oneDNN int8 kernels with ReLU / add /
+  requantization fused, and the ONNX exporter writes it as QuantizeLinear / DequantizeLinear
+  (QDQ), which onnxruntime runs as QLinearConv / QLinearMatMul.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IncompatibleError
+from .layers import is_hf_conv1d_class
+from .numerics import ACT_QMAX, ACT_QMIN, EPS, WEIGHT_QMAX, WEIGHT_QMIN, quantize_activation
+from .qat import subclass
+
+INT8_KIND_ATTR = "_slimkit_int8_kind"
+DYNAMIC_ATTR = "_slimkit_int8_dynamic"
+
+
+def load_decomposed_ops():
+    """PyTorch's ``quantized_decomposed`` ops (the PT2E quantize / dequantize vocabulary that
+    Inductor lowers and the ONNX exporter translates); registered on first import."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
+def int8_engine_problem() -> str | None:
+    """Why oneDNN's int8 kernels cannot run here, or None when they can."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return f"this CPU is {platform.machine()}, not x86"
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise") or not hasattr(
+        torch.ops.onednn, "qlinear_pointwise"
+    ):
+        return "this PyTorch build lacks the oneDNN int8 ops (onednn.qconv2d_pointwise, qlinear_pointwise)"
+    return None
+
+
+def require_int8_engine(what: str = "INT8 conversion") -> None:
+    problem = int8_engine_problem()
+    if problem is not None:
+        raise IncompatibleError(
+            f"{what} needs the oneDNN x86 int8 engine ('onednn'), which is missing: {problem}. "
+            "Export the fake-quant model with slimkit.export_onnx and run it on onnxruntime instead, "
+            "or convert on an x86 machine with a standard PyTorch build."
+        )
+
+
+class Int8Layer:
+    """Mixin placed in front of a Conv2d / Linear / Conv1D class."""
+
+    _slimkit_quant_class = True
+
+    # -- qparams and prepacked weights (cached; rebuilt when any tensor changes) ---------------
+    def _input_qparams(self) -> tuple[float, int]:
+        key = (self.input_scale._version, self.input_zero_point._version, self.input_scale.data_ptr())
+        cached = self.__dict__.get("_slimkit_qparams")
+        if cached is None or cached[0] != key:
+            cached = (key, (float(self.input_scale), int(self.input_zero_point)))
+            self.__dict__["_slimkit_qparams"] = cached
+        return cached[1]
+
+    def _packed(self, x_scale: float, x_zero_point: int, x_shape: list[int] | None) -> torch.Tensor:
+        w = self.weight
+        key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
+        cached = self.__dict__.get("_slimkit_packed")
+        if cached is None or cached[0] != key:
+            if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+                packed = torch.ops.onednn.qconv_prepack(
+                    w,
+                    self.weight_scale,
+                    x_scale,
+                    x_zero_point,
+                    list(self.stride),
+                    list(self.padding),
+                    list(self.dilation),
+                    self.groups,
+                    x_shape,
+                )
+            else:
+                packed = torch.ops.onednn.qlinear_prepack(w, None)
+            cached = (key, packed)
+            self.__dict__["_slimkit_packed"] = cached
+        return cached[1]
+
+    def extra_repr(self) -> str:
+        kind = self.__dict__.get(INT8_KIND_ATTR)
+        mode = "dynamic" if self.__dict__.get(DYNAMIC_ATTR) else "static"
+        return f"{super().extra_repr()}, int8={kind}, activations={mode}"
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._reference_forward(input)
+        return self._onednn_forward(input)
+
+    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        dynamic = self.__dict__.get(DYNAMIC_ATTR, False)
+        if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+            x_scale, x_zp = self._input_qparams()
+            qx = quantize_activation(x, x_scale, x_zp)
+            return torch.ops.onednn.qconv2d_pointwise(
+                qx,
+                x_scale,
+                x_zp,
+                self._packed(x_scale, x_zp, None),
+                self.weight_scale,
+                self.weight_zero_point,
+                self.bias,
+                list(self.stride),
+                list(self.padding),
+                list(self.dilation),
+                self.groups,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if dynamic:  # this batch's own range, as tensors (the .tensor overload)
+            x_scale, x_zp = _dynamic_qparams(x2)
+            qx = torch.clamp(torch.round(x2 / x_scale) + x_zp, ACT_QMIN, ACT_QMAX).to(torch.uint8)
+            linear, packed = torch.ops.onednn.qlinear_pointwise.tensor, self._packed(0.0, 0, None)
+        else:
+            x_scale, x_zp = self._input_qparams()
+            qx = quantize_activation(x2, x_scale, x_zp)
+            linear, packed = torch.ops.onednn.qlinear_pointwise, self._packed(x_scale, x_zp, None)
+        out = linear(
+            qx,
+            x_scale,
+            x_zp,
+            packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """quantize -> dequantize -> fp32 op on dequantized int8 weights: the pattern Inductor
+        lowers to oneDNN int8 kernels and the ONNX exporter writes as QDQ."""
+        qd = load_decomposed_ops()
+        if self.__dict__.get(DYNAMIC_ATTR, False):
+            if torch.compiler.is_exporting():  # one op, written to ONNX as DynamicQuantizeLinear
+                x = torch.ops.slimkit.dynamic_qdq_uint8(x)
+            else:
+                scale, zero_point = _dynamic_qparams(x)
+                q = qd.quantize_per_tensor.tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+                x = qd.dequantize_per_tensor.tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+        else:
+            x_scale, x_zp = self.__dict__["_slimkit_trace_qparams"]
+            q = qd.quantize_per_tensor(x, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
+            x = qd.dequantize_per_tensor(q, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
+        w = qd.dequantize_per_channel(
+            self.weight,
+            self.weight_scale,
+            self.weight_zero_point,
+            0,
+            WEIGHT_QMIN - 1,
+            WEIGHT_QMAX,
+            torch.int8,
+        )
+        if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(x, w, self.bias)
+
+
+def _dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch affine uint8 qparams (plain aten ops, so eager, compiled and exported agree)."""
+    x = x.detach()
+    # min / max rather than aminmax: the ONNX exporter translates these (ReduceMin / ReduceMax)
+    lo = torch.clamp(x.min().float(), max=0.0)
+    hi = torch.clamp(x.max().float(), min=0.0)
+    scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=EPS)
+    zero_point = torch.clamp(ACT_QMIN - torch.round(lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int64)
+    return scale, zero_point
+
+
+@torch.library.custom_op("slimkit::dynamic_qdq_uint8", mutates_args=())
+def dynamic_qdq_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Quantize to uint8 with the input's own range, then dequantize (ONNX:
+    DynamicQuantizeLinear + DequantizeLinear, which onnxruntime fuses with the MatMul)."""
+    scale, zero_point = _dynamic_qparams(x)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.int(), ACT_QMIN, ACT_QMAX)
+
+
+@dynamic_qdq_uint8.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def prepare_for_tracing(model: nn.Module) -> None:
+    """Store every static INT8 layer's input qparams as Python numbers: a traced graph must
+    see them as constants (what Inductor's int8 patterns and ONNX QuantizeLinear expect)."""
+    for module in model.modules():
+        if INT8_KIND_ATTR in module.__dict__ and not module.__dict__.get(DYNAMIC_ATTR, False):
+            module.__dict__["_slimkit_trace_qparams"] = module._input_qparams()
+
+
+def is_int8_layer(module: nn.Module) -> bool:
+    return INT8_KIND_ATTR in module.__dict__
+
+
+def make_int8(
+    layer: nn.Module,
+    kind: str,
+    original_class: type,
+    weight_int8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_qparams: tuple[float, int] | None,
+) -> None:
+    """Turn ``layer`` (in place) into an INT8 layer of ``original_class``'s family.
+
+    ``weight_int8`` is in the layer's own layout; GPT-2 Conv1D weights are stored transposed to
+    the Linear layout ``[out, in]`` that the kernels take.
+    """
+    device = weight_int8.device
+    out = weight_int8.shape[1] if kind == "conv1d" else weight_int8.shape[0]
+    if kind == "conv1d":
+        weight_int8 = weight_int8.t()
+    for name in ("weight", "bias", "weight_scale"):
+        layer._parameters.pop(name, None)
+        layer._buffers.pop(name, None)
+    layer.__dict__.pop("weight", None)
+    layer.register_buffer("weight", weight_int8.contiguous())
+    layer.register_buffer("weight_scale", weight_scale.detach().float().reshape(out).contiguous())
+    layer.register_buffer(
+        "weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False
+    )
+    bias = torch.zeros(out, device=device) if bias is None else bias.detach().float()
+    layer.register_buffer("bias", bias.contiguous())
+    if input_qparams is None:
+        layer.__dict__[DYNAMIC_ATTR] = True
+    else:
+        scale, zero_point = input_qparams
+        layer.register_buffer("input_scale", torch.tensor(float(scale), device=device))
+        layer.register_buffer(
+            "input_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device)
+        )
+        layer.__dict__[DYNAMIC_ATTR] = False
+    layer.__dict__[INT8_KIND_ATTR] = kind
+    for key in ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams"):
+        layer.__dict__.pop(key, None)
+    layer.__class__ = subclass(Int8Layer, original_class, "Int8")
+
+
+def empty_int8_like(layer: nn.Module, kind: str, dynamic: bool) -> None:
+    """Give a freshly built float layer the INT8 structure (zeros), for loading saved weights."""
+    weight = layer.weight
+    shape = tuple(weight.shape)
+    make_int8(
+        layer,
+        kind,
+        type(layer),
+        torch.zeros(shape, dtype=torch.int8, device=weight.device),
+        torch.ones(shape[1] if kind == "conv1d" else shape[0], device=weight.device),
+        None,
+        None if dynamic else (1.0, 0),
+    )
+
+
+def original_class_of(module: nn.Module) -> type:
+    for cls in type(module).__mro__:
+        if cls is nn.Conv2d or cls is nn.Linear or is_hf_conv1d_class(cls):
+            return cls
+    return type(module)  # pragma: no cover

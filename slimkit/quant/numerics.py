@@ -1,0 +1,124 @@
+"""Quantization arithmetic shared by fake-quant (training), calibration and INT8 conversion.
+
+One set of formulas, so that the fake-quant model, the INT8 model and the ONNX model agree:
+
+* activations: 8-bit per tensor, stored as ``uint8`` (what oneDNN and onnxruntime consume).
+  Affine: ``scale = (max - min) / 255``, ``zero_point = round(-min / scale)``, the range always
+  containing 0 so that zero padding is exact. Symmetric: ``scale = amax / 127.5`` and
+  ``zero_point = 128`` (PyTorch's convention for symmetric ``quint8``).
+* weights: ``int8`` in ``[-127, 127]``, symmetric (zero-point 0), per output channel or per
+  tensor. The restricted range keeps ``u8 x s8`` products free of overflow on every x86 kernel
+  (VNNI or not) and matches onnxruntime's and TensorRT's convention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_QMIN, ACT_QMAX = 0, 255
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
+SYMMETRIC_ACT_ZERO_POINT = 128
+EPS = torch.finfo(torch.float32).eps
+
+
+def activation_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) of a uint8 per-tensor quantizer for a range."""
+    min_neg = torch.clamp(min_val.float(), max=0.0)
+    max_pos = torch.clamp(max_val.float(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-min_neg, max_pos)
+        scale = torch.clamp(amax / ((ACT_QMAX - ACT_QMIN) / 2), min=EPS)
+        zero_point = torch.full_like(scale, SYMMETRIC_ACT_ZERO_POINT, dtype=torch.int32)
+        return scale, zero_point
+    scale = torch.clamp((max_pos - min_neg) / (ACT_QMAX - ACT_QMIN), min=EPS)
+    zero_point = torch.clamp(ACT_QMIN - torch.round(min_neg / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
+    return scale, zero_point
+
+
+def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale for a per-channel (or per-tensor) absolute maximum."""
+    return torch.clamp(amax.float() / WEIGHT_QMAX, min=EPS)
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """int8 weights for ``scale`` (one per channel along ``axis``, or a scalar)."""
+    if scale.dim() == 0:
+        scaled = weight / scale
+    else:
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        scaled = weight / scale.reshape(shape)
+    return torch.clamp(torch.round(scaled), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+
+
+def quantize_activation(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """uint8 activations (round half to even, like every kernel slimkit calls)."""
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, ACT_QMIN, ACT_QMAX).to(torch.uint8)
+
+
+def dynamic_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch affine uint8 qparams, the formula of onnxruntime's DynamicQuantizeLinear."""
+    lo, hi = torch.aminmax(x.detach())
+    return activation_qparams(lo, hi, symmetric=False)
+
+
+# ----------------------------------------------------------------------------------------
+# fake quantization with straight-through gradients
+# ----------------------------------------------------------------------------------------
+
+
+def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Per-tensor uint8 fake-quant; gradient 1 inside the clipping range and 0 outside."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+
+
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """Symmetric int8 fake-quant of weights, per channel along ``axis`` (or per tensor for a
+    0-dim scale); straight-through gradient, 0 outside the clipping range."""
+    if scale.dim() == 0:
+        return torch.fake_quantize_per_tensor_affine(
+            w, scale, torch.zeros((), dtype=torch.int32, device=w.device), WEIGHT_QMIN, WEIGHT_QMAX
+        )
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` (LSQ's gradient scaling)."""
+    return x * factor + (x - x * factor).detach()
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Fake-quant with learned scale (and zero-point): LSQ (Esser et al. 2020) and LSQ+.
+
+    Gradients: ``x`` gets the straight-through estimator (1 inside the range, 0 outside);
+    ``scale`` gets ``round(x/s) - x/s`` inside and the clipping bound outside, scaled by
+    ``1 / sqrt(numel_per_scale * qmax)``; ``zero_point`` (rounded with STE) gets ``-scale``
+    where ``x`` is clipped and 0 inside.
+    """
+    per_scale = x.numel() // max(scale.numel(), 1)
+    factor = 1.0 / float(per_scale * qmax) ** 0.5
+    s = _scale_grad(scale.abs().clamp_min(EPS), factor)
+    if axis is not None and s.dim() > 0:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s = s.reshape(shape)
+    if zero_point is None:
+        q = torch.clamp(_round_ste(x / s), qmin, qmax)
+        return q * s
+    zp = _round_ste(torch.clamp(_scale_grad(zero_point, factor), qmin, qmax))
+    q = torch.clamp(_round_ste(x / s) + zp, qmin, qmax)
+    return (q - zp) * s

@@ -1,0 +1,386 @@
+"""The ``quant`` method: fake-quant layers, the QAT schedule, calibration and INT8 conversion.
+
+    recipe = slimkit.Recipe.from_dict({"quant": {"freeze_observers_step": 800, "freeze_bn_step": 800}})
+    model = slimkit.prepare(model, recipe, example_inputs=x)   # fake-quant Conv2d / Linear / Conv1D
+    ...                                                         # train; slimkit.step(model) per step
+    int8 = slimkit.convert(model)                               # oneDNN int8 kernels, same class
+
+Schedule (steps are optimizer steps, as counted by ``slimkit.step`` / the Trainer):
+
+* before ``start_step``: the model computes in floating point (phase ``float``);
+* from ``start_step``: weights and inputs are fake-quantized and observers track the input
+  ranges in training mode (phase ``observing``);
+* from ``freeze_observers_step``: ranges are fixed (phase ``frozen``);
+* from ``freeze_bn_step``: folded BatchNorms use their running statistics.
+
+``mode: ptq`` fake-quantizes from the start and observes only inside :func:`calibrate`;
+``mode: dynamic`` quantizes only Linear layers, with each batch's own activation range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import call_model
+from ..controller import Controller, Method, controller_of, unwrap
+from ..errors import IncompatibleError, SlimkitError, UnsupportedModelError
+from ..modules import match_modules, matches_any, user_named_modules
+from ..recipe import QuantConfig
+from . import qat
+from .fold import foldable_batchnorms
+from .int8 import make_int8, require_int8_engine
+from .layers import layer_kind, unsupported_reason
+
+logger = logging.getLogger("slimkit")
+
+PHASES = {"float": 0.0, "observing": 1.0, "frozen": 2.0}
+FOLDED_ATTR = "_slimkit_folded_batchnorms"  # {bn name: "identity" | "frozen"} of a converted model
+_PRUNING_MANIFEST_ATTR = "_slimkit_pruning"  # written by slimkit.prune's convert
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    fake_quant: bool
+    observe: bool
+    bn_frozen: bool
+
+
+def phase_at(config: QuantConfig, step: int, calibrated: bool = False) -> Phase:
+    """The schedule's state after ``step`` optimizer steps."""
+    if config.mode == "ptq":  # float until calibrated, then fixed ranges
+        return Phase("frozen", True, False, True) if calibrated else Phase("float", False, False, True)
+    on = step >= config.start_step
+    if config.mode == "dynamic":
+        return Phase("observing" if on else "float", on, False, False)
+    frozen_ranges = config.freeze_observers_step is not None and step >= config.freeze_observers_step
+    bn_frozen = config.freeze_bn_step is not None and step >= config.freeze_bn_step
+    name = "float" if not on else ("frozen" if frozen_ranges else "observing")
+    return Phase(name, on, on and not frozen_ranges, bn_frozen)
+
+
+def _pattern_for(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _exclude_hint(names: list[str]) -> str:
+    patterns = sorted({_pattern_for(n) for n in names})
+    shown = patterns if len(patterns) < len(names) else names
+    return (
+        "quant.exclude: ["
+        + ", ".join(f'"{n}"' for n in shown[:8])
+        + (", ..." if len(shown) > 8 else "")
+        + "]"
+    )
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    """ids of weight Parameters that more than one module owns (tied embeddings / heads)."""
+    owners: dict[int, int] = {}
+    for _, module in user_named_modules(model):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return {k for k, v in owners.items() if v > 1}
+
+
+class Quantizer(Method):
+    name = "quant"
+    config: QuantConfig
+
+    def __init__(self, controller: Controller, config: QuantConfig, example_inputs: Any = None) -> None:
+        super().__init__(controller, config)
+        self.example_inputs = example_inputs
+        self.layers: dict[str, nn.Module] = {}
+        self.folded: dict[str, str] = {}  # conv name -> BatchNorm name
+        self.skipped_tied: list[str] = []
+        self.phase = Phase("float", False, False, False)
+        self._load_hook = None
+
+    # -- prepare -----------------------------------------------------------------------------
+    def select_layers(self, model: nn.Module) -> dict[str, str]:
+        """name -> kind of every layer this recipe quantizes; raises for unsupported layers."""
+        cfg = self.config
+        for pattern in cfg.exclude:
+            match_modules(model, pattern, role="quant.exclude: ")
+        tied = _tied_weights(model)
+        dynamic = cfg.mode == "dynamic"
+        selected: dict[str, str] = {}
+        problems: list[tuple[str, nn.Module, str]] = []
+        blocked: list[str] = []
+        for name, module in user_named_modules(model):
+            if not name or matches_any(name, cfg.exclude) or matches_any(name, blocked):
+                continue
+            kind = layer_kind(module)
+            if kind is None:
+                reason = unsupported_reason(module)
+                relevant = reason is not None and not (
+                    dynamic and isinstance(module, nn.modules.conv._ConvNd)
+                )
+                if relevant:
+                    problems.append((name, module, reason))
+                    blocked.append(name)
+                continue
+            if dynamic and kind == "conv2d":
+                continue  # dynamic INT8 is for Linear layers; convolutions stay in float
+            if id(module._parameters.get("weight")) in tied:
+                self.skipped_tied.append(name)
+                continue
+            selected[name] = kind
+        if problems:
+            lines = "\n".join(f"  - {n} ({type(m).__name__}): {r}" for n, m, r in problems)
+            raise UnsupportedModelError(
+                f"quant: {len(problems)} layer(s) of {type(model).__name__} cannot be quantized:\n{lines}\n"
+                f"Keep them in floating point with {_exclude_hint([n for n, _, _ in problems])} "
+                "(names or fnmatch patterns; a module's children are excluded with it)."
+            )
+        if not selected:
+            raise UnsupportedModelError(
+                f"quant: {type(model).__name__} has no layer to quantize (Conv2d, Linear or GPT-2 Conv1D"
+                + (", Linear only in mode: dynamic" if dynamic else "")
+                + f"{' after quant.exclude' if cfg.exclude else ''})."
+            )
+        if self.skipped_tied:
+            logger.info("quant: keeping layers with tied weights in float: %s", self.skipped_tied)
+        return selected
+
+    def _find_batchnorms(
+        self, model: nn.Module, convs: dict[str, nn.Module]
+    ) -> dict[str, tuple[str, nn.Module]]:
+        if not self.config.fold_bn or not convs:
+            return {}
+        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            return {}
+        inputs = self.example_inputs
+        if inputs is None:
+            inputs = self.controller.adapter.example_inputs(model)
+        with self.controller.suspended():
+            return foldable_batchnorms(model, convs, inputs)
+
+    def prepare(self, model: nn.Module) -> None:
+        cfg = self.config
+        selected = self.select_layers(model)
+        modules = dict(user_named_modules(model))
+        convs = {n: modules[n] for n, k in selected.items() if k == "conv2d"}
+        pairs = self._find_batchnorms(model, convs)
+        spec = qat.WeightSpec(
+            per_channel=cfg.weights.granularity == "per_channel",
+            observer=cfg.weights.observer,
+            percentile=cfg.weights.percentile,
+            learn=cfg.learn_scales,
+        )
+        for name, kind in selected.items():
+            bn_name, bn = pairs.get(name, (None, None))
+            qat.attach(
+                modules[name],
+                kind,
+                spec,
+                cfg.activations,
+                dynamic=cfg.mode == "dynamic",
+                learn_activations=cfg.learn_scales,
+                bn=bn,
+            )
+            self.layers[name] = modules[name]
+            if bn_name is not None:
+                self.folded[name] = bn_name
+        self._load_hook = self.controller.state.register_load_state_dict_post_hook(self._after_load)
+        self.apply_phase(self.controller.step)
+        logger.info(
+            "quant: %d layers fake-quantized (%s), %d BatchNorms folded",
+            len(self.layers),
+            cfg.mode,
+            len(self.folded),
+        )
+
+    # -- schedule ----------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        return all(layer.input_quantizer.has_range for layer in self.layers.values())
+
+    def apply_phase(self, step: int) -> None:
+        self.phase = phase_at(self.config, step, self.calibrated)
+        for layer in self.layers.values():
+            state = layer.__dict__[qat.STATE_ATTR]
+            state.weight_fake_quant = self.phase.fake_quant
+            quantizer = layer.input_quantizer
+            quantizer.fake_quant = self.phase.fake_quant
+            quantizer.observe = self.phase.observe
+            if state.bn is not None:
+                state.bn._slimkit_bn_frozen = self.phase.bn_frozen
+
+    def _after_load(self, module: nn.Module, incompatible: Any) -> None:
+        # A checkpoint restored the step and observer state: re-derive the phase from them.
+        self.apply_phase(int(module.step))
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        self.apply_phase(step)
+
+    def log_values(self) -> dict[str, float]:
+        return {"quant/phase": PHASES[self.phase.name], "quant/bn_frozen": float(self.phase.bn_frozen)}
+
+    # -- calibration ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, batches: Iterable, num_batches: int | None = None) -> int:
+        """Run ``num_batches`` batches through the model in eval mode with the observers on and
+        fake-quant off; returns the number of batches seen."""
+        if self.config.mode == "dynamic":
+            raise IncompatibleError(
+                "calibrate: quant.mode is 'dynamic', which computes activation ranges per batch at "
+                "inference; there is nothing to calibrate. Use mode: ptq (or qat) for static ranges."
+            )
+        if num_batches is not None and num_batches < 1:
+            raise SlimkitError(f"calibrate: num_batches must be >= 1, got {num_batches}")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        was_training = model.training
+        model.eval()
+        for layer in self.layers.values():
+            layer.__dict__[qat.STATE_ATTR].weight_fake_quant = False
+            layer.input_quantizer.fake_quant = False
+            layer.input_quantizer.calibrating = True
+        seen = 0
+        try:
+            with self.controller.suspended():
+                for batch in batches:
+                    if num_batches is not None and seen >= num_batches:
+                        break
+                    call_model(model, _model_inputs(batch, device))
+                    seen += 1
+        finally:
+            for layer in self.layers.values():
+                layer.input_quantizer.calibrating = False
+            model.train(was_training)
+            self.apply_phase(self.controller.step)
+        if seen == 0:
+            raise SlimkitError("calibrate: the dataloader yielded no batches")
+        return seen
+
+    # -- convert -------------------------------------------------------------------------------
+    def _check_ranges(self) -> None:
+        if self.config.mode == "dynamic":
+            return
+        missing = [n for n, layer in self.layers.items() if not layer.input_quantizer.has_range]
+        if missing:
+            how = (
+                "run slimkit.calibrate(model, dataloader, num_batches=...) first"
+                if self.config.mode == "ptq"
+                else f"train past quant.start_step ({self.config.start_step}) or run slimkit.calibrate(...)"
+            )
+            shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+            raise IncompatibleError(
+                f"convert: the input observers of {len(missing)} of {len(self.layers)} quantized layers "
+                f"never saw data ({shown}), so they have no activation range: {how}. Layers that never "
+                f"run can be kept in float with {_exclude_hint(missing)}."
+            )
+
+    @torch.no_grad()
+    def convert(self, model: nn.Module) -> nn.Module:
+        require_int8_engine()
+        self._check_ranges()
+        modules = dict(user_named_modules(model))
+        folded: dict[str, str] = dict(model.__dict__.get(FOLDED_ATTR, {}))
+        for name, layer in self.layers.items():
+            state: qat.LayerState = layer.__dict__[qat.STATE_ATTR]
+            weight_int8, scale, bias = qat.int8_parameters(layer)
+            quantizer = layer.input_quantizer
+            input_qparams = None if self.config.mode == "dynamic" else quantizer.qparams()
+            original = layer.__dict__[qat.ORIGINAL_CLASS_ATTR]
+            qat.detach_layer(layer)
+            make_int8(layer, state.kind, original, weight_int8, scale, bias, input_qparams)
+            if state.bn is not None:
+                bn_name = self.folded[name]
+                folded[bn_name] = _fold_away(model, bn_name, modules[bn_name])
+        model.__dict__[FOLDED_ATTR] = folded
+        self._forget_training_tensors(model, list(self.layers))
+        self.layers = {}
+        return model
+
+    @staticmethod
+    def _forget_training_tensors(model: nn.Module, layer_names: list[str]) -> None:
+        """Drop the fake-quant tensors from the pruning manifest: pruning records every tensor
+        it sliced (a learned ``weight_scale`` included) and replays that list on a freshly built
+        model at load time, where they do not exist; the INT8 block rebuilds them instead."""
+        manifest = model.__dict__.get(_PRUNING_MANIFEST_ATTR)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
+            return
+        ours = tuple(f"{n}.weight_scale" for n in layer_names)
+        prefixes = tuple(f"{n}.input_quantizer." for n in layer_names)
+        manifest["tensors"] = {
+            k: v for k, v in manifest["tensors"].items() if k not in ours and not k.startswith(prefixes)
+        }
+
+    def remove(self, model: nn.Module) -> None:
+        for layer in self.layers.values():
+            qat.detach_layer(layer)
+        self.layers = {}
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+
+def _fold_away(model: nn.Module, name: str, bn: nn.Module) -> str:
+    """Take a folded BatchNorm out of the computation: an exact ``nn.BatchNorm2d`` becomes
+    ``nn.Identity``; a subclass with more behaviour (timm's BatchNormAct2d runs its activation)
+    keeps that behaviour with identity statistics, frozen."""
+    qat.restore_class(bn)
+    if type(bn) is nn.BatchNorm2d:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Identity())
+        return "identity"
+    neutralize_batchnorm(bn)
+    return "frozen"
+
+
+def neutralize_batchnorm(bn: nn.Module) -> None:
+    """Identity statistics (mean 0, var 1, eps 0, gamma 1, beta 0), running stats always used."""
+    if bn.weight is not None:
+        bn.weight.data.fill_(1.0)
+        bn.bias.data.zero_()
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    qat.swap_class(bn, qat.FreezableBatchNorm, "Folded")
+    bn._slimkit_bn_frozen = True
+
+
+def _model_inputs(batch: Any, device: torch.device) -> Any:
+    """What to call the model with for one batch: a dict (HF, without labels), the first item of
+    a tuple / list ``(inputs, targets)``, or a tensor."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"
+        }
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    raise SlimkitError(
+        f"calibrate: cannot feed a batch of type {type(batch).__name__} to the model; the dataloader must "
+        "yield tensors, (inputs, targets) tuples or dicts of keyword tensors"
+    )
+
+
+def calibrate(model: nn.Module, dataloader: Iterable, num_batches: int | None = None) -> nn.Module:
+    """Static calibration (PTQ): observe activation ranges on ``num_batches`` batches.
+
+    The model must be prepared with a ``quant`` recipe section (``mode: ptq``, or ``qat`` to
+    start QAT from the calibrated ranges). Runs in eval mode under ``torch.no_grad``; returns
+    the model. Batches may be tensors, ``(inputs, targets)`` tuples or dicts of keyword tensors
+    (``labels`` is dropped).
+    """
+    inner = unwrap(model)
+    quantizer = controller_of(inner).methods.get("quant")
+    if quantizer is None:
+        raise SlimkitError(
+            f"calibrate: {type(inner).__name__} was prepared without a 'quant' recipe section; "
+            "add quant: {mode: ptq} to the recipe"
+        )
+    quantizer.calibrate(inner, dataloader, num_batches)
+    return model

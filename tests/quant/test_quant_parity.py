@@ -1,0 +1,132 @@
+"""Parity: the fake-quant model, the converted INT8 model (oneDNN kernels) and its ONNX export
+on onnxruntime agree on >= 99% of argmaxes on held-out inputs; the largest logit difference is
+reported in every assertion message (and printed with ``pytest -s``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import (
+    agreement,
+    cnn_loss,
+    convert_copy,
+    logits_of,
+    tiny_bert,
+    tiny_gpt2,
+    token_batch,
+    train_steps,
+)
+from torch import nn
+from torch._dynamo.utils import counters
+
+import slimkit
+from slimkit.quant import is_int8_layer, onnx_session, run_onnx
+
+
+def _check(name: str, reference: torch.Tensor, candidate, bound: float = 1e-3) -> None:
+    same, diff = agreement(reference, candidate)
+    print(f"\n{name}: argmax agreement {same:.4f}, largest logit difference {diff:.3g}")
+    assert same >= 0.99, f"{name}: argmax agreement {same:.4f} < 0.99 (largest logit difference {diff:.3g})"
+    assert diff < bound, f"{name}: largest logit difference {diff:.3g} >= {bound}"
+
+
+def _onnx_logits(model, inputs, tmp_path):
+    path = slimkit.export_onnx(model, tmp_path / "model.onnx", inputs)
+    return torch.from_numpy(run_onnx(onnx_session(path, threads=2), inputs)[0])
+
+
+def test_small_cnn_qat_int8_and_onnx_agree_with_fake_quant(qat_cnn, cnn_data, tmp_path):
+    _, held_out = cnn_data
+    fake = logits_of(qat_cnn, held_out)
+    int8 = convert_copy(qat_cnn)
+    assert type(int8).__name__ == "SmallCNN"
+    assert all(is_int8_layer(getattr(int8, n)) for n in ("conv1", "conv2", "conv3", "fc"))
+    _check("SmallCNN fake-quant vs INT8", fake, logits_of(int8, held_out))
+    _check("SmallCNN fake-quant vs ONNX", fake, _onnx_logits(int8, held_out, tmp_path))
+
+
+def test_timm_resnet18_qat_int8_and_onnx(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
+    ]
+    slimkit.prepare(
+        model, {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2}}, example_inputs=batches[0][0]
+    )
+    assert len(model._slimkit.methods["quant"].folded) == 20  # every conv of resnet18 has its BN
+    train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
+    held_out = torch.randn(64, 3, 32, 32, generator=g)
+    fake = logits_of(model, held_out)
+    int8 = slimkit.convert(model)
+    assert type(int8).__name__ == "ResNet"
+    _check("resnet18 fake-quant vs INT8", fake, logits_of(int8, held_out))
+    _check("resnet18 fake-quant vs ONNX", fake, _onnx_logits(int8, held_out, tmp_path))
+
+
+def _lm_loss(model, batch):
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
+def _cls_loss(model, batch):
+    labels = batch["input_ids"][:, 0] % 3
+    return model(**batch, labels=labels).loss
+
+
+@pytest.mark.parametrize(
+    ("factory", "loss", "mode"),
+    [(tiny_bert, _cls_loss, "qat"), (tiny_gpt2, _lm_loss, "qat"), (tiny_bert, _cls_loss, "dynamic")],
+    ids=["bert-qat", "gpt2-qat", "bert-dynamic"],
+)
+def test_hf_models_int8_and_onnx(factory, loss, mode, tmp_path):
+    model = factory()
+    slimkit.prepare(model, {"quant": {"mode": mode, "freeze_observers_step": 3}})
+    batches = [token_batch(seed=i) for i in range(3)]
+    train_steps(model, batches, loss, steps=4, lr=1e-3)
+    held_out = token_batch(batch=16, length=10, seed=99)
+    fake = logits_of(model, held_out)
+    int8 = slimkit.convert(model)
+    layers = [n for n, m in int8.named_modules() if is_int8_layer(m)]
+    assert layers and all(int8.get_submodule(n).weight.dtype == torch.int8 for n in layers)
+    name = f"{type(int8).__name__} ({mode})"
+    _check(f"{name} fake-quant vs INT8", fake, logits_of(int8, held_out))
+    _check(f"{name} fake-quant vs ONNX", fake, _onnx_logits(int8, held_out, tmp_path))
+
+
+def test_gpt2_keeps_the_tied_lm_head_in_float():
+    model = tiny_gpt2()
+    slimkit.prepare(model, {"quant": {}})
+    quantizer = model._slimkit.methods["quant"]
+    assert quantizer.skipped_tied == ["lm_head"]
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "QATConv1D"
+    assert isinstance(model.lm_head, nn.Linear) and not hasattr(model.lm_head, "input_quantizer")
+
+
+def test_compiled_int8_model_equals_eager(qat_cnn, cnn_data):
+    _, held_out = cnn_data
+    int8 = convert_copy(qat_cnn)
+    eager = logits_of(int8, held_out)
+    compiled = slimkit.quant.compile(int8)
+    assert compiled is int8 and type(compiled).__name__ == "SmallCNN"
+    counters.clear()
+    with torch.inference_mode():
+        out = compiled(held_out)
+    _check("SmallCNN INT8 eager vs compiled", eager, out, bound=1e-4)
+    # every conv and the Linear were lowered to oneDNN int8 kernels, ReLUs fused into two convs
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 3
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 1
+    assert counters["inductor"]["qconv_unary_matcher_count"] >= 2
+    with pytest.raises(slimkit.SlimkitError, match="inference"):
+        compiled(held_out[:3])
+
+
+def test_int8_layers_run_onednn_int8_kernels_not_float_convolutions(qat_cnn, cnn_data):
+    _, held_out = cnn_data
+    int8 = convert_copy(qat_cnn)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        int8(held_out[:8])
+    ops = {event.name for event in profile.events()}
+    assert "onednn::qconv2d_pointwise" in ops and "onednn::qlinear_pointwise" in ops
+    assert not ops & {"aten::conv2d", "aten::convolution", "aten::linear", "aten::addmm", "aten::mm"}
