@@ -175,10 +175,7 @@ def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float) -> tu
         "quant": {"mode": mode, "freeze_observers_step": 0},
     }
     texts = training_sentences(16 * steps, seed=1)
-    batches = [
-        dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt"))
-        for i in range(0, len(texts), 16)
-    ]
+    batches = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, len(texts), 16)]
     student.requires_grad_(True)  # a copy of the teacher, which KD froze
     for module in student.modules():  # distil deterministic features: no dropout noise
         if isinstance(module, nn.Dropout):
@@ -205,9 +202,7 @@ def bench_minilm(steps: int, lr: float) -> dict:
     tokenizer, fp32 = minilm()
     batch = dict(tokenizer(EVAL_SENTENCES, padding=True, return_tensors="pt"))
     reference = _embed(fp32, batch)
-    calibration = [
-        dict(tokenizer(t, padding=True, return_tensors="pt")) for t in _chunks(training_sentences(64), 16)
-    ]
+    calibration = [dict(tokenizer(t, padding=True, return_tensors="pt")) for t in _chunks(training_sentences(64), 16)]
     result: dict = {"eval_sentences": len(EVAL_SENTENCES), "cosine_vs_fp32": {}}
     cos = result["cosine_vs_fp32"]
 
@@ -252,9 +247,7 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20, help="digits FP32 training epochs")
     parser.add_argument("--qat-epochs", type=int, default=6, help="digits QAT epochs")
     parser.add_argument("--minilm-steps", type=int, default=60, help="MiniLM QAT+KD steps (batch 16)")

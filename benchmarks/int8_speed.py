@@ -187,9 +187,7 @@ def bench_timm(name: str, batches: list[int], rounds: int) -> dict:
         result = {"timm_name": TIMM_MODELS[name], **candidates.info, "batches": {}}
         for batch in batches:
             iters = 8 if batch == 1 else 1
-            print(
-                f"[{name}] batch {batch}: timing {len(candidates.models) + len(candidates.sessions)} variants"
-            )
+            print(f"[{name}] batch {batch}: timing {len(candidates.models) + len(candidates.sessions)} variants")
             result["batches"][str(batch)] = candidates.run(_image_inputs(batch), rounds=rounds, iters=iters)
             _print(name, batch, result["batches"][str(batch)])
     return result
@@ -199,9 +197,7 @@ def bench_minilm(rounds: int) -> dict:
     tokenizer, fp32 = minilm()
 
     def tokens(texts):
-        return dict(
-            tokenizer(texts, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
-        )
+        return dict(tokenizer(texts, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
 
     train = training_sentences(64)
     calibration = [tokens(train[i : i + 16]) for i in range(0, 64, 16)]
@@ -257,9 +253,7 @@ def qat_step_ratio(name: str, rounds: int) -> dict:
         def build():
             return copy.deepcopy(base).train()
 
-        inputs = dict(
-            tokenizer(training_sentences(16), padding="max_length", max_length=128, return_tensors="pt")
-        )
+        inputs = dict(tokenizer(training_sentences(16), padding="max_length", max_length=128, return_tensors="pt"))
         target = torch.randn(16, 128, 384)
 
         def loss_fn(model, batch):
@@ -287,10 +281,7 @@ def qat_step_ratio(name: str, rounds: int) -> dict:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["qat_step"] / med["plain_step"]
-    print(
-        f"  QAT step / plain step ({name}): {ratio:.3f} "
-        f"({med['qat_step']:.3f} s vs {med['plain_step']:.3f} s)"
-    )
+    print(f"  QAT step / plain step ({name}): {ratio:.3f} ({med['qat_step']:.3f} s vs {med['plain_step']:.3f} s)")
     return {
         "batch": 16,
         "plain_step_s": round(med["plain_step"], 4),
@@ -351,15 +342,11 @@ def evaluate_goals(models: dict, qat: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[*TIMM_MODELS, "minilm"], help="models to time")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="image batch sizes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
-    parser.add_argument(
-        "--qat-models", nargs="*", default=["resnet18", "minilm"], help="QAT step ratio models"
-    )
+    parser.add_argument("--qat-models", nargs="*", default=["resnet18", "minilm"], help="QAT step ratio models")
     parser.add_argument("--output", default="int8_speed.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     setup_machine()

@@ -26,9 +26,7 @@ def speed_table(data: dict) -> str:
     present = [
         (key, title)
         for key, title in COLUMNS
-        if any(
-            key in b["speedup_vs_fp32_eager"] for m in data["models"].values() for b in m["batches"].values()
-        )
+        if any(key in b["speedup_vs_fp32_eager"] for m in data["models"].values() for b in m["batches"].values())
     ]
     lines = [
         "| model | batch | FP32 eager ms | " + " | ".join(t for _, t in present) + " | INT8 / FP32 file |",
@@ -38,8 +36,7 @@ def speed_table(data: dict) -> str:
         for batch, result in model["batches"].items():
             fp32_ms = result["timings"]["fp32_eager"]["median_s"] * 1e3
             cells = [
-                f"{result['speedup_vs_fp32_eager'][k]:.2f}x" if k in result["timings"] else "-"
-                for k, _ in present
+                f"{result['speedup_vs_fp32_eager'][k]:.2f}x" if k in result["timings"] else "-" for k, _ in present
             ]
             label = f"{batch} x 128 tok" if name == "minilm" else batch
             ratio = model.get("int8_file_ratio")
@@ -69,10 +66,7 @@ def main() -> None:
         print()
         print("| digits CNN | FP32 | PTQ INT8 | QAT INT8 |")
         print("|---|---|---|---|")
-        print(
-            f"| test accuracy (%) | {d['fp32_accuracy']} | {d['ptq_int8_accuracy']} "
-            f"| {d['qat_int8_accuracy']} |"
-        )
+        print(f"| test accuracy (%) | {d['fp32_accuracy']} | {d['ptq_int8_accuracy']} | {d['qat_int8_accuracy']} |")
         if "minilm" in data:
             print()
             print("| MiniLM embeddings vs FP32 | mean cosine | min cosine |")

@@ -56,9 +56,7 @@ def int8_engine_problem() -> str | None:
         return f"this CPU is {platform.machine()}, not x86"
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
-    if not hasattr(torch.ops.onednn, "qconv2d_pointwise") or not hasattr(
-        torch.ops.onednn, "qlinear_pointwise"
-    ):
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise") or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this PyTorch build lacks the oneDNN int8 ops (onednn.qconv2d_pointwise, qlinear_pointwise)"
     return None
 
@@ -262,9 +260,7 @@ def make_int8(
     layer.__dict__.pop("weight", None)
     layer.register_buffer("weight", weight_int8.contiguous())
     layer.register_buffer("weight_scale", weight_scale.detach().float().reshape(out).contiguous())
-    layer.register_buffer(
-        "weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False
-    )
+    layer.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False)
     bias = torch.zeros(out, device=device) if bias is None else bias.detach().float()
     layer.register_buffer("bias", bias.contiguous())
     if input_qparams is None:
@@ -272,9 +268,7 @@ def make_int8(
     else:
         scale, zero_point = input_qparams
         layer.register_buffer("input_scale", torch.tensor(float(scale), device=device))
-        layer.register_buffer(
-            "input_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device)
-        )
+        layer.register_buffer("input_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device))
         layer.__dict__[DYNAMIC_ATTR] = False
     layer.__dict__[INT8_KIND_ATTR] = kind
     for key in ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams"):

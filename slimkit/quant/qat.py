@@ -225,9 +225,7 @@ def attach(
 ) -> None:
     """Make ``layer`` a fake-quant layer (in place)."""
     state = LayerState(kind=kind, spec=spec, bn=bn)
-    quantizer = (
-        DynamicActivationQuantizer() if dynamic else ActivationQuantizer(activation_config, learn_activations)
-    )
+    quantizer = DynamicActivationQuantizer() if dynamic else ActivationQuantizer(activation_config, learn_activations)
     device = layer.weight.device
     layer.add_module("input_quantizer", quantizer.to(device))
     if spec.learn:

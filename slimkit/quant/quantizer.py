@@ -73,12 +73,7 @@ def _pattern_for(name: str) -> str:
 def _exclude_hint(names: list[str]) -> str:
     patterns = sorted({_pattern_for(n) for n in names})
     shown = patterns if len(patterns) < len(names) else names
-    return (
-        "quant.exclude: ["
-        + ", ".join(f'"{n}"' for n in shown[:8])
-        + (", ..." if len(shown) > 8 else "")
-        + "]"
-    )
+    return "quant.exclude: [" + ", ".join(f'"{n}"' for n in shown[:8]) + (", ..." if len(shown) > 8 else "") + "]"
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
@@ -121,9 +116,7 @@ class Quantizer(Method):
             kind = layer_kind(module)
             if kind is None:
                 reason = unsupported_reason(module)
-                relevant = reason is not None and not (
-                    dynamic and isinstance(module, nn.modules.conv._ConvNd)
-                )
+                relevant = reason is not None and not (dynamic and isinstance(module, nn.modules.conv._ConvNd))
                 if relevant:
                     problems.append((name, module, reason))
                     blocked.append(name)
@@ -151,9 +144,7 @@ class Quantizer(Method):
             logger.info("quant: keeping layers with tied weights in float: %s", self.skipped_tied)
         return selected
 
-    def _find_batchnorms(
-        self, model: nn.Module, convs: dict[str, nn.Module]
-    ) -> dict[str, tuple[str, nn.Module]]:
+    def _find_batchnorms(self, model: nn.Module, convs: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
         if not self.config.fold_bn or not convs:
             return {}
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
@@ -354,9 +345,7 @@ def _model_inputs(batch: Any, device: torch.device) -> Any:
     """What to call the model with for one batch: a dict (HF, without labels), the first item of
     a tuple / list ``(inputs, targets)``, or a tensor."""
     if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"
-        }
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if isinstance(batch, torch.Tensor):

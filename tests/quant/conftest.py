@@ -12,9 +12,7 @@ import slimkit
 @pytest.fixture
 def cnn_data():
     g = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)
-    ]
+    batches = [(torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
     held_out = torch.randn(256, 1, 12, 12, generator=g)
     return batches, held_out
 

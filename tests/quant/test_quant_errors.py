@@ -69,9 +69,7 @@ def test_an_exclude_pattern_that_matches_nothing_names_close_matches():
 
 def test_excluding_every_layer_is_an_error():
     with pytest.raises(UnsupportedModelError, match="no layer to quantize"):
-        slimkit.prepare(
-            SmallCNN(), {"quant": {"exclude": ["conv*", "fc"]}}, example_inputs=torch.randn(1, 1, 8, 8)
-        )
+        slimkit.prepare(SmallCNN(), {"quant": {"exclude": ["conv*", "fc"]}}, example_inputs=torch.randn(1, 1, 8, 8))
 
 
 def test_converting_before_the_observers_saw_data_says_so():
@@ -80,17 +78,13 @@ def test_converting_before_the_observers_saw_data_says_so():
     with pytest.raises(IncompatibleError, match=r"never saw data .*slimkit.calibrate"):
         slimkit.convert(model)
     qat = slimkit.prepare(SmallCNN(), {"quant": {"start_step": 10}}, example_inputs=x)
-    with pytest.raises(
-        IncompatibleError, match=r"4 of 4 quantized layers never saw data.*quant.start_step \(10\)"
-    ):
+    with pytest.raises(IncompatibleError, match=r"4 of 4 quantized layers never saw data.*quant.start_step \(10\)"):
         slimkit.convert(qat)
 
 
 @pytest.mark.parametrize("bits", [4, 16])
 def test_bit_widths_other_than_8_are_rejected_by_the_recipe(bits):
-    with pytest.raises(
-        ConfigError, match=rf"quant.weights.bits: only 8-bit quantization is supported, got {bits}"
-    ):
+    with pytest.raises(ConfigError, match=rf"quant.weights.bits: only 8-bit quantization is supported, got {bits}"):
         slimkit.Recipe.from_dict({"quant": {"weights": {"bits": bits}}})
     with pytest.raises(ConfigError, match="quant.activations.bits"):
         slimkit.Recipe.from_dict({"quant": {"activations": {"bits": bits}}})
@@ -99,9 +93,7 @@ def test_bit_widths_other_than_8_are_rejected_by_the_recipe(bits):
 def test_weight_settings_the_int8_kernels_cannot_run_are_rejected():
     with pytest.raises(ConfigError, match="quant.weights.symmetric: false is not supported"):
         slimkit.Recipe.from_dict({"quant": {"weights": {"symmetric": False}}})
-    with pytest.raises(
-        ConfigError, match="quant.weights.observer: 'moving_average_minmax' is for activations"
-    ):
+    with pytest.raises(ConfigError, match="quant.weights.observer: 'moving_average_minmax' is for activations"):
         slimkit.Recipe.from_dict({"quant": {"weights": {"observer": "moving_average_minmax"}}})
     with pytest.raises(ConfigError, match="activations.granularity"):
         slimkit.Recipe.from_dict({"quant": {"activations": {"granularity": "per_channel"}}})
@@ -110,9 +102,7 @@ def test_weight_settings_the_int8_kernels_cannot_run_are_rejected():
 def test_a_missing_int8_engine_is_named(monkeypatch, qat_cnn):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert "oneDNN" in slimkit.quant.int8_engine_problem()
-    with pytest.raises(
-        IncompatibleError, match=r"needs the oneDNN x86 int8 engine \('onednn'\).*export_onnx"
-    ):
+    with pytest.raises(IncompatibleError, match=r"needs the oneDNN x86 int8 engine \('onednn'\).*export_onnx"):
         slimkit.convert(qat_cnn)
 
 

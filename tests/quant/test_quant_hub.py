@@ -44,10 +44,7 @@ def test_timm_int8_folder_round_trip_and_size(tmp_path):
     assert block["layers"]["fc"] == {"kind": "linear", "activations": "static"}
     assert block["folded_batchnorms"]["bn1"] == "identity"
     dtypes = _tensor_dtypes(folder / "model.safetensors")
-    assert (
-        dtypes["layer1.0.conv1.weight"] == torch.int8
-        and dtypes["layer1.0.conv1.weight_scale"] == torch.float32
-    )
+    assert dtypes["layer1.0.conv1.weight"] == torch.int8 and dtypes["layer1.0.conv1.weight_scale"] == torch.float32
     assert dtypes["layer1.0.conv1.input_zero_point"] == torch.int32
     assert not any(k.startswith("bn1.") for k in dtypes), "folded BatchNorms are not saved"
     ratio = (folder / "model.safetensors").stat().st_size / (float_dir / "model.safetensors").stat().st_size

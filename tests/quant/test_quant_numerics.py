@@ -49,9 +49,7 @@ def test_weight_fake_quant_matches_torch_per_channel_reference():
     qat.attach(conv, "conv2d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
     w = conv.weight.detach()
     scale = w.abs().amax(dim=(1, 2, 3)) / 127
-    reference = torch.fake_quantize_per_channel_affine(
-        w, scale, torch.zeros(6, dtype=torch.int32), 0, -127, 127
-    )
+    reference = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(6, dtype=torch.int32), 0, -127, 127)
     torch.testing.assert_close(qat.fake_quant_weight(conv), reference, rtol=0, atol=1e-7)
     weight_int8, int8_scale, _ = qat.int8_parameters(conv)
     assert weight_int8.dtype == torch.int8 and int(weight_int8.abs().max()) == 127
@@ -62,14 +60,10 @@ def test_gpt2_conv1d_weights_quantize_per_output_column():
     transformers = pytest.importorskip("transformers")
     layer = transformers.pytorch_utils.Conv1D(nf=5, nx=7)  # weight [in=7, out=5]
     spec = qat.WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
-    qat.attach(
-        layer, "conv1d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None
-    )
+    qat.attach(layer, "conv1d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
     w = layer.weight.detach()
     scale = w.abs().amax(dim=0) / 127
-    reference = torch.fake_quantize_per_channel_affine(
-        w, scale, torch.zeros(5, dtype=torch.int32), 1, -127, 127
-    )
+    reference = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(5, dtype=torch.int32), 1, -127, 127)
     torch.testing.assert_close(qat.fake_quant_weight(layer), reference, rtol=0, atol=1e-7)
 
 

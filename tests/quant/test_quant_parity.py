@@ -50,12 +50,8 @@ def test_timm_resnet18_qat_int8_and_onnx(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     g = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
-    ]
-    slimkit.prepare(
-        model, {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2}}, example_inputs=batches[0][0]
-    )
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    slimkit.prepare(model, {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2}}, example_inputs=batches[0][0])
     assert len(model._slimkit.methods["quant"].folded) == 20  # every conv of resnet18 has its BN
     train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
     held_out = torch.randn(64, 3, 32, 32, generator=g)

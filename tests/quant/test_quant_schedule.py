@@ -33,9 +33,7 @@ def test_phase_table_of_each_mode():
 def test_schedule_drives_observers_and_fake_quant(cnn_data):
     batches, held_out = cnn_data
     model = SmallCNN()
-    slimkit.prepare(
-        model, {"quant": {"start_step": 2, "freeze_observers_step": 4}}, example_inputs=held_out[:2]
-    )
+    slimkit.prepare(model, {"quant": {"start_step": 2, "freeze_observers_step": 4}}, example_inputs=held_out[:2])
     quantizer = model.conv2.input_quantizer
     float_out = logits_of(model.eval(), held_out)
     train_steps(model, batches, cnn_loss, steps=2)

@@ -87,10 +87,7 @@ def test_a_checkpoint_restores_observers_and_the_phase(tmp_path):
     slimkit.prepare(fresh, {"quant": RECIPE["quant"]})
     assert slimkit.log_values(fresh)["quant/phase"] == 0.0  # step 0 < start_step
     fresh.load_state_dict(state, strict=False)  # what resume_from_checkpoint does
-    assert (
-        slimkit.log_values(fresh)["quant/phase"] == 2.0
-        and slimkit.log_values(fresh)["quant/bn_frozen"] == 1.0
-    )
+    assert slimkit.log_values(fresh)["quant/phase"] == 2.0 and slimkit.log_values(fresh)["quant/bn_frozen"] == 1.0
     inputs = token_batch()
     model.eval()
     fresh.eval()
