@@ -35,8 +35,9 @@ class SlimkitModule(nn.Module):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
-        raise RuntimeError("the slimkit state module is not callable")
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        # An identity: containers such as nn.Sequential call every child in turn, this one too.
+        return x
 
 
 class Method:

@@ -212,3 +212,20 @@ def test_other_error_paths():
         holder = tiny_timm("resnet")
         holder.add_module("inner_teacher", tiny_timm("resnet"))
         slimkit.prepare(holder, recipe, teacher=holder.inner_teacher, example_inputs=X[:2])
+
+
+def test_sequential_models_keep_working_when_prepared():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    )
+    teacher = tiny_timm("resnet", seed=1).eval()
+    with torch.no_grad():
+        before = student(X)
+    slimkit.prepare(student, {"distill": {"alpha": 0.5}}, teacher=teacher, example_inputs=X[:2])
+    with torch.no_grad():
+        assert torch.equal(student.eval()(X), before)
+    train_steps(student, steps=1)
+    assert "distill/kd" in slimkit.log_values(student)
+    small = slimkit.convert(student)
+    assert len(small) == 4
