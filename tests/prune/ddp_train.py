@@ -1,0 +1,75 @@
+"""Run by tests/prune/test_distributed.py under ``accelerate launch --multi_gpu --num_processes 2``.
+
+Trains a tiny BERT with a stock Trainer, Taylor importance and a cubic schedule. Each process
+sees different batches (so its local gradients differ) and writes what it pruned to
+``<out>/rank<k>.json``; the test checks that both processes pruned the very same units.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from datasets import Dataset
+from slimkit.plugins.hf import slim_callbacks
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, 100, (64, 12), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (64,), generator=g).tolist(),
+        }
+    )
+    recipe = {
+        "prune": {
+            "channels": 0.5,
+            "heads": 0.5,
+            "importance": "taylor",
+            "scope": "global",
+            "schedule": {"kind": "cubic", "start_step": 0, "end_step": 6, "every": 2},
+        }
+    }
+    callbacks = slim_callbacks(model, recipe)
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "run"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.train()
+    state = model.slimkit.prune
+    rank = trainer.args.process_index
+    record = {
+        "world_size": trainer.args.world_size,
+        "channels_pruned": state.channels_pruned.int().tolist(),
+        "heads_pruned": state.heads_pruned.int().tolist(),
+        "fc1_rows_zero": (model.bert.encoder.layer[0].intermediate.dense.weight.abs().sum(1) == 0)
+        .int()
+        .tolist(),
+        "logged": [h for h in trainer.state.log_history if "prune/channels" in h],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
