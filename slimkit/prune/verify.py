@@ -24,6 +24,12 @@ from .slicing import remove_units
 from .units import UnitGroup, apply_zero_plan, zero_plan
 
 
+def _op_name(traced: str) -> str:
+    """'_ElementWiseOp_3(MeanBackward1)' -> 'MeanBackward1' (the autograd node of the op)."""
+    inner = traced[traced.find("(") + 1 : traced.rfind(")")] if "(" in traced else traced
+    return inner or traced
+
+
 def probe_masks(groups: list[UnitGroup]) -> list[torch.Tensor]:
     """Every other unit of each group (evenly over conv groups), never emptying a layer."""
     masks = []
@@ -122,7 +128,7 @@ def find_inexact(
             break  # only the combination fails; report the whole set
         suspects, problem = second, found
     named = [groups[i] for i in suspects]
-    ops = sorted({op for g in named for op in g.ops if "ElementWise" in op or "Reshape" in op})
+    ops = sorted({_op_name(op) for g in named for op in g.ops if "ElementWise" in op or "Reshape" in op})
     roots = [g.root for g in named]
     raise IncompatibleError(
         "prune: masking and removing these units give different outputs, so slimkit cannot couple "

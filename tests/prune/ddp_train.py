@@ -15,6 +15,18 @@ from datasets import Dataset
 from slimkit.plugins.hf import slim_callbacks
 
 
+class LocalStatistics(transformers.TrainerCallback):
+    """Records this process's own Taylor sums of step 1, before slimkit all-reduces them."""
+
+    def __init__(self, model):
+        self.pruner = model._slimkit.methods["prune"]
+        self.local = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.local = self.pruner._taylor.parts[0][1].pending.tolist()
+
+
 def main(out: Path) -> None:
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -43,6 +55,7 @@ def main(out: Path) -> None:
         }
     }
     callbacks = slim_callbacks(model, recipe)
+    probe = LocalStatistics(model)  # runs before the slimkit callbacks (they move themselves last)
     args = transformers.TrainingArguments(
         output_dir=str(out / "run"),
         max_steps=6,
@@ -55,7 +68,7 @@ def main(out: Path) -> None:
         ddp_backend="gloo",
         seed=0,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[probe, *callbacks])
     trainer.train()
     state = model.slimkit.prune
     rank = trainer.args.process_index
@@ -63,6 +76,8 @@ def main(out: Path) -> None:
         "world_size": trainer.args.world_size,
         "channels_pruned": state.channels_pruned.int().tolist(),
         "heads_pruned": state.heads_pruned.int().tolist(),
+        "local_taylor_step1": probe.local,
+        "synced_taylor": state.channels_taylor.tolist(),
         "fc1_rows_zero": (model.bert.encoder.layer[0].intermediate.dense.weight.abs().sum(1) == 0)
         .int()
         .tolist(),

@@ -18,6 +18,28 @@ from slimkit.prune import count_macs, count_parameters
 IMAGE = (2, 3, 32, 32)
 
 
+class ConvNet(nn.Module):
+    """stem -> conv1 -> conv2 (optionally grouped) -> [flatten | pool] -> fc."""
+
+    def __init__(self, widths=(24, 40), groups=1, flatten=False):
+        super().__init__()
+        w1, w2 = widths
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, w1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.flatten = flatten
+        self.fc = nn.Linear(w2 * 16 if flatten else w2, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.fc(x.flatten(1) if self.flatten else x.mean((2, 3)))
+
+
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
