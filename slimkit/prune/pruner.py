@@ -374,9 +374,9 @@ class Pruner(Method):
             model = self._model_ref
             total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("slimkit."))
             removed: dict[int, torch.Tensor] = {}
-            for tensor, dim, positions in self._plan or []:
+            for tensor, keep in self._plan or []:
                 mask = removed.setdefault(id(tensor), torch.zeros(tensor.shape, dtype=torch.bool))
-                mask.index_fill_(dim, positions.cpu(), True)
+                mask |= (keep == 0).cpu()
             for weight, keep in self._sparse_tensors or []:
                 mask = removed.setdefault(id(weight), torch.zeros(weight.shape, dtype=torch.bool))
                 mask |= ~keep.cpu()

@@ -115,13 +115,15 @@ def unit_lookup(member: Member, length: int, device: torch.device) -> torch.Tens
 
 def zero_plan(
     model: nn.Module, groups: list[UnitGroup], pruned: list[torch.Tensor], transposed: dict
-) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """(tensor, dim, positions) to zero so that the pruned units contribute exactly nothing.
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, keep mask) pairs that make the pruned units contribute exactly nothing.
 
     Producers (``out`` members) are what makes a unit's output zero; consumers' input columns
-    are zeroed too so that the weights that ``convert`` removes are the zero ones.
+    are zeroed too so that the weights that ``convert`` removes are the zero ones. Each mask is a
+    product of per-dimension 0/1 vectors, shaped to broadcast ([out, in, 1, 1] for a conv), so
+    re-applying it after an optimizer step is one multiply over the tensor.
     """
-    plan: dict[tuple[int, int], tuple[torch.Tensor, int, set[int]]] = {}
+    cuts: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
     for group, mask in zip(groups, pruned):
         units = mask.nonzero().flatten().tolist()
         if not units:
@@ -131,15 +133,22 @@ def zero_plan(
             positions = member.positions(units)
             for name, dim in tensor_roles(module, member.side, transposed):
                 tensor = getattr(module, name)
-                entry = plan.setdefault((id(tensor), dim), (tensor, dim, set()))
-                entry[2].update(positions)
-    return [
-        (tensor, dim, torch.tensor(sorted(pos), dtype=torch.long, device=tensor.device))
-        for tensor, dim, pos in plan.values()
-    ]
+                entry = cuts.setdefault(id(tensor), (tensor, {}))
+                entry[1].setdefault(dim, set()).update(positions)
+    plan = []
+    for tensor, dims in cuts.values():
+        keep = torch.ones([1] * tensor.dim(), dtype=tensor.dtype, device=tensor.device)
+        for dim, positions in dims.items():
+            vector = torch.ones(tensor.shape[dim], dtype=tensor.dtype, device=tensor.device)
+            vector[sorted(positions)] = 0
+            shape = [1] * tensor.dim()
+            shape[dim] = tensor.shape[dim]
+            keep = keep * vector.view(shape)
+        plan.append((tensor, keep))
+    return plan
 
 
 @torch.no_grad()
-def apply_zero_plan(plan: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
-    for tensor, dim, positions in plan:
-        tensor.data.index_fill_(dim, positions, 0)
+def apply_zero_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for tensor, keep in plan:
+        tensor.data.mul_(keep)
