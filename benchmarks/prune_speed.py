@@ -92,11 +92,16 @@ def torch_pruning_pruned(model: nn.Module, ratio: float, heads: bool) -> nn.Modu
     return model.eval()
 
 
+def _summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """min (the least-disturbed round: other processes only ever add time) and median."""
+    return {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+
+
 @torch.no_grad()
 def interleaved_latency(
     models: dict[str, nn.Module], batch: int, rounds: int, calls: int
-) -> dict[str, float]:
-    """Median seconds per forward; every round times each model once, in turn."""
+) -> dict[str, dict[str, float]]:
+    """Seconds per forward; every round times each model once, in turn (order alternating)."""
     x = torch.randn(batch, 3, 224, 224)
     for m in models.values():  # warm-up: kernel selection for each shape
         m(x)
@@ -108,18 +113,24 @@ def interleaved_latency(
             for _ in range(calls):
                 m(x)
             times[name].append((time.perf_counter() - start) / calls)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return _summary(times)
 
 
-def training_step_overhead(name: str, batch: int, rounds: int) -> dict[str, float]:
-    """Seconds per training step: plain model vs the same model with pruning masks (l2, masks
-    re-applied after every step) and with Taylor statistics being collected (cubic schedule)."""
+def training_step_overhead(name: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Seconds per training step: a plain model vs the same weights with pruning masks (l2, masks
+    re-applied after every step) and with Taylor statistics being collected (cubic schedule).
+
+    All three start from the very same weights, zeros included, so the numerics are alike and
+    only slimkit's work (forward hook, statistics, re-masking) differs."""
     x = torch.randn(batch, 3, 224, 224)
     y = torch.randint(0, 1000, (batch,))
-    plain = dense_model(name).train()
     masked = dense_model(name).train()
     slimkit.prepare(masked, {"prune": {"channels": 0.5, "round_to": 8}}, example_inputs=x[:1])
+    weights = {k: v for k, v in masked.state_dict().items() if not k.startswith("slimkit.")}
+    plain = dense_model(name).train()
+    plain.load_state_dict(weights)
     taylor = dense_model(name).train()
+    taylor.load_state_dict(weights)
     schedule = {"kind": "cubic", "start_step": 0, "end_step": 10_000, "every": 1000}
     recipe = {"prune": {"channels": 0.5, "round_to": 8, "importance": "taylor", "schedule": schedule}}
     slimkit.prepare(taylor, recipe, example_inputs=x[:1])
@@ -145,7 +156,7 @@ def training_step_overhead(name: str, batch: int, rounds: int) -> dict[str, floa
             start = time.perf_counter()
             step(key)
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return _summary(times)
 
 
 def measure_model(name: str, heads: bool, ratios: list[float], args) -> dict:
@@ -165,13 +176,14 @@ def measure_model(name: str, heads: bool, ratios: list[float], args) -> dict:
             continue
         mac_ratio = macs["dense"] / macs[k]
         entry = {"macs_reduction": mac_ratio, "params_reduction": params["dense"] / params[k]}
-        for batch, lat in (("batch1", b1), ("batch32", b32)):
-            speedup = lat["dense"] / lat[k]
-            entry[f"speedup_{batch}"] = speedup
-            entry[f"efficiency_{batch}"] = speedup / mac_ratio  # 1.0: latency falls as MACs do
         goal = 0.85 if mac_ratio < 3.0 else 0.65
         entry["goal_efficiency"] = goal
-        entry["goal_met"] = {b: entry[f"efficiency_{b}"] >= goal for b in ("batch1", "batch32")}
+        for batch, lat in (("batch1", b1), ("batch32", b32)):
+            for stat in ("min", "median"):
+                speed = lat["dense"][stat] / lat[k][stat]
+                entry[f"speedup_{batch}_{stat}"] = speed
+                entry[f"efficiency_{batch}_{stat}"] = speed / mac_ratio  # 1.0: latency falls as MACs do
+            entry[f"goal_met_{batch}"] = entry[f"efficiency_{batch}_min"] >= goal
         out["configs"][k] = entry
     return out
 
@@ -201,32 +213,33 @@ def main() -> None:
         "torch": torch.__version__,
         "resnet50": measure_model("resnet50", heads=False, ratios=[0.3, 0.5], args=args),
         "vit_small_patch16_224": measure_model(
-            "vit_small_patch16_224", heads=True, ratios=[0.5, 0.75], args=args
+            "vit_small_patch16_224", heads=True, ratios=[0.5, 0.8], args=args
         ),
         "training_step_s": {},
     }
     for name in ("resnet50", "vit_small_patch16_224"):
         t = training_step_overhead(name, args.train_batch, args.train_rounds)
-        report["training_step_s"][name] = {
-            **t,
-            "masked_over_plain": t["masked"] / t["plain"],
-            "taylor_over_plain": t["masked_taylor"] / t["plain"],
-            "goal_met": t["masked"] / t["plain"] <= 1.05,
-        }
+        entry = {"seconds": t}
+        for stat in ("min", "median"):
+            entry[f"masked_over_plain_{stat}"] = t["masked"][stat] / t["plain"][stat]
+            entry[f"taylor_over_plain_{stat}"] = t["masked_taylor"][stat] / t["plain"][stat]
+        entry["goal_met"] = entry["masked_over_plain_min"] <= 1.05
+        report["training_step_s"][name] = entry
 
+    print("speed-ups are dense / pruned latency; min = least-disturbed round, median in brackets")
     for name in ("resnet50", "vit_small_patch16_224"):
         print(f"\n{name}")
-        print(
-            f"{'model':>20} {'MACs':>8} {'b1 speed-up':>12} {'b32 speed-up':>13} {'eff b1':>7} {'eff b32':>8}"
-        )
+        print(f"{'model':>20} {'MACs':>7} {'batch 1':>16} {'batch 32':>16} {'eff b1':>7} {'eff b32':>8}")
         for key, e in report[name]["configs"].items():
-            speed = f"{e['speedup_batch1']:11.2f}x {e['speedup_batch32']:12.2f}x"
-            eff = f"{e['efficiency_batch1']:7.2f} {e['efficiency_batch32']:8.2f}"
-            print(f"{key:>20} {e['macs_reduction']:7.2f}x {speed} {eff}")
-    print(f"\ntraining step with masks / plain step (batch {args.train_batch}):")
+            b1 = f"{e['speedup_batch1_min']:5.2f}x ({e['speedup_batch1_median']:.2f}x)"
+            b32 = f"{e['speedup_batch32_min']:5.2f}x ({e['speedup_batch32_median']:.2f}x)"
+            eff = f"{e['efficiency_batch1_min']:7.2f} {e['efficiency_batch32_min']:8.2f}"
+            print(f"{key:>20} {e['macs_reduction']:6.2f}x {b1:>16} {b32:>16} {eff}")
+    print(f"\ntraining step with masks / plain step (batch {args.train_batch}), min (median):")
     for name, t in report["training_step_s"].items():
-        masks, taylor = t["masked_over_plain"], t["taylor_over_plain"]
-        print(f"  {name}: masks {masks:.3f}x, with Taylor statistics {taylor:.3f}x")
+        masks = f"{t['masked_over_plain_min']:.3f}x ({t['masked_over_plain_median']:.3f}x)"
+        taylor = f"{t['taylor_over_plain_min']:.3f}x ({t['taylor_over_plain_median']:.3f}x)"
+        print(f"  {name}: masks {masks}, with Taylor statistics {taylor}")
     report["machine"]["load_average_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
