@@ -115,6 +115,7 @@ class Pruner(Method):
         self._removed: float | None = None
         self._model_ref: nn.Module | None = None
         self._converted = False
+        self._synced = False
 
     # ------------------------------------------------------------------------------------
     # prepare
@@ -263,6 +264,12 @@ class Pruner(Method):
     # training
     # ------------------------------------------------------------------------------------
     def on_step(self, model: nn.Module, step: int) -> None:
+        if not self._synced and _distributed():
+            # prepare may have run before the process group existed (masks of step 0 computed
+            # per process): from the first step on, every process holds rank 0's state.
+            _broadcast(list(self.state.buffers()))
+            self._invalidate()
+            self._synced = True
         if self._taylor is not None:
             self._taylor.flush(self.state)
         self._advance(model, step)

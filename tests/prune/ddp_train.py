@@ -1,4 +1,4 @@
-"""Run by tests/prune/test_distributed.py under ``accelerate launch --multi_gpu --num_processes 2``.
+"""Run by tests/prune/test_prune_distributed.py under ``accelerate launch --multi_gpu --num_processes 2``.
 
 Trains a tiny BERT with a stock Trainer, Taylor importance and a cubic schedule. Each process
 sees different batches (so its local gradients differ) and writes what it pruned to
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
+from prune_helpers import hf_model, training_args
 from slimkit.plugins.hf import slim_callbacks
 
 
@@ -28,16 +29,7 @@ class LocalStatistics(transformers.TrainerCallback):
 
 
 def main(out: Path) -> None:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config)
+    model = hf_model("bert")
     g = torch.Generator().manual_seed(0)
     data = Dataset.from_dict(
         {
@@ -56,18 +48,7 @@ def main(out: Path) -> None:
     }
     callbacks = slim_callbacks(model, recipe)
     probe = LocalStatistics(model)  # runs before the slimkit callbacks (they move themselves last)
-    args = transformers.TrainingArguments(
-        output_dir=str(out / "run"),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo",
-        seed=0,
-    )
+    args = training_args(out / "run", ddp_backend="gloo")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[probe, *callbacks])
     trainer.train()
     state = model.slimkit.prune

@@ -71,6 +71,24 @@ def hf_model(kind: str) -> nn.Module:
     raise KeyError(kind)
 
 
+def training_args(folder: Path, **overrides: Any):
+    """TrainingArguments for the tiny Trainer runs: CPU, no reports, no checkpoints unless asked."""
+    import transformers
+
+    settings = dict(
+        output_dir=str(folder),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return transformers.TrainingArguments(**{**settings, **overrides})
+
+
 def token_batch(n: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 100, (n, length), generator=g)

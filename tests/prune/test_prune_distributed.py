@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from prune_helpers import hf_model
+from prune_helpers import hf_model, training_args
 from slimkit.plugins.hf import slim_callbacks
 
 HERE = Path(__file__).parent
@@ -35,18 +35,7 @@ def _train(folder: Path, resume: Path | None = None):
             "labels": [i % 3 for i in range(40)],
         }
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(folder),
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        save_strategy="steps",
-        save_steps=3,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
+    args = training_args(folder, max_steps=8, save_strategy="steps", save_steps=3, logging_steps=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return model, trainer

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from prune_helpers import CASES, hf_model, logits, masked_tensors_are_zero, train_steps
+from prune_helpers import CASES, hf_model, logits, masked_tensors_are_zero, train_steps, training_args
 from slimkit.plugins.hf import PruningCallback, slim_callbacks
 
 import slimkit
@@ -29,18 +29,8 @@ def _dataset(kind: str, n: int = 24) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
-def _train(model, kind, callbacks, folder, steps=6):
-    args = transformers.TrainingArguments(
-        output_dir=str(folder),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
+def _train(model, kind, callbacks, folder):
+    args = training_args(folder)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(kind), callbacks=callbacks)
     trainer.train()
     return trainer
