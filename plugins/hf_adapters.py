@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import sys
 import tempfile
@@ -26,8 +28,9 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
 
-from slimkit.adapters import ModelAdapter, Task, register_adapter
+from slimkit.adapters import HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
 
@@ -105,6 +108,33 @@ def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
         if module is target:
             return name
     return None
+
+
+# Head pruning: the projection names transformers' attention modules use.
+_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+_FUSED_QKV = "c_attn"  # GPT-2 family: one Conv1D producing [q; k; v]
+_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "o", "dense")
+# MLP hidden layers per family, and the config fields that size them.
+_FFN_LAYERS = ("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc")
+_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+
+
+def _width(module: nn.Module | None, side: str) -> int | None:
+    """Output / input features of a Linear or a Conv1D (stored [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1 if side == "out" else 0]
+    if isinstance(module, nn.Linear):
+        return module.out_features if side == "out" else module.in_features
+    return None
+
+
+def _tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        k: tuple(v.shape)
+        for named in (model.named_parameters(), model.named_buffers())
+        for k, v in named
+        if not k.startswith("slimkit.")
+    }
 
 
 @register_adapter
@@ -188,6 +218,146 @@ class HFAdapter(ModelAdapter):
                     delattr(m, attr)
         if original is not None:
             model.set_attn_implementation(original)
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def prune_exclusions(self, model: nn.Module) -> list[str]:
+        """Classifier heads, the input embedding and the pooler: the pooler's width cannot be
+        expressed in the config, and keeping it lets a uniformly pruned model load natively."""
+        poolers = [n for n, _ in user_named_modules(model) if n.rsplit(".", 1)[-1] == "pooler"]
+        return [*super().prune_exclusions(model), *poolers]
+
+    def _output_projection(self, model: nn.Module, name: str, attn: nn.Module, width: int) -> str | None:
+        for child in _OUT_NAMES:
+            if _width(getattr(attn, child, None), "in") == width:
+                return f"{name}.{child}"
+        parent = name.rpartition(".")[0]  # BERT-style: attention.self + attention.output.dense
+        dense = getattr(getattr(get_module(model, parent), "output", None), "dense", None) if parent else None
+        return f"{parent}.output.dense" if _width(dense, "in") == width else None
+
+    def _layout(self, model: nn.Module, name: str, attn: nn.Module) -> HeadLayout:
+        head_dim = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+        problem = None
+        if isinstance(getattr(attn, _FUSED_QKV, None), Conv1D):
+            fused = f"{name}.{_FUSED_QKV}"
+            width = getattr(attn, "split_size", 0)
+            query, key_value = [(fused, 0)], [(fused, width), (fused, 2 * width)]
+            kv_width = width
+            if _width(attn.c_attn, "out") != 3 * width:
+                problem = "its fused c_attn is not [q; k; v]"
+        else:
+            names = next((n for n in _QKV_NAMES if all(hasattr(attn, c) for c in n)), None)
+            if names is None:
+                raise UnsupportedModelError(f"{name}: no q/k/v projections slimkit recognises")
+            q, k, v = (getattr(attn, c) for c in names)
+            width, kv_width = _width(q, "out"), _width(k, "out")
+            query = [(f"{name}.{names[0]}", 0)]
+            key_value = [(f"{name}.{names[1]}", 0), (f"{name}.{names[2]}", 0)]
+            if width is None or kv_width is None or kv_width != _width(v, "out"):
+                problem = "its q / k / v projections are not linear layers of matching widths"
+        output = self._output_projection(model, name, attn, width or 0)
+        if not head_dim or not width or width % head_dim or (kv_width or 0) % head_dim:
+            problem = problem or f"its widths are not multiples of head_dim={head_dim}"
+            head_dim = head_dim or 1
+        elif output is None:
+            problem = "slimkit finds no output projection over its heads"
+        own = [n for n, _ in attn.named_parameters(recurse=False)]
+        if own:
+            problem = problem or f"it has per-head parameters ({', '.join(own)}) slimkit does not slice"
+        for child_name, child in attn.named_children():
+            shape = getattr(child, "normalized_shape", None) or getattr(
+                getattr(child, "weight", None), "shape", None
+            )
+            last = tuple(shape)[-1] if shape else None
+            if "norm" in child_name.lower() and last != head_dim and last in (width, kv_width):
+                problem = problem or f"{child_name} normalises over all heads"
+        return HeadLayout(
+            name=name,
+            num_heads=(width or 0) // head_dim,
+            num_kv_heads=(kv_width or 0) // head_dim,
+            head_dim=head_dim,
+            query=query,
+            key_value=key_value,
+            output=[(output, 0)] if output else [],
+            unsupported=problem,
+        )
+
+    def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
+        """Self-attention modules the model declares (``_can_record_outputs``), with separate
+        q/k/v projections (BERT, ViT, Llama/Mistral grouped-query attention) or GPT-2's fused
+        Conv1D ``c_attn``, and the output projection over the heads (``o_proj``, ``c_proj`` or
+        BERT's ``attention.output.dense``)."""
+        classes = _attention_classes(model)
+        return [
+            self._layout(model, name, m)
+            for name, m in user_named_modules(model)
+            if classes and isinstance(m, classes) and not getattr(m, "is_cross_attention", False)
+        ]
+
+    def set_attention_heads(
+        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
+    ) -> None:
+        attn = get_module(model, layout.name)
+        for attr, value in (
+            ("num_attention_heads", num_heads),
+            ("num_heads", num_heads),
+            ("num_key_value_heads", num_kv_heads),
+            ("all_head_size", num_heads * layout.head_dim),
+            ("split_size", num_heads * layout.head_dim),
+        ):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, value)
+
+    def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
+        return {Conv1D: ("nf", "nx")}
+
+    def trace_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+        return {"use_cache": False} if accepts_cache else {}
+
+    def after_pruning(self, model: nn.Module) -> dict[str, Any]:
+        """Rewrite the config fields that size what was pruned uniformly (MLP width in every
+        layer; heads, key/value heads and head_dim where the family reads ``head_dim``), but only
+        when a model built from the rewritten config has exactly the pruned model's shapes, so
+        that plain ``AutoModel...from_pretrained`` loads it. Otherwise the config keeps what it
+        can express truthfully and the saved manifest carries the rest."""
+        config = model.config
+        ffn = {}
+        widths = {
+            _width(m, "out") for n, m in user_named_modules(model) if any(n.endswith(s) for s in _FFN_LAYERS)
+        }
+        field = next((f for f in _FFN_FIELDS if hasattr(config, f)), None)
+        if len(widths) == 1 and None not in widths and field is not None:
+            width = widths.pop()
+            if getattr(config, field) != width:
+                ffn[field] = width
+        heads = {}
+        layouts = [lay for lay in self.attention_heads(model) if lay.unsupported is None]
+        counts = {(lay.num_heads, lay.num_kv_heads, lay.head_dim) for lay in layouts}
+        if len(counts) == 1:
+            num_heads, num_kv, head_dim = counts.pop()
+            kv_field = getattr(config, "num_key_value_heads", num_kv)
+            if (num_heads, num_kv) != (getattr(config, "num_attention_heads", None), kv_field):
+                heads = {"num_attention_heads": num_heads, "head_dim": head_dim}
+                if hasattr(config, "num_key_value_heads"):
+                    heads["num_key_value_heads"] = num_kv
+        changed = {**ffn, **heads}
+        if not changed or not self._builds_same(model, changed):
+            return {}
+        for k, v in changed.items():
+            setattr(config, k, v)
+        return changed
+
+    def _builds_same(self, model: nn.Module, fields: dict[str, Any]) -> bool:
+        """Whether the model class built from the config with ``fields`` has the model's shapes."""
+        config = copy.deepcopy(model.config)
+        for k, v in fields.items():
+            setattr(config, k, v)
+        try:
+            with torch.device("meta"):
+                fresh = type(model)._from_config(config)
+        except Exception:  # a config the family rejects cannot be the native one
+            return False
+        return _tensor_shapes(fresh) == _tensor_shapes(model)
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> dict[str, torch.Tensor]:
         config = model.config

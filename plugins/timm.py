@@ -22,7 +22,7 @@ from timm.models import _hub as timm_hub
 from timm.models import _input as timm_input
 from torch import nn
 
-from slimkit.adapters import ModelAdapter, register_adapter
+from slimkit.adapters import HeadLayout, ModelAdapter, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
 
@@ -72,6 +72,71 @@ class TimmAdapter(ModelAdapter):
             store[name] = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
 
         return [attn.qkv.register_forward_hook(hook)]
+
+    # -- head pruning ----------------------------------------------------------------------------
+    def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
+        """timm ``Attention``: one fused qkv Linear ([q; k; v], head-major), an optional per-head
+        sigmoid ``gate`` Linear, and ``proj``, whose inputs are the heads side by side."""
+        layouts = []
+        for name, attn in user_named_modules(model):
+            if not is_timm_attention(attn):
+                continue
+            heads, head_dim = attn.num_heads, getattr(attn, "head_dim", None)
+            width = heads * head_dim if head_dim else None
+            proj = getattr(attn, "proj", None)
+            problem = None
+            if width is None or attn.qkv.out_features != 3 * width:
+                problem = "its qkv projection is not [q; k; v] of num_heads * head_dim each"
+            elif not isinstance(proj, nn.Linear) or proj.in_features != width:
+                problem = "it has no output projection 'proj' over the heads"
+            elif not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+                problem = "a norm over all heads (scale_norm) sees every head"
+            elif any(True for _ in attn.named_parameters(recurse=False)):
+                own = [n for n, _ in attn.named_parameters(recurse=False)]
+                problem = f"it has per-head parameters ({', '.join(own)}) slimkit does not slice"
+            gate = getattr(attn, "gate", None)
+            query = [(f"{name}.qkv", 0)] + ([(f"{name}.gate", 0)] if isinstance(gate, nn.Linear) else [])
+            layouts.append(
+                HeadLayout(
+                    name=name,
+                    num_heads=heads,
+                    num_kv_heads=heads,
+                    head_dim=head_dim or 0,
+                    query=query,
+                    key_value=[(f"{name}.qkv", width or 0), (f"{name}.qkv", 2 * (width or 0))],
+                    output=[(f"{name}.proj", 0)],
+                    unsupported=problem,
+                )
+            )
+        return layouts
+
+    def set_attention_heads(
+        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
+    ) -> None:
+        attn = get_module(model, layout.name)
+        attn.num_heads = num_heads
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = num_heads * layout.head_dim
+
+    def after_pruning(self, model: nn.Module) -> dict[str, Any]:
+        """Refresh ``num_features`` / ``head_hidden_size`` (what reset_classifier and feature
+        users read) from a forward pass; timm configs cannot express pruned widths, so the
+        saved manifest carries them."""
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                features = model.forward_features(self.example_inputs(model, batch_size=1))
+                pre_logits = model.forward_head(features, pre_logits=True)
+        finally:
+            model.train(was_training)
+        if hasattr(model, "num_features"):
+            model.num_features = features.shape[1] if features.dim() == 4 else features.shape[-1]
+        if hasattr(model, "head_hidden_size"):
+            model.head_hidden_size = pre_logits.shape[-1]
+        return {}
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> torch.Tensor:
         config = timm_input.get_model_input_config(model)

@@ -155,10 +155,20 @@ class PruneConfig(Config):
     exclude: list[str] = help_field([], "module names or fnmatch patterns never pruned (classifier and stem are)")
     sparsity: float = help_field(0.0, "unstructured magnitude sparsity of weights (masks only)")
     nm: str | None = help_field(None, "semi-structured N:M mask such as '2:4' (masks only)")
+    verify: bool = help_field(
+        True, "at prepare, check on a copy of the model that masking equals removal (costs one copy)"
+    )
 
     def validate(self, path: str) -> None:
         for name in ("channels", "heads", "sparsity"):
             _ratio(self, path, name)
+        if self.importance == "taylor" and self.structured and self.schedule.last_step == 0:
+            self.fail(
+                path,
+                "importance",
+                "'taylor' ranks units by gradients seen during training, but the schedule prunes "
+                "everything at step 0; set prune.schedule.start_step to at least 1",
+            )
         if not 0.0 < self.max_layer_ratio < 1.0:
             self.fail(path, "max_layer_ratio", f"must be in (0, 1), got {self.max_layer_ratio}")
         if self.round_to is not None and self.round_to < 1:

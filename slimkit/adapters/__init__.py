@@ -11,7 +11,7 @@ import importlib
 
 from torch import nn
 
-from .base import ModelAdapter, Task, TorchAdapter, call_model, get_logits, get_loss
+from .base import HeadLayout, ModelAdapter, Task, TorchAdapter, call_model, get_logits, get_loss
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -58,6 +58,7 @@ def adapter_for_library(library: str) -> ModelAdapter:
 
 
 __all__ = [
+    "HeadLayout",
     "ModelAdapter",
     "Task",
     "TorchAdapter",

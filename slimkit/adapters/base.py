@@ -6,6 +6,7 @@ the core only knows this interface and the fallback for plain ``nn.Module``s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -14,6 +15,27 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 Task = Literal["classification", "token_classification", "causal_lm", "embedding"]
+
+
+@dataclass
+class HeadLayout:
+    """Where the heads of one attention module live, for head pruning.
+
+    Every projection is named with the feature offset at which its head-ordered block starts:
+    head ``h`` occupies features ``offset + h * head_dim ... + head_dim`` of the module's outputs
+    (``query`` and ``key_value``) or inputs (``output``). With grouped-query attention,
+    ``num_kv_heads < num_heads`` and query head ``h`` reads key/value head
+    ``h // (num_heads // num_kv_heads)``; a key/value head and its query heads are pruned together.
+    """
+
+    name: str  # the attention module
+    num_heads: int  # query heads
+    num_kv_heads: int  # key / value heads (== num_heads without grouped-query attention)
+    head_dim: int
+    query: list[tuple[str, int]]  # projections whose outputs hold the query heads (and per-head gates)
+    key_value: list[tuple[str, int]]  # projections whose outputs hold the key and value heads
+    output: list[tuple[str, int]]  # projections whose inputs hold the per-head attention outputs
+    unsupported: str | None = None  # why heads cannot be removed exactly here (None: they can)
 
 
 class ModelAdapter:
@@ -45,6 +67,46 @@ class ModelAdapter:
     def attention_modules(self, model: nn.Module) -> list[str]:
         """Names of attention modules whose probabilities / heads slimkit can reach."""
         return []
+
+    def prune_exclusions(self, model: nn.Module) -> list[str]:
+        """Modules whose outputs pruning leaves alone by default: the classifier and the stem."""
+        return [*self.classifier_names(model), *self.stem_names(model)]
+
+    def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
+        """Where the heads of every attention module live (empty: none that slimkit knows).
+
+        A module whose heads cannot be removed exactly (a norm over all heads, per-head
+        parameters, ...) is listed with ``unsupported`` set to the reason: its projections are
+        still kept out of channel pruning, and pruning its heads raises an error naming it.
+        """
+        return []
+
+    def set_attention_heads(
+        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
+    ) -> None:
+        """Update the attention module's attributes after its heads were sliced to ``num_heads``."""
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no adapter knows how to update attention module {layout.name!r} "
+            "after head pruning"
+        )
+
+    def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
+        """Linear-like module classes whose weight is stored [in, out] (HF GPT-2's ``Conv1D``),
+        with the names of their output- and input-size attributes."""
+        return {}
+
+    def trace_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """Keyword arguments added to dict example inputs when a model is traced (e.g. turning a
+        key/value cache off, whose concatenations are not part of the model's structure)."""
+        return {}
+
+    def after_pruning(self, model: nn.Module) -> dict[str, Any]:
+        """Bring model-level attributes and config fields in line with the pruned widths.
+
+        Returns the native config fields it rewrote (so that the base library alone can load a
+        uniformly pruned model); an empty dict when none can express the new widths.
+        """
+        return {}
 
     def capture_attention(self, model: nn.Module, name: str, store: dict[str, torch.Tensor]) -> list[Any]:
         """Arrange for ``store[name]`` to receive the attention probabilities [B, H, Q, K] of

@@ -1,1 +1,33 @@
-"""Structured and unstructured pruning (built in the pruning issue)."""
+"""Structured pruning (channels, MLP neurons, attention heads) and unstructured / N:M masks.
+
+    recipe = slimkit.Recipe.from_dict({"prune": {"channels": 0.5, "heads": 0.25,
+                                                 "schedule": {"kind": "cubic", "end_step": 1000}}})
+    model = slimkit.prepare(model, recipe)     # masks: shapes unchanged while training
+    ...                                        # train; slimkit.step(model) after optimizer.step()
+    small = slimkit.convert(model)             # units physically removed from every coupled layer
+
+This package imports torch only; Torch-Pruning's dependency graph is imported when a model
+is prepared for channel pruning. Importing it registers the ``pruning`` block of saved folders.
+"""
+
+from __future__ import annotations
+
+from ..hub import register_block
+from . import manifest
+from .metrics import count_macs, count_parameters
+from .pruner import Pruner
+from .schedule import pruning_points, target_at, target_at_point
+from .units import Member, UnitGroup
+
+register_block("pruning", manifest.describe, manifest.rebuild)
+
+__all__ = [
+    "Member",
+    "Pruner",
+    "UnitGroup",
+    "count_macs",
+    "count_parameters",
+    "pruning_points",
+    "target_at",
+    "target_at_point",
+]

@@ -1,0 +1,146 @@
+"""The ``pruning`` block of a saved folder: a manifest of final shapes, and the rebuild from it.
+
+``convert`` compares the model before and after physical pruning and records every tensor
+whose shape changed (its final shape) and every size attribute of a module that changed
+(``out_features``, ``groups``, ``num_heads``, ``all_head_size``, timm's ``num_features``, ...).
+``from_pretrained`` builds the base architecture from ``config.json``, then replays the
+manifest: each listed tensor is replaced by an empty one of the recorded shape and each
+attribute is set, before the compact weights are loaded with strict shape checks. Like timm's
+pruned models, the structure comes from a manifest of shapes, never from pickled objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ..modules import SLIMKIT_ATTR
+
+MANIFEST_ATTR = "_slimkit_pruning"  # the manifest of a pruned (or loaded pruned) model
+MANIFEST_FORMAT = 1
+
+
+def _is_size(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
+def _attributes(module: nn.Module) -> dict[str, Any]:
+    return {
+        k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _is_size(v)
+    }
+
+
+def _own(name: str) -> bool:
+    return not (name == SLIMKIT_ATTR or name.startswith(SLIMKIT_ATTR + "."))
+
+
+def snapshot(model: nn.Module) -> dict[str, dict]:
+    """Shapes of every tensor and size attributes of every module, before pruning."""
+    tensors = {
+        name: tuple(t.shape)
+        for named in (
+            model.named_parameters(remove_duplicate=False),
+            model.named_buffers(remove_duplicate=False),
+        )
+        for name, t in named
+        if _own(name)
+    }
+    attributes = {
+        name: _attributes(m) for name, m in model.named_modules(remove_duplicate=False) if _own(name)
+    }
+    return {"tensors": tensors, "attributes": attributes}
+
+
+def changes(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """What pruning changed: final tensor shapes and attribute values."""
+    tensors = {k: list(v) for k, v in after["tensors"].items() if before["tensors"].get(k) != v}
+    attributes = {}
+    for module, attrs in after["attributes"].items():
+        old = before["attributes"].get(module, {})
+        changed = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items() if old.get(k) != v}
+        if changed:
+            attributes[module] = changed
+    return {"tensors": tensors, "attributes": attributes}
+
+
+def merge(previous: dict | None, new: dict) -> dict:
+    """A model pruned again after loading: later shapes override earlier ones."""
+    if not previous:
+        return new
+    out = {**previous, **{k: v for k, v in new.items() if k not in ("tensors", "attributes", "config")}}
+    out["tensors"] = {**previous.get("tensors", {}), **new.get("tensors", {})}
+    attributes = {k: dict(v) for k, v in previous.get("attributes", {}).items()}
+    for module, attrs in new.get("attributes", {}).items():
+        attributes.setdefault(module, {}).update(attrs)
+    out["attributes"] = attributes
+    out["config"] = {**previous.get("config", {}), **new.get("config", {})}
+    return out
+
+
+def describe(model: nn.Module) -> dict | None:
+    """The hub block for a pruned model (None when it was never pruned)."""
+    manifest = model.__dict__.get(MANIFEST_ATTR)
+    return dict(manifest) if manifest else None
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, attr = name.rpartition(".")
+    return module, attr
+
+
+def rebuild(model: nn.Module, block: dict) -> nn.Module:
+    """Give a freshly built base model the pruned structure recorded in ``block``."""
+    if not isinstance(block, dict) or block.get("format", MANIFEST_FORMAT) > MANIFEST_FORMAT:
+        raise FormatError(
+            "config.json: the slimkit 'pruning' block was written by a newer slimkit; upgrade slimkit"
+        )
+    replaced: dict[int, torch.Tensor] = {}
+    for name, shape in block.get("tensors", {}).items():
+        module_name, attr = _split(name)
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            module = None
+        old = getattr(module, attr, None) if module is not None else None
+        if not isinstance(old, torch.Tensor):
+            raise FormatError(
+                f"config.json: the pruning manifest lists tensor {name!r}, which {type(model).__name__} "
+                "does not have; the folder was written for another architecture"
+            )
+        if tuple(old.shape) == tuple(shape):
+            continue
+        new = replaced.get(id(old))
+        if new is None:
+            empty = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
+            new = (
+                nn.Parameter(empty, requires_grad=old.requires_grad)
+                if isinstance(old, nn.Parameter)
+                else empty
+            )
+            replaced[id(old)] = new
+        if attr in module._parameters:
+            module._parameters[attr] = new
+        else:
+            module._buffers[attr] = new
+    for module_name, attrs in block.get("attributes", {}).items():
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            raise FormatError(
+                f"config.json: the pruning manifest names module {module_name!r}, which "
+                f"{type(model).__name__} does not have"
+            ) from None
+        for attr, value in attrs.items():
+            current = getattr(module, attr, None)
+            setattr(module, attr, tuple(value) if isinstance(current, tuple) else value)
+    model.__dict__[MANIFEST_ATTR] = dict(block)
+    return model

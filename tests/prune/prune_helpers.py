@@ -1,0 +1,308 @@
+"""Tiny models of every supported family and the one shared flow the pruning matrix runs
+(peft style): prepare -> train a step -> masked forward == converted forward -> params and
+MACs fall -> save -> load -> same outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import slimkit
+from slimkit.prune import count_macs, count_parameters
+
+IMAGE = (2, 3, 32, 32)
+
+
+class ConvNet(nn.Module):
+    """stem -> conv1 -> conv2 (optionally grouped) -> [flatten | pool] -> fc."""
+
+    def __init__(self, widths=(24, 40), groups=1, flatten=False):
+        super().__init__()
+        w1, w2 = widths
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, w1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.flatten = flatten
+        self.fc = nn.Linear(w2 * 16 if flatten else w2, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.fc(x.flatten(1) if self.flatten else x.mean((2, 3)))
+
+
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def hf_model(kind: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, intermediate_size=64)
+    if kind == "bert":
+        config = T.BertConfig(hidden_size=32, num_attention_heads=4, vocab_size=100, num_labels=3, **common)
+        return T.BertForSequenceClassification(config)
+    if kind == "vit":
+        config = T.ViTConfig(
+            hidden_size=32, num_attention_heads=4, image_size=16, patch_size=4, num_labels=3, **common
+        )
+        return T.ViTForImageClassification(config)
+    if kind == "gpt2":
+        config = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
+        return T.GPT2LMHeadModel(config)
+    if kind == "llama":
+        config = T.LlamaConfig(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **common
+        )
+        return T.LlamaForCausalLM(config)
+    raise KeyError(kind)
+
+
+def training_args(folder: Path, **overrides: Any):
+    """TrainingArguments for the tiny Trainer runs: CPU, no reports, no checkpoints unless asked."""
+    import transformers
+
+    settings = dict(
+        output_dir=str(folder),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return transformers.TrainingArguments(**{**settings, **overrides})
+
+
+def token_batch(n: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@dataclasses.dataclass
+class Case:
+    """One model of the matrix: how to build it, feed it, and what pruning must leave."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], Any]
+    prune: dict[str, Any]
+    expect: Callable[[nn.Module], None]  # asserts on the converted model's structure
+    min_macs_ratio: float
+    task: str = "classification"  # or "causal_lm"
+    native_load: bool = False  # a plain transformers from_pretrained loads the pruned folder
+
+
+def _expect_resnet(m: nn.Module) -> None:
+    assert m.layer1[0].conv1.out_channels == 32 and m.layer1[0].bn1.num_features == 32
+    assert m.layer1[0].conv2.out_channels == 64  # the stem's residual group is excluded (stem)
+    assert m.layer4[1].conv2.out_channels == 256 and m.layer4[0].downsample[0].out_channels == 256
+    assert m.fc.in_features == 256 and m.num_features == 256
+
+
+def _expect_mobilenet(m: nn.Module) -> None:
+    depthwise = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.groups > 1]
+    assert depthwise and all(c.groups == c.in_channels == c.out_channels for c in depthwise)
+    block = m.blocks[2][0]  # inverted residual: expand -> depthwise -> squeeze-excite -> project
+    se = block.se
+    assert se.conv_reduce.in_channels == se.conv_expand.out_channels == block.conv_dw.out_channels
+    assert block.conv_pw.out_channels == block.conv_dw.out_channels == block.conv_pwl.in_channels
+    assert m.conv_head.out_channels == m.classifier.in_features == 512  # the head's hidden layer halves
+
+
+def _expect_convnext(m: nn.Module) -> None:
+    block = m.stages[0].blocks[0]  # convnext_atto's MLP is two 1x1 convs (conv_mlp)
+    assert block.mlp.fc1.out_channels == block.mlp.fc2.in_channels == 32
+    assert block.conv_dw.out_channels == 16  # the LayerNorm'd residual stream stays whole
+
+
+def _expect_timm_vit(m: nn.Module) -> None:
+    attn = m.blocks[0].attn
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 16 and attn.proj.in_features == 32
+    assert m.blocks[0].mlp.fc1.out_features == 128
+
+
+def _expect_bert(m: nn.Module) -> None:
+    attn = m.bert.encoder.layer[0].attention
+    assert attn.self.num_attention_heads == 2 and attn.self.query.out_features == 16
+    assert attn.output.dense.in_features == 16
+    assert m.bert.encoder.layer[1].intermediate.dense.out_features == 32
+
+
+def _expect_hf_vit(m: nn.Module) -> None:
+    attn = m.vit.layers[0].attention
+    assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
+    assert m.config.num_attention_heads == 2 and m.config.head_dim == 8 and m.config.intermediate_size == 32
+
+
+def _expect_gpt2(m: nn.Module) -> None:
+    attn = m.transformer.h[0].attn
+    assert attn.num_heads == 2 and attn.split_size == 16 and attn.c_attn.weight.shape == (32, 48)
+    assert m.transformer.h[0].mlp.c_fc.nf == 64 and m.transformer.h[0].mlp.c_proj.weight.shape == (64, 32)
+
+
+def _expect_llama(m: nn.Module) -> None:
+    attn = m.model.layers[0].self_attn
+    # 2 key/value groups of 2 query heads; one group goes with both of its query heads
+    assert attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8 and attn.o_proj.in_features == 16
+    assert m.config.num_attention_heads == 2 and m.config.num_key_value_heads == 1
+    assert m.model.layers[1].mlp.gate_proj.out_features == m.model.layers[1].mlp.up_proj.out_features == 32
+
+
+CHANNELS = {"channels": 0.5}
+BOTH = {"channels": 0.5, "heads": 0.5}
+
+CASES = {
+    c.name: c
+    for c in [
+        Case(
+            "timm_resnet18",
+            lambda: timm_model("resnet18"),
+            lambda: torch.randn(IMAGE),
+            CHANNELS,
+            _expect_resnet,
+            2.0,
+        ),
+        Case(
+            "timm_mobilenetv3",
+            lambda: timm_model("mobilenetv3_small_050"),
+            lambda: torch.randn(IMAGE),
+            CHANNELS,
+            _expect_mobilenet,
+            2.0,
+        ),
+        Case(
+            "timm_convnext",
+            lambda: timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+            lambda: torch.randn(IMAGE),
+            CHANNELS,
+            _expect_convnext,
+            1.5,
+        ),
+        Case(
+            "timm_vit",
+            lambda: timm_model(
+                "vit_tiny_patch16_224", embed_dim=64, num_heads=4, depth=2, img_size=32, patch_size=8
+            ),
+            lambda: torch.randn(IMAGE),
+            BOTH,
+            _expect_timm_vit,
+            1.5,
+        ),
+        Case("hf_bert", lambda: hf_model("bert"), token_batch, BOTH, _expect_bert, 1.5),
+        Case(
+            "hf_vit",
+            lambda: hf_model("vit"),
+            lambda: {"pixel_values": torch.randn(2, 3, 16, 16)},
+            BOTH,
+            _expect_hf_vit,
+            1.5,
+            native_load=True,
+        ),
+        Case("hf_gpt2", lambda: hf_model("gpt2"), token_batch, BOTH, _expect_gpt2, 1.4, task="causal_lm"),
+        Case(
+            "hf_llama_gqa",
+            lambda: hf_model("llama"),
+            token_batch,
+            BOTH,
+            _expect_llama,
+            1.4,
+            task="causal_lm",
+            native_load=True,
+        ),
+    ]
+}
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = call(model, inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def loss_of(model: nn.Module, inputs: Any, task: str) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        labels = inputs["input_ids"] if task == "causal_lm" else torch.tensor([0, 1])
+        return call(model, {**inputs, "labels": labels}).loss
+    return nn.functional.cross_entropy(call(model, inputs), torch.tensor([0, 1]))
+
+
+def train_steps(model: nn.Module, inputs: Any, task: str, steps: int = 1, lr: float = 1e-2) -> None:
+    """Plain-loop training: the optimizer moves every weight, slimkit.step re-applies masks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        loss_of(model, inputs, task).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        slimkit.step(model)
+
+
+def masked_tensors_are_zero(model: nn.Module) -> bool:
+    """Every weight / bias slice the pruner masks is exactly zero."""
+    plan = model._slimkit.methods["prune"]._plan  # built by the last slimkit.step
+    assert plan, "the pruner masks nothing"
+    return all(float((t.detach() * (keep == 0)).abs().max()) == 0.0 for t, keep in plan)
+
+
+def run_case(case: Case, folder: Path) -> dict[str, Any]:
+    """The matrix flow (vary a case with ``dataclasses.replace``); returns what it measured."""
+    model = case.build()
+    inputs = case.inputs()
+    params_before, macs_before = count_parameters(model), count_macs(model, inputs)
+    slimkit.prepare(model, {"prune": case.prune}, example_inputs=inputs)
+    pruner = model._slimkit.methods["prune"]
+    assert count_parameters(model) == params_before  # masks only while training
+
+    train_steps(model, inputs, case.task)
+    assert masked_tensors_are_zero(model), "a masked weight moved during the optimizer step"
+    logged = slimkit.log_values(model)
+    masked = logits(model, inputs)
+
+    cls = type(model)
+    small = slimkit.convert(model)
+    assert type(small) is cls and "slimkit" not in dict(small.named_children())
+    converted = logits(small, inputs)
+    torch.testing.assert_close(converted, masked, rtol=1e-5, atol=1e-5)
+    case.expect(small)
+
+    params_after, macs_after = count_parameters(small), count_macs(small, inputs)
+    assert params_after < params_before
+    assert macs_before / macs_after >= case.min_macs_ratio, (macs_before, macs_after)
+
+    slimkit.save_pretrained(small, folder)
+    again = slimkit.from_pretrained(folder)
+    assert type(again) is cls
+    torch.testing.assert_close(logits(again, inputs), converted, rtol=0, atol=1e-6)
+    assert count_parameters(again) == params_after
+    return {
+        "model": small,
+        "again": again,
+        "inputs": inputs,
+        "logged": logged,
+        "pruner": pruner,
+        "params": (params_before, params_after),
+        "macs": (macs_before, macs_after),
+    }
