@@ -69,9 +69,7 @@ class DigitsCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-            )
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.stem = block(1, 32)
         self.layer1 = block(32, 64)
@@ -277,11 +275,7 @@ def minilm_experiment(args) -> dict:
 
     def batches(texts: list[str], size: int) -> list[dict]:
         return [
-            dict(
-                tokenizer(
-                    texts[i : i + size], padding=True, truncation=True, max_length=64, return_tensors="pt"
-                )
-            )
+            dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=64, return_tensors="pt"))
             for i in range(0, len(texts), size)
         ]
 
@@ -289,9 +283,7 @@ def minilm_experiment(args) -> dict:
     train_texts = sentences(_RECOVERY)
     eval_batches, train_batches = batches(eval_texts, 64), batches(train_texts, 32)
     reference = embeddings(dense, eval_batches)
-    timing = dict(
-        tokenizer(eval_texts[:32], padding="max_length", max_length=48, truncation=True, return_tensors="pt")
-    )
+    timing = dict(tokenizer(eval_texts[:32], padding="max_length", max_length=48, truncation=True, return_tensors="pt"))
     out = {"eval_sentences": len(eval_texts), "recovery_sentences": len(train_texts), "ratios": {}}
     print(f"MiniLM: {len(eval_texts)} held-out sentences, {len(train_texts)} recovery sentences")
     steps = args.minilm_steps
@@ -374,9 +366,7 @@ def plot(report: dict, path: Path) -> None:
         b.plot(xs, [r[key] for r in minilm["ratios"].values()], marker=marker, label=name)
     b.scatter([1.0], [1.0], color="black", label="dense", zorder=3)
     for x, r, k in zip(xs, minilm["ratios"].values(), minilm["ratios"]):
-        b.annotate(
-            f"{int(float(k) * 100)}%", (x, r["cosine_kd_recovery"]), textcoords="offset points", xytext=(4, 4)
-        )
+        b.annotate(f"{int(float(k) * 100)}%", (x, r["cosine_kd_recovery"]), textcoords="offset points", xytext=(4, 4))
     b.set(
         xlabel="measured CPU speed-up (batch 32 x 48 tokens)",
         ylabel="cosine to the unpruned embeddings",
@@ -388,17 +378,13 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cnn-steps", type=int, default=800)
     parser.add_argument("--recovery-steps", type=int, default=300)
     parser.add_argument("--minilm-steps", type=int, default=240)
     parser.add_argument("--eval-sentences", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke run with few steps (numbers not meaningful)"
-    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run with few steps (numbers not meaningful)")
     parser.add_argument("--output", type=Path, default=RESULTS / "prune_accuracy.json")
     args = parser.parse_args()
     if args.quick:

@@ -189,9 +189,7 @@ def measure_model(name: str, heads: bool, ratios: list[float], args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds-b1", type=int, default=30)
     parser.add_argument("--rounds-b32", type=int, default=5)
     parser.add_argument("--train-rounds", type=int, default=8)
@@ -212,9 +210,7 @@ def main() -> None:
         },
         "torch": torch.__version__,
         "resnet50": measure_model("resnet50", heads=False, ratios=[0.3, 0.5], args=args),
-        "vit_small_patch16_224": measure_model(
-            "vit_small_patch16_224", heads=True, ratios=[0.5, 0.8], args=args
-        ),
+        "vit_small_patch16_224": measure_model("vit_small_patch16_224", heads=True, ratios=[0.5, 0.8], args=args),
         "training_step_s": {},
     }
     for name in ("resnet50", "vit_small_patch16_224"):

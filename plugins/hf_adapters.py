@@ -264,9 +264,7 @@ class HFAdapter(ModelAdapter):
         if own:
             problem = problem or f"it has per-head parameters ({', '.join(own)}) slimkit does not slice"
         for child_name, child in attn.named_children():
-            shape = getattr(child, "normalized_shape", None) or getattr(
-                getattr(child, "weight", None), "shape", None
-            )
+            shape = getattr(child, "normalized_shape", None) or getattr(getattr(child, "weight", None), "shape", None)
             last = tuple(shape)[-1] if shape else None
             if "norm" in child_name.lower() and last != head_dim and last in (width, kv_width):
                 problem = problem or f"{child_name} normalises over all heads"
@@ -293,9 +291,7 @@ class HFAdapter(ModelAdapter):
             if classes and isinstance(m, classes) and not getattr(m, "is_cross_attention", False)
         ]
 
-    def set_attention_heads(
-        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
-    ) -> None:
+    def set_attention_heads(self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int) -> None:
         attn = get_module(model, layout.name)
         for attr, value in (
             ("num_attention_heads", num_heads),
@@ -322,9 +318,7 @@ class HFAdapter(ModelAdapter):
         can express truthfully and the saved manifest carries the rest."""
         config = model.config
         ffn = {}
-        widths = {
-            _width(m, "out") for n, m in user_named_modules(model) if any(n.endswith(s) for s in _FFN_LAYERS)
-        }
+        widths = {_width(m, "out") for n, m in user_named_modules(model) if any(n.endswith(s) for s in _FFN_LAYERS)}
         field = next((f for f in _FFN_FIELDS if hasattr(config, f)), None)
         if len(widths) == 1 and None not in widths and field is not None:
             width = widths.pop()

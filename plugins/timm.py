@@ -110,9 +110,7 @@ class TimmAdapter(ModelAdapter):
             )
         return layouts
 
-    def set_attention_heads(
-        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
-    ) -> None:
+    def set_attention_heads(self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int) -> None:
         attn = get_module(model, layout.name)
         attn.num_heads = num_heads
         if hasattr(attn, "attn_dim"):

@@ -81,9 +81,7 @@ class ModelAdapter:
         """
         return []
 
-    def set_attention_heads(
-        self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int
-    ) -> None:
+    def set_attention_heads(self, model: nn.Module, layout: HeadLayout, num_heads: int, num_kv_heads: int) -> None:
         """Update the attention module's attributes after its heads were sliced to ``num_heads``."""
         raise UnsupportedModelError(
             f"{type(model).__name__}: no adapter knows how to update attention module {layout.name!r} "

@@ -103,9 +103,7 @@ def _skip_reason(module: Any, name: str, is_out: bool, tp, ctx: dict) -> str | N
     return None
 
 
-def _blocks(
-    members: list[Member], modules: dict[str, nn.Module], size: int
-) -> tuple[list | None, str | None]:
+def _blocks(members: list[Member], modules: dict[str, nn.Module], size: int) -> tuple[list | None, str | None]:
     """Grouped convs: the partition of units into conv groups (each must lose as many units)."""
     partition = None
     for member in members:
@@ -150,9 +148,7 @@ def channel_groups(
     # projection keeps the attention internals (rotary embeddings, key/value repetition, fused
     # kernels) out of the trace, where their index mappings make Torch-Pruning's group search
     # explode; the projections are then never channel roots.
-    cuts = [
-        _module(model, name).register_forward_pre_hook(_detach_inputs) for name in sorted(attention_outputs)
-    ]
+    cuts = [_module(model, name).register_forward_pre_hook(_detach_inputs) for name in sorted(attention_outputs)]
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -192,11 +188,7 @@ def channel_groups(
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             name = names.get(module) if isinstance(module, nn.Module) else None
             if name is None:
-                name = (
-                    graph._param_to_name.get(module, target.name)
-                    if isinstance(module, nn.Parameter)
-                    else None
-                )
+                name = graph._param_to_name.get(module, target.name) if isinstance(module, nn.Parameter) else None
             reason = reason or _skip_reason(module, name or target.name, is_out, tp, ctx)
             if type(module).__module__.startswith("torch_pruning"):
                 ops.append(target.name)

@@ -22,9 +22,7 @@ from ..modules import get_module
 from .units import UnitGroup, tensor_roles, unit_lookup
 
 
-def _per_position(
-    weight: torch.Tensor, dim: int, reduce: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def _per_position(weight: torch.Tensor, dim: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     dims = [d for d in range(weight.dim()) if d != dim]
     values = reduce(weight.detach().float())
     return values.sum(dim=dims) if dims else values
@@ -66,9 +64,7 @@ def bn_scale(model: nn.Module, group: UnitGroup, transposed: dict) -> torch.Tens
     return scores if found else magnitude(model, group, transposed, 2)
 
 
-def scores(
-    model: nn.Module, group: UnitGroup, kind: str, transposed: dict, taylor: torch.Tensor | None = None
-):
+def scores(model: nn.Module, group: UnitGroup, kind: str, transposed: dict, taylor: torch.Tensor | None = None):
     if kind == "taylor":
         return taylor.detach().double().cpu()
     if kind == "bn_scale":

@@ -28,15 +28,11 @@ def _is_size(value: Any) -> bool:
         return False
     if isinstance(value, (int, float)):
         return True
-    return isinstance(value, (tuple, list)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    )
+    return isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def _attributes(module: nn.Module) -> dict[str, Any]:
-    return {
-        k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _is_size(v)
-    }
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _is_size(v)}
 
 
 def _own(name: str) -> bool:
@@ -54,9 +50,7 @@ def snapshot(model: nn.Module) -> dict[str, dict]:
         for name, t in named
         if _own(name)
     }
-    attributes = {
-        name: _attributes(m) for name, m in model.named_modules(remove_duplicate=False) if _own(name)
-    }
+    attributes = {name: _attributes(m) for name, m in model.named_modules(remove_duplicate=False) if _own(name)}
     return {"tensors": tensors, "attributes": attributes}
 
 
@@ -100,9 +94,7 @@ def _split(name: str) -> tuple[str, str]:
 def rebuild(model: nn.Module, block: dict) -> nn.Module:
     """Give a freshly built base model the pruned structure recorded in ``block``."""
     if not isinstance(block, dict) or block.get("format", MANIFEST_FORMAT) > MANIFEST_FORMAT:
-        raise FormatError(
-            "config.json: the slimkit 'pruning' block was written by a newer slimkit; upgrade slimkit"
-        )
+        raise FormatError("config.json: the slimkit 'pruning' block was written by a newer slimkit; upgrade slimkit")
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in block.get("tensors", {}).items():
         module_name, attr = _split(name)
@@ -121,11 +113,7 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
         new = replaced.get(id(old))
         if new is None:
             empty = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
-            new = (
-                nn.Parameter(empty, requires_grad=old.requires_grad)
-                if isinstance(old, nn.Parameter)
-                else empty
-            )
+            new = nn.Parameter(empty, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else empty
             replaced[id(old)] = new
         if attr in module._parameters:
             module._parameters[attr] = new

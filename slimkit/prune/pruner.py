@@ -129,9 +129,7 @@ class Pruner(Method):
         if cfg.heads > 0:
             self.heads = _Kind("heads", self._head_groups(model, layouts), cfg.heads, None)
         if cfg.channels > 0:
-            self.channels = _Kind(
-                "channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to
-            )
+            self.channels = _Kind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
         if cfg.structured and cfg.verify:
             with self.controller.suspended():
                 find_inexact(
@@ -242,9 +240,7 @@ class Pruner(Method):
         for name, module in user_named_modules(model):
             if name in self.excluded or isinstance(module, nn.Embedding):
                 continue
-            is_layer = (
-                isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in self.transposed
-            )
+            is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in self.transposed
             weight = getattr(module, "weight", None)
             if not is_layer or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
                 continue
@@ -280,10 +276,7 @@ class Pruner(Method):
             self._prune_to(model, point)
             self.state.last_point.fill_(point)
             self._invalidate()
-        if (
-            self._taylor is not None
-            and int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]
-        ):
+        if self._taylor is not None and int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]:
             self._taylor.remove()  # nothing left to rank
             self._taylor = None
         self.apply_masks(model)
@@ -309,8 +302,7 @@ class Pruner(Method):
                     method = "l2"
                 stat_parts = kind.split(stats) if stats is not None else [None] * len(kind.groups)
                 scores = [
-                    importance.scores(model, g, method, self.transposed, s)
-                    for g, s in zip(kind.groups, stat_parts)
+                    importance.scores(model, g, method, self.transposed, s) for g, s in zip(kind.groups, stat_parts)
                 ]
                 new = select(
                     kind.groups,
@@ -359,9 +351,7 @@ class Pruner(Method):
         """Set every masked weight back to zero (after each optimizer step)."""
         if self._plan is None:
             groups = self.channels.groups + self.heads.groups
-            pruned = self.channels.split(self.state.channels_pruned) + self.heads.split(
-                self.state.heads_pruned
-            )
+            pruned = self.channels.split(self.state.channels_pruned) + self.heads.split(self.state.heads_pruned)
             self._plan = zero_plan(model, groups, pruned, self.transposed)
         apply_zero_plan(self._plan)
         if self._sparse_tensors is None:

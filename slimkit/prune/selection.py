@@ -57,8 +57,7 @@ def select(
     """New pruned masks (one bool vector per group) for a target fraction of units."""
     if scope == "local":
         counts = [
-            removable(g, max(int(target * g.size + 1e-9), int(p.sum())), round_to)
-            for g, p in zip(groups, pruned)
+            removable(g, max(int(target * g.size + 1e-9), int(p.sum())), round_to) for g, p in zip(groups, pruned)
         ]
         return [_choose(g, s, p, c) for g, s, p, c in zip(groups, scores, pruned, counts)]
 
@@ -67,8 +66,7 @@ def select(
     counts = [int(p.sum()) for p in pruned]
     if extra > 0:
         caps = [
-            max(removable(g, int(max_layer_ratio * g.size + 1e-9), None), int(p.sum()))
-            for g, p in zip(groups, pruned)
+            max(removable(g, int(max_layer_ratio * g.size + 1e-9), None), int(p.sum())) for g, p in zip(groups, pruned)
         ]
         normalised, owners = [], []
         for i, (s, p) in enumerate(zip(scores, pruned)):

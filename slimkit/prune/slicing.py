@@ -70,9 +70,7 @@ def _slice_grouped_conv_inputs(conv: nn.Module, remove: list[int]) -> None:
         for g in range(groups)
     ]
     if len({len(k) for k in kept_by_group}) != 1:
-        raise IncompatibleError(
-            f"grouped conv: the pruned inputs are not spread evenly over its {groups} groups"
-        )
+        raise IncompatibleError(f"grouped conv: the pruned inputs are not spread evenly over its {groups} groups")
     out_per_group = conv.out_channels // groups
     weight = conv.weight.detach()
     rows = [
@@ -85,9 +83,7 @@ def _slice_grouped_conv_inputs(conv: nn.Module, remove: list[int]) -> None:
     conv.in_channels = old_in - len(removed)
 
 
-def slice_module(
-    module: nn.Module, side: Side, remove: list[int], transposed: dict[type, tuple[str, str]]
-) -> None:
+def slice_module(module: nn.Module, side: Side, remove: list[int], transposed: dict[type, tuple[str, str]]) -> None:
     """Remove positions ``remove`` from the ``side`` of ``module`` (in place)."""
     if not remove:
         return

@@ -38,9 +38,7 @@ def magnitude_masks(
         want = int(target * total + 1e-9) - sum(int((~k).sum()) for k in keep)
         if want <= 0:
             return [k.clone() for k in keep]
-        alive = torch.cat(
-            [w.detach().abs().flatten()[k.flatten()].float().cpu() for w, k in zip(weights, keep)]
-        )
+        alive = torch.cat([w.detach().abs().flatten()[k.flatten()].float().cpu() for w, k in zip(weights, keep)])
         want = min(want, alive.numel())
         threshold = torch.kthvalue(alive, want).values
         new = []

@@ -66,9 +66,7 @@ def is_transposed_linear(module: nn.Module, transposed: dict[type, tuple[str, st
     return type(module) in transposed
 
 
-def tensor_roles(
-    module: nn.Module, side: Side, transposed: dict[type, tuple[str, str]]
-) -> list[tuple[str, int]]:
+def tensor_roles(module: nn.Module, side: Side, transposed: dict[type, tuple[str, str]]) -> list[tuple[str, int]]:
     """(tensor name, dim) pairs that hold a side's features, for masking and importance.
 
     Grouped (non-depthwise) convolutions list no input role: their input positions do not map

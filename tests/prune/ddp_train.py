@@ -13,6 +13,7 @@ import torch
 import transformers
 from datasets import Dataset
 from prune_helpers import hf_model, training_args
+
 from slimkit.plugins.hf import slim_callbacks
 
 
@@ -59,9 +60,7 @@ def main(out: Path) -> None:
         "heads_pruned": state.heads_pruned.int().tolist(),
         "local_taylor_step1": probe.local,
         "synced_taylor": state.channels_taylor.tolist(),
-        "fc1_rows_zero": (model.bert.encoder.layer[0].intermediate.dense.weight.abs().sum(1) == 0)
-        .int()
-        .tolist(),
+        "fc1_rows_zero": (model.bert.encoder.layer[0].intermediate.dense.weight.abs().sum(1) == 0).int().tolist(),
         "logged": [h for h in trainer.state.log_history if "prune/channels" in h],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))

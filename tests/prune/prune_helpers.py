@@ -56,17 +56,13 @@ def hf_model(kind: str) -> nn.Module:
         config = T.BertConfig(hidden_size=32, num_attention_heads=4, vocab_size=100, num_labels=3, **common)
         return T.BertForSequenceClassification(config)
     if kind == "vit":
-        config = T.ViTConfig(
-            hidden_size=32, num_attention_heads=4, image_size=16, patch_size=4, num_labels=3, **common
-        )
+        config = T.ViTConfig(hidden_size=32, num_attention_heads=4, image_size=16, patch_size=4, num_labels=3, **common)
         return T.ViTForImageClassification(config)
     if kind == "gpt2":
         config = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
         return T.GPT2LMHeadModel(config)
     if kind == "llama":
-        config = T.LlamaConfig(
-            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **common
-        )
+        config = T.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **common)
         return T.LlamaForCausalLM(config)
     raise KeyError(kind)
 
@@ -197,9 +193,7 @@ CASES = {
         ),
         Case(
             "timm_vit",
-            lambda: timm_model(
-                "vit_tiny_patch16_224", embed_dim=64, num_heads=4, depth=2, img_size=32, patch_size=8
-            ),
+            lambda: timm_model("vit_tiny_patch16_224", embed_dim=64, num_heads=4, depth=2, img_size=32, patch_size=8),
             lambda: torch.randn(IMAGE),
             BOTH,
             _expect_timm_vit,

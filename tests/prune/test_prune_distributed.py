@@ -12,6 +12,7 @@ import torch
 import transformers
 from datasets import Dataset
 from prune_helpers import hf_model, training_args
+
 from slimkit.plugins.hf import slim_callbacks
 
 HERE = Path(__file__).parent
@@ -48,9 +49,7 @@ def test_resume_from_checkpoint_mid_schedule_continues_exactly(tmp_path):
 
     saved = load_file(checkpoint / "model.safetensors")
     # mid-schedule: some units pruned (points 0, 2), Taylor sums of step 3 pending for point 4
-    assert (
-        int(saved["slimkit.prune.last_point"]) == 2 and int(saved["slimkit.prune.channels_pruned"].sum()) > 0
-    )
+    assert int(saved["slimkit.prune.last_point"]) == 2 and int(saved["slimkit.prune.channels_pruned"].sum()) > 0
     assert float(saved["slimkit.prune.channels_taylor"].abs().sum()) > 0
 
     resumed, trainer = _train(tmp_path / "resumed", resume=checkpoint)

@@ -71,7 +71,5 @@ def test_bert_mlp_only_rewrites_intermediate_size(tmp_path):
     case = dataclasses.replace(CASES["hf_bert"], prune={"channels": 0.5}, expect=expect, min_macs_ratio=1.3)
     result = run_case(case, tmp_path / "bert")
     config = json.loads((tmp_path / "bert" / "config.json").read_text())
-    assert config["intermediate_size"] == 32 and config["slimkit"]["pruning"]["config"] == {
-        "intermediate_size": 32
-    }
+    assert config["intermediate_size"] == 32 and config["slimkit"]["pruning"]["config"] == {"intermediate_size": 32}
     _check_native_load(case, result, tmp_path / "bert")

@@ -8,9 +8,9 @@ import torch
 import transformers
 from datasets import Dataset
 from prune_helpers import CASES, hf_model, logits, masked_tensors_are_zero, train_steps, training_args
-from slimkit.plugins.hf import PruningCallback, slim_callbacks
 
 import slimkit
+from slimkit.plugins.hf import PruningCallback, slim_callbacks
 
 CUBIC = {"kind": "cubic", "start_step": 0, "end_step": 6, "every": 2}
 
