@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .controller import Controller, controller_of, unwrap
+from .errors import SlimkitError
 from .recipe import Recipe
 
 
@@ -38,16 +39,28 @@ def prepare(
     *,
     teacher: nn.Module | None = None,
     example_inputs: Any = None,
+    measure: bool = True,
 ) -> nn.Module:
     """Attach the recipe's methods to ``model`` (in place) and return it.
 
     Shapes do not change: build the optimizer, DDP wrapper or Trainer *after* this call so
     that they see the projectors and state slimkit adds. ``example_inputs`` (a tensor, tuple
     or dict of kwargs) is used to trace the model; adapters supply one for timm and HF models.
+    With ``measure`` (default) the model's parameters, MACs, size and latency on those inputs are
+    recorded now, and ``convert`` measures them again for the before -> after report.
     """
     recipe = _as_recipe(recipe)
     model = unwrap(model)
     controller = controller_of(model, required=False) or Controller(model)
+    if example_inputs is None:
+        try:
+            example_inputs = controller.adapter.example_inputs(model)
+        except SlimkitError:
+            example_inputs = None  # each method says what it needs, if it needs inputs at all
+    if measure:
+        controller.measure_baseline(model, example_inputs)
+    elif controller.example_inputs is None:
+        controller.example_inputs = example_inputs
     # Pruning traces the clean model, quantization hooks in next, KD probes the result last.
     if recipe.prune is not None:
         from .prune import Pruner

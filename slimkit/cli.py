@@ -72,13 +72,23 @@ def format_info(info: dict[str, Any]) -> str:
         ("file size", _human(info["file_bytes"], "B")),
         ("slimkit format", str(info["format_version"] or "none (a plain folder)")),
     ]
-    for key in ("pruning", "quantization"):
-        if info.get(key):
-            summary = info[key].get("summary") if isinstance(info[key], dict) else None
-            rows.append((key, summary or json.dumps(info[key])[:200]))
+    pruning, quant = info.get("pruning"), info.get("quantization")
+    if isinstance(pruning, dict):
+        text = f"{len(pruning.get('tensors', {}))} tensors resized"
+        if pruning.get("heads"):
+            text += f", heads per layer {sorted(set(pruning['heads'].values()))}"
+        if pruning.get("config"):
+            text += f", config rewritten: {', '.join(sorted(pruning['config']))}"
+        rows.append(("pruning", text))
+    if isinstance(quant, dict):
+        text = f"{len(quant.get('layers', {}))} int8 layers ({quant.get('backend', '?')} kernels)"
+        if quant.get("folded_batchnorms"):
+            text += f", {len(quant['folded_batchnorms'])} BatchNorms folded"
+        rows.append(("quantization", text))
     if info.get("report"):
-        for key, value in info["report"].items():
-            rows.append((key, str(value)))
+        from .report import report_rows
+
+        rows += report_rows(info["report"])
     if info.get("recipe"):
         rows.append(("recipe", ", ".join(sorted(info["recipe"]))))
     width = max(len(k) for k, _ in rows)

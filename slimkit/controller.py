@@ -87,6 +87,8 @@ class Controller:
         self._suspended = 0
         self._hook = None
         self.last_terms: dict[str, torch.Tensor] = {}
+        self.example_inputs: Any = None  # what prepare traced the model with; reused by reports
+        self.baseline: dict[str, Any] | None = None  # the model measured before any method attached
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         # Put the state module on the model's device without moving the model.
@@ -166,11 +168,50 @@ class Controller:
         return out
 
     # -- convert / remove -----------------------------------------------------------------------
+    def measure_baseline(self, model: nn.Module, example_inputs: Any) -> None:
+        """Record the model as it is before any method attaches (for the before -> after report)."""
+        from .report import measure
+
+        if self.baseline is None and example_inputs is not None:
+            self.example_inputs = example_inputs
+            try:
+                self.baseline = measure(model, example_inputs)
+            except Exception:  # the methods' own checks explain bad example inputs best
+                self.baseline = None
+
+    def _heads(self, model: nn.Module) -> dict[str, int]:
+        try:
+            return {layout.name: layout.num_heads for layout in self.adapter.attention_heads(model)}
+        except SlimkitError:
+            return {}
+
     def convert(self, model: nn.Module) -> nn.Module:
-        order = ["prune", "quant", "distill"]
-        for name in sorted(self.methods, key=lambda n: order.index(n) if n in order else len(order)):
-            model = self.methods[name].convert(model)
+        from .report import count_macs, kept_layers, latency_setting, layer_widths, measure
+
+        transposed = self.adapter.transposed_linear_types()
+        widths, heads = layer_widths(model, transposed), self._heads(model)
+        if "prune" in self.methods:
+            model = self.methods["prune"].convert(model)
+        inputs = self.example_inputs
+        macs = None
+        if inputs is not None:  # MACs of the float architecture: int8 kernels are not counted
+            model.eval()
+            macs = count_macs(model, inputs)
+        kept = {
+            "channels": kept_layers(widths, layer_widths(model, transposed)),
+            "heads": kept_layers(heads, self._heads(model)),
+        }
+        for name in sorted(set(self.methods) - {"prune", "distill"}) + ["distill"]:
+            if name in self.methods:
+                model = self.methods[name].convert(model)
         self.detach(model)
+        report: dict[str, Any] = {"kept": kept}
+        if inputs is not None:
+            report.update(
+                before=self.baseline, after=measure(model, inputs, macs=macs), latency=latency_setting(inputs)
+            )
+        report["methods"] = dict(model.__dict__.get("_slimkit_report") or {})
+        model.__dict__["_slimkit_info"].report = report
         return model
 
     def detach(self, model: nn.Module) -> None:
@@ -190,8 +231,9 @@ class Controller:
 class _ConvertedInfo:
     """What a converted model remembers of how it was made (for save_pretrained's block)."""
 
-    def __init__(self, recipe: Any) -> None:
+    def __init__(self, recipe: Any, report: dict[str, Any] | None = None) -> None:
         self.recipe = recipe
+        self.report = report or {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

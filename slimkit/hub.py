@@ -37,7 +37,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-_MANAGED = (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)  # written in this order; config.json commits
+PLOT_NAME = "kept.png"
+_MANAGED = (WEIGHTS_NAME, PLOT_NAME, CARD_NAME, CONFIG_NAME)  # written in this order; config.json commits
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,9 +59,18 @@ _BLOCKS: dict[str, Block] = {}
 def register_block(name: str, describe: Callable, rebuild: Callable) -> None:
     """Let a method record what it changed (``describe``) and redo it on load (``rebuild``).
 
-    Blocks are applied on load in registration order (pruning before quantization).
+    On load, pruning is replayed before quantization, then any other block.
     """
     _BLOCKS[name] = Block(name, describe, rebuild)
+
+
+# Architecture changes are replayed in the order they were made: pruning slices the float
+# model, quantization then swaps its layers. Blocks registered by other packages come after.
+_ORDER = ("pruning", "quantization")
+
+
+def _blocks_in_order() -> list[Block]:
+    return sorted(_BLOCKS.values(), key=lambda b: _ORDER.index(b.name) if b.name in _ORDER else len(_ORDER))
 
 
 def _load_method_blocks() -> None:
@@ -102,7 +112,9 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _write_folder(model: nn.Module, folder: Path, recipe: Any, card: Callable | None) -> None:
+def _write_folder(
+    model: nn.Module, folder: Path, recipe: Any, card: Callable | None, extra_report: dict | None = None
+) -> None:
     from . import __version__
 
     adapter = get_adapter(model)
@@ -124,11 +136,21 @@ def _write_folder(model: nn.Module, folder: Path, recipe: Any, card: Callable | 
         recipe = getattr(getattr(model, "_slimkit_info", None), "recipe", None)
     if recipe is not None:
         block["recipe"] = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
-    for name, method in _BLOCKS.items():
+    for method in _blocks_in_order():
         described = method.describe(model)
         if described:
-            block[name] = described
+            block[method.name] = described
+    report = dict(getattr(getattr(model, "_slimkit_info", None), "report", None) or {})
+    if extra_report:
+        report["metrics"] = {**report.get("metrics", {}), **extra_report}
+    if report:
+        block["report"] = report
     config["slimkit"] = block
+    kept = report.get("kept") or {}
+    if kept.get("channels") or kept.get("heads"):
+        from .report import plot_kept
+
+        plot_kept(kept, folder / PLOT_NAME)
 
     if card is not None:
         (folder / CARD_NAME).write_text(card(model, config))
@@ -145,11 +167,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"config value of type {type(value).__name__} is not JSON-serialisable")
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, *, recipe: Any = None, model_card: bool = True) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    recipe: Any = None,
+    model_card: bool = True,
+    report: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` as a hub-style folder at ``path`` and return the path.
 
     HF ``PreTrainedModel``s and timm models are supported. Projectors, masks and other training
     state that slimkit attached are never saved. A failed save leaves an existing folder as it was.
+    ``report`` adds metrics (e.g. ``{"accuracy": 0.97}``) to the model card and config block; the
+    before -> after measurements of ``slimkit.convert`` are written automatically.
     """
     from .report import model_card as default_card
 
@@ -161,7 +192,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, recipe: Any = 
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
         try:
-            _write_folder(model, tmp, recipe, card)
+            _write_folder(model, tmp, recipe, card, report)
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,11 +201,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, recipe: Any = 
 
     tmp = Path(tempfile.mkdtemp(prefix=".slimkit-saving-", dir=target))
     try:
-        _write_folder(model, tmp, recipe, card)
+        _write_folder(model, tmp, recipe, card, report)
         for name in _MANAGED:  # config.json last: it names the weights it belongs to
             if (tmp / name).exists():
                 os.replace(tmp / name, target / name)
-            elif name == CARD_NAME and (target / name).exists():
+            elif name in (CARD_NAME, PLOT_NAME) and (target / name).exists():
                 (target / name).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,9 +309,9 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     _check_version(block, file)
     model = adapter.build(config)
     _load_method_blocks()
-    for name, method in _BLOCKS.items():
-        if name in block:
-            model = method.rebuild(model, block[name])
+    for method in _blocks_in_order():
+        if method.name in block:
+            model = method.rebuild(model, block[method.name])
     _load_into(model, load_weights(folder / WEIGHTS_NAME, block.get("weights_sha256")), folder / WEIGHTS_NAME)
     info = _LoadedInfo(folder=str(folder), block=block)
     object.__setattr__(model, "_slimkit_info", info)
@@ -295,3 +326,7 @@ class _LoadedInfo:
     @property
     def recipe(self) -> Any:
         return self.block.get("recipe")
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.block.get("report") or {}

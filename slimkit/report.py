@@ -12,15 +12,17 @@ from .modules import SLIMKIT_ATTR
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the model itself (not what slimkit attached), tied weights counted once."""
+    """Weights of the model itself (not what slimkit attached), tied weights counted once.
+
+    INT8 layers keep their weights and biases as buffers, which count too."""
     seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if name.startswith(SLIMKIT_ATTR + "."):
+    tensors = list(model.named_parameters())
+    tensors += [(n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
+    for name, t in tensors:
+        if name.startswith(SLIMKIT_ATTR + ".") or t.data_ptr() in seen:
             continue
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel()
+        seen.add(t.data_ptr())
+        total += t.numel()
     return total
 
 
@@ -53,25 +55,67 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.2f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+_ROWS = (
+    ("parameters", "parameters", _fmt_count),
+    ("macs", "MACs per forward", _fmt_count),
+    ("size_bytes", "weights", _fmt_bytes),
+    ("latency_ms", "CPU latency", _fmt_ms),
+)
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of a report block: before -> after (x), method results, metrics."""
+    rows = []
+    before, after = report.get("before") or {}, report.get("after") or {}
+    for key, label, fmt in _ROWS:
+        if key in after and after[key] is not None:
+            if key == "latency_ms" and report.get("latency"):
+                lat = report["latency"]
+                label = f"{label} (batch {lat.get('batch')}, {lat.get('threads')} threads, {lat.get('device')})"
+            if before.get(key):
+                factor = before[key] / after[key] if after[key] else float("inf")
+                rows.append(
+                    (
+                        label,
+                        f"{fmt(before[key])} -> {fmt(after[key])} ({factor:.2f}x smaller)"
+                        if key != "latency_ms"
+                        else f"{fmt(before[key])} -> {fmt(after[key])} ({factor:.2f}x faster)",
+                    )
+                )
+            else:
+                rows.append((label, fmt(after[key])))
+    rows += [(k, str(v)) for k, v in (report.get("methods") or {}).items()]
+    for k, v in (report.get("metrics") or {}).items():
+        rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    return rows
+
+
 def model_card(model: nn.Module, config: dict[str, Any]) -> str:
-    """README.md for a saved folder: base model, recipe and sizes."""
+    """README.md for a saved folder: base model, recipe, before -> after, metrics."""
     block = config.get("slimkit", {})
     base = config.get("architecture") or (config.get("architectures") or [type(model).__name__])[0]
-    stats = summary(model)
+    report = block.get("report") or {}
+    if not report.get("after"):
+        report = {**report, "after": summary(model)}
     lines = [
         f"# {base} (slimkit)",
         "",
         f"Saved by slimkit {block.get('version', '')} from a `{block.get('library', '?')}` "
-        f"`{block.get('class', type(model).__name__)}`.",
+        f"`{block.get('class', type(model).__name__)}`"
+        + (f", made with the recipe below ({', '.join(block['recipe'])})." if block.get("recipe") else "."),
         "",
         "| | |",
         "|---|---|",
-        f"| parameters | {_fmt_count(stats['parameters'])} |",
-        f"| weights | {_fmt_bytes(stats['size_bytes'])} |",
     ]
-    extra = getattr(model, "_slimkit_report", None) or {}
-    for key, value in extra.items():
-        lines.append(f"| {key} | {value} |")
+    lines += [f"| {label} | {value} |" for label, value in report_rows(report)]
+    if block.get("quantization"):
+        lines.append("| int8 layers | real int8 kernels (see the `quantization` block of config.json) |")
+    if report.get("kept", {}).get("channels") or report.get("kept", {}).get("heads"):
+        lines += ["", "Channels and heads kept per layer:", "", "![kept per layer](kept.png)"]
     lines += [
         "",
         "Load it with:",
@@ -80,10 +124,91 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
         "import slimkit",
         'model = slimkit.from_pretrained("<this folder>")',
         "```",
+        "",
+        "`slimkit info <this folder>` prints the same table.",
     ]
     if "recipe" in block:
         lines += ["", "## Recipe", "", "```json", json.dumps(block["recipe"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def measure(model: nn.Module, example_inputs: Any, *, macs: int | None = None, latency: bool = True) -> dict[str, Any]:
+    """Parameters, MACs, stored bytes and latency of ``model`` on ``example_inputs``."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {
+            "parameters": count_parameters(model),
+            "macs": count_macs(model, example_inputs) if macs is None else macs,
+            "size_bytes": tensor_bytes(model),
+        }
+        if latency:
+            out["latency_ms"] = round(measure_latency(model, example_inputs), 4)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def latency_setting(example_inputs: Any) -> dict[str, Any]:
+    first = example_inputs
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    elif isinstance(first, (tuple, list)):
+        first = first[0]
+    return {"batch": int(first.shape[0]), "threads": torch.get_num_threads(), "device": str(first.device)}
+
+
+def layer_widths(model: nn.Module, transposed: dict | None = None) -> dict[str, int]:
+    """Output width of every conv / linear layer (GPT-2's Conv1D stores [in, out])."""
+    from .modules import user_named_modules
+
+    transposed = transposed or {}
+    widths = {}
+    for name, module in user_named_modules(model):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            widths[name] = int(weight.shape[0])
+        elif type(module) in transposed:
+            widths[name] = int(weight.shape[1])
+    return widths
+
+
+def kept_layers(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
+    """Layers whose width changed: name -> [before, after]."""
+    return {k: [before[k], after[k]] for k in before if k in after and after[k] != before[k]}
+
+
+def plot_kept(kept: dict[str, dict[str, list[int]]], path) -> bool:
+    """A PNG of the channels and heads kept per layer; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    parts = [(title, kept.get(key) or {}) for key, title in (("channels", "channels / neurons"), ("heads", "heads"))]
+    parts = [(title, data) for title, data in parts if data]
+    if not parts:
+        return False
+    fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.25 * max(len(d) for _, d in parts)), 3.2 * len(parts)))
+    axes = [axes] if len(parts) == 1 else list(axes)
+    for ax, (title, data) in zip(axes, parts):
+        names = list(data)
+        before = [data[n][0] for n in names]
+        after = [data[n][1] for n in names]
+        xs = range(len(names))
+        ax.bar(xs, before, color="#d0d7de", label="before")
+        ax.bar(xs, after, color="#1f6feb", label="kept")
+        ax.set_title(f"{title} kept per layer")
+        ax.set_xticks(list(xs), names, rotation=90, fontsize=6)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 @torch.no_grad()

@@ -229,3 +229,9 @@ def test_sequential_models_keep_working_when_prepared():
     assert "distill/kd" in slimkit.log_values(student)
     small = slimkit.convert(student)
     assert len(small) == 4
+
+
+def test_example_inputs_the_models_cannot_run_are_a_clear_error():
+    teacher, student, recipe = resnet_pair(features=False)
+    with pytest.raises(IncompatibleError, match=r"the student \(ResNet\) could not run on the example inputs"):
+        slimkit.prepare(student, recipe, teacher=teacher, example_inputs=torch.randn(2, 5, 32, 32))

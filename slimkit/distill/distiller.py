@@ -107,8 +107,8 @@ class Distiller(Method):
         model.eval()
         try:
             with torch.no_grad(), self.controller.suspended():
-                s_out = call_model(model, inputs)
-                t_out = call_model(self.teacher, inputs)
+                s_out = self._run_probe(model, inputs, "student")
+                t_out = self._run_probe(self.teacher, inputs, "teacher")
         finally:
             model.train(was_training)
         s_feats, t_feats = self._student_feats.pop(), self._teacher_feats.pop()
@@ -139,6 +139,16 @@ class Distiller(Method):
                 f"distill: student logits have {s_logits.shape[-1]} classes but teacher logits have "
                 f"{t_logits.shape[-1]}; logit KD needs the same label space (or set distill.alpha: 0)"
             )
+
+    @staticmethod
+    def _run_probe(model: nn.Module, inputs: Any, role: str) -> Any:
+        try:
+            return call_model(model, inputs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise IncompatibleError(
+                f"distill: the {role} ({type(model).__name__}) could not run on the example inputs ({exc}); "
+                "pass example_inputs= that both models accept (teacher and student see the same batch)"
+            ) from exc
 
     # -- training --------------------------------------------------------------------------------
     def _run_teacher(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
