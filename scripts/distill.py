@@ -18,16 +18,18 @@ curve, the processes that ran).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -36,7 +38,7 @@ import slimkit
 from slimkit.adapters import get_adapter
 from slimkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
-from slimkit.plugins.accelerate import gather_log_values, gather_mean, save_student
+from slimkit.plugins.accelerate import gather_log_values, gather_mean
 from slimkit.plugins.data import TaskData, load_task_data
 from slimkit.report import count_parameters
 
@@ -182,8 +184,9 @@ def check_classes(teacher: nn.Module, example, data: TaskData, name: str | None)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, kind: str, batch_size: int, device) -> dict[str, float]:
-    """Accuracy of a classifier; for embedding models, mean-pooled embeddings are returned."""
+def evaluate(model: nn.Module, dataset: TensorDataset, kind: str, batch_size: int, device) -> dict[str, Any]:
+    """Accuracy of a classifier; for encoders without a head, their mean-pooled embeddings."""
+    was_training = model.training
     model.eval()
     correct, total, embeddings = 0, 0, []
     for batch in DataLoader(dataset, batch_size=batch_size):
@@ -197,6 +200,7 @@ def evaluate(model: nn.Module, dataset: TensorDataset, kind: str, batch_size: in
         else:  # an encoder without a head: mean-pooled sentence embeddings
             hidden, mask = out.last_hidden_state, inputs["attention_mask"].unsqueeze(-1).float()
             embeddings.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    model.train(was_training)
     if total:
         return {"accuracy": correct / total}
     return {"embeddings": torch.cat(embeddings)}
@@ -206,6 +210,49 @@ def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     if a.shape != b.shape:
         return None
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+class Scorer:
+    """Scores students on the held-out split: accuracy, or (encoders) embedding cosine to the teacher."""
+
+    def __init__(self, teacher: nn.Module, eval_set: TensorDataset, kind: str, accelerator: Accelerator) -> None:
+        self.eval_set, self.kind, self.device = eval_set, kind, accelerator.device
+        self.accelerator = accelerator
+        result = evaluate(teacher.to(self.device), eval_set, kind, 64, self.device)
+        self._teacher_embeddings = result.get("embeddings")
+        self.teacher = {"accuracy": result["accuracy"]} if "accuracy" in result else {}
+
+    def score(self, model: nn.Module) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(model)
+        result = evaluate(model, self.eval_set, self.kind, 64, self.device)
+        if "accuracy" in result:
+            return result
+        return {"embedding_cosine": embedding_cosine(result["embeddings"], self._teacher_embeddings)}
+
+
+def phase_ends(recipe: slimkit.Recipe) -> dict[int, str]:
+    """Steps at which a training phase ends (the student is scored there): the last step before
+    pruning starts, and the last step before QAT switches fake-quantization on."""
+    points = {}
+    first = "distilled" if recipe.distill is not None else "trained"
+    if recipe.prune is not None and recipe.prune.schedule.start_step > 0:
+        points[recipe.prune.schedule.start_step] = first
+    if recipe.quant is not None and recipe.quant.mode == "qat" and recipe.quant.start_step > 0:
+        points[recipe.quant.start_step] = "pruned" if recipe.prune is not None else first
+    return points
+
+
+def fingerprint(values: dict[str, Any]) -> str:
+    """A short hash of tensors (their bytes) or shapes, to compare processes."""
+    digest = hashlib.sha256()
+    for key in sorted(values):
+        value = values[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -253,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.max_steps or max(1, int(args.epochs * len(loader)))
     with_labels = kind == "text" and has_head
     out_dir = Path(args.output_dir)
-    loop = {"epoch": 0, "batch": 0, "samples_seen": 0, "curve": []}
+    loop = {"epoch": 0, "batch": 0, "samples_seen": 0, "curve": [], "stages": []}
+    scorer = Scorer(teacher, eval_set, kind, accelerator) if accelerator.is_main_process else None
+    stage_points = phase_ends(recipe)
     step = 0
     checkpoint = latest_checkpoint(out_dir / "checkpoints") if args.resume else None
     if checkpoint is not None:
@@ -277,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if step in stage_points and accelerator.is_main_process:  # before the next phase begins
+                loop["stages"].append({"stage": stage_points[step], "step": step, **scorer.score(student)})
             slimkit.step(student, step)
             loop["batch"] += 1
             loop["samples_seen"] += len(labels)
@@ -307,18 +358,27 @@ def main(argv: list[str] | None = None) -> dict:
     samples = accelerator.gather(torch.tensor([loop["samples_seen"]], device=accelerator.device)).tolist()
     curve = loop["curve"]
 
-    params_before = count_parameters(accelerator.unwrap_model(student))
-    small = save_student(
-        accelerator, student, out_dir, extra_files=(tokenizer.save_pretrained if tokenizer is not None else None)
-    )
+    unwrapped = accelerator.unwrap_model(student)
+    params_before = count_parameters(unwrapped)
+    final_stage = {"stage": "trained (before convert)", "step": step, **scorer.score(student)} if scorer else None
+    masks = fingerprint({k: v for k, v in unwrapped.state_dict().items() if k.startswith("slimkit.prune.")})
+    small = slimkit.convert(unwrapped)  # on every process: all of them must reach the same architecture
+    architecture = fingerprint({k: tuple(v.shape) for k, v in small.state_dict().items()})
+    fingerprints = gather_object([(masks, architecture)])
     metrics = {}
     if accelerator.is_main_process:
-        device = accelerator.device
-        t_eval = evaluate(teacher.to(device), eval_set, kind, 64, device)
-        s_eval = evaluate(small.to(device), eval_set, kind, 64, device)
+        converted = {"stage": "converted", "step": step, **scorer.score(small)}
+        stages = [*loop["stages"], final_stage, converted]
+        quality = {k: v for k, v in converted.items() if k not in ("stage", "step")}
+        slimkit.save_pretrained(
+            small, out_dir, report={**quality, **{f"teacher {k}": v for k, v in scorer.teacher.items()}}
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
         metrics = {
-            "teacher": {"parameters": count_parameters(teacher)},
-            "student": {"parameters": count_parameters(small), "parameters_before_convert": params_before},
+            "teacher": {"parameters": count_parameters(teacher), **scorer.teacher},
+            "student": {"parameters": count_parameters(small), "parameters_before_convert": params_before, **quality},
+            "stages": stages,
             "dataset": args.dataset or ("digits" if kind == "image" else "stdlib-docs"),
             "train_samples": len(train_set),
             "eval_samples": len(eval_set),
@@ -327,17 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "samples_per_process": samples,
+            "masks_per_process": [m for m, _ in fingerprints],
+            "architecture_per_process": [a for _, a in fingerprints],
             "recipe": recipe.to_dict(),
             "final_terms": terms,
             "loss_curve": curve,
+            "report": small.__dict__["_slimkit_info"].report,
         }
-        if "accuracy" in t_eval:
-            metrics["teacher"]["accuracy"] = t_eval["accuracy"]
-            metrics["student"]["accuracy"] = s_eval["accuracy"]
-        else:
-            metrics["student"]["embedding_cosine_to_teacher"] = embedding_cosine(
-                s_eval["embeddings"], t_eval["embeddings"]
-            )
         tmp = out_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, out_dir / "metrics.json")

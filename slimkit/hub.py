@@ -318,6 +318,20 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     return model.to(device).eval()
 
 
+def build_architecture(path: str | os.PathLike, blocks: tuple[str, ...] = ("pruning",)) -> nn.Module:
+    """The architecture of a saved folder with only the given blocks replayed and *random*
+    weights, e.g. the float pruned model of an INT8 folder, to measure its speed or size."""
+    folder = Path(path)
+    config = read_config(folder)
+    block = config.pop("slimkit", None) or {}
+    model = adapter_for_library(_library_of(config, folder / CONFIG_NAME)).build(config)
+    _load_method_blocks()
+    for method in _blocks_in_order():
+        if method.name in block and method.name in blocks:
+            model = method.rebuild(model, block[method.name])
+    return model.eval()
+
+
 @dataclass
 class _LoadedInfo:
     folder: str

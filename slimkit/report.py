@@ -67,6 +67,14 @@ _ROWS = (
 )
 
 
+def _change(before: float, after: float, key: str) -> str:
+    if not after:
+        return "removed"
+    factor = before / after
+    better, worse = ("faster", "slower") if key == "latency_ms" else ("smaller", "larger")
+    return f"{factor:.2f}x {better}" if factor >= 1 else f"{1 / factor:.2f}x {worse}"
+
+
 def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of a report block: before -> after (x), method results, metrics."""
     rows = []
@@ -77,14 +85,8 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                 lat = report["latency"]
                 label = f"{label} (batch {lat.get('batch')}, {lat.get('threads')} threads, {lat.get('device')})"
             if before.get(key):
-                factor = before[key] / after[key] if after[key] else float("inf")
                 rows.append(
-                    (
-                        label,
-                        f"{fmt(before[key])} -> {fmt(after[key])} ({factor:.2f}x smaller)"
-                        if key != "latency_ms"
-                        else f"{fmt(before[key])} -> {fmt(after[key])} ({factor:.2f}x faster)",
-                    )
+                    (label, f"{fmt(before[key])} -> {fmt(after[key])} ({_change(before[key], after[key], key)})")
                 )
             else:
                 rows.append((label, fmt(after[key])))
