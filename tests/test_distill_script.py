@@ -42,44 +42,60 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+PIPELINE = {
+    "distill": {"features": [{"student": "layer4", "teacher": "layer4"}]},
+    "prune": {
+        "channels": 0.5,
+        "importance": "taylor",
+        "schedule": {"kind": "cubic", "start_step": 2, "end_step": 4, "every": 1},
+    },
+    "quant": {"start_step": 5, "freeze_observers_step": 7, "freeze_bn_step": 7},
+}
+
+
 @pytest.mark.slow
-def test_two_processes_distil_a_timm_student(tmp_path):
+def test_two_processes_run_the_whole_pipeline_with_the_same_masks(tmp_path):
     # the teacher is a timm model name (random weights, 3 channels), the student a folder
     slimkit.save_pretrained(tiny_timm("resnet", seed=2), tmp_path / "student")
-    recipe = write_recipe(tmp_path / "r.json", {"distill": {"features": [{"student": "layer4", "teacher": "layer4"}]}})
+    recipe = write_recipe(tmp_path / "r.json", PIPELINE)
     out = tmp_path / "out"
-    result = launch(
-        [
-            "--teacher",
-            "resnet18",
-            "--student",
-            "student",
-            "--recipe",
-            str(recipe),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--image-size",
-            "16",
-        ],
-        2,
-        tmp_path,
-    )
+    args = [
+        "--teacher",
+        "resnet18",
+        "--student",
+        "student",
+        "--recipe",
+        str(recipe),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "16",
+    ]
+    result = launch(args, 2, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "DistributedType.MULTI_CPU"
-    assert metrics["samples_per_process"] == [24, 24]  # 3 steps x 8 samples on each of 2 processes
-    assert metrics["steps"] == 3 and len(metrics["loss_curve"]) == 3
-    assert 0 <= metrics["teacher"]["accuracy"] <= 1 and 0 <= metrics["student"]["accuracy"] <= 1
-    assert metrics["student"]["parameters"] < metrics["teacher"]["parameters"]
-    assert {"distill/kd", "distill/task", "distill/feature.layer4"} <= set(metrics["final_terms"])
+    assert metrics["samples_per_process"] == [64, 64]  # 8 steps x 8 samples on each of 2 processes
+    assert metrics["steps"] == 8 and len(metrics["loss_curve"]) == 8
+    # Taylor statistics differ per process (different batches); the masks and the result must not
+    masks, architectures = metrics["masks_per_process"], metrics["architecture_per_process"]
+    assert len(masks) == 2 and masks[0] == masks[1] and architectures[0] == architectures[1]
+    assert [s["stage"] for s in metrics["stages"]] == ["distilled", "pruned", "trained (before convert)", "converted"]
+    assert all(0 <= s["accuracy"] <= 1 for s in metrics["stages"])
+    assert {"distill/kd", "distill/task", "distill/feature.layer4", "prune/channels", "quant/phase"} <= set(
+        metrics["final_terms"]
+    )
+    assert metrics["final_terms"]["prune/channels"] == 0.5
     assert "distill:" in result.stderr  # the progress bar
     student = slimkit.from_pretrained(out)
+    assert student.layer4[0].conv1.weight.dtype == torch.int8 and student.layer4[0].conv1.weight.shape[0] == 32
     with torch.no_grad():
         assert student(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert "accuracy" in (out / "README.md").read_text() and (out / "kept.png").exists()
 
 
 @pytest.mark.slow
@@ -163,7 +179,7 @@ def test_a_killed_run_keeps_its_checkpoints_and_resumes_exactly(tmp_path):
 
     slimkit.save_pretrained(tiny_timm("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
     slimkit.save_pretrained(tiny_timm("resnet", seed=2, in_chans=1), tmp_path / "student")
-    recipe = write_recipe(tmp_path / "r.json", {"distill": {"features": [{"student": "layer3", "teacher": "layer3"}]}})
+    recipe = write_recipe(tmp_path / "r.json", PIPELINE)  # killed mid-pruning or mid-QAT
     common = [
         "--teacher",
         "teacher",
