@@ -132,3 +132,32 @@ def test_combinations_that_cannot_work_are_refused_up_front(bad, tmp_path):
         callbacks = slim_callbacks(student, BERT_RECIPE, teacher=teacher)
         with pytest.raises(slimkit.SlimkitError, match="slimkit does not support FSDP"):
             callbacks[0].on_train_begin(type("Args", (), {"fsdp": ["full_shard"]})(), None, None)
+
+
+def test_shipped_recipes_load_and_fit_their_models(minilm_path):
+    from tests.models import ROOT
+
+    recipes = {p.stem: slimkit.Recipe.from_file(p) for p in sorted((ROOT / "recipes").glob("*.yaml"))}
+    assert {"digits_kd", "digits_pipeline", "vit_pipeline", "minilm_pipeline"} <= set(recipes)
+    for recipe in recipes.values():
+        assert slimkit.Recipe.from_dict(recipe.to_dict()) == recipe
+
+    def prepare_and_step(student, teacher, recipe, inputs):
+        slimkit.prepare(student, recipe, teacher=teacher, example_inputs=inputs)
+        student.train()
+        out = student(**inputs) if isinstance(inputs, dict) else student(inputs)
+        slimkit.compute_loss(student, out, labels=None).backward()
+        slimkit.step(student)
+        return slimkit.log_values(student)
+
+    vit_teacher = tiny_timm("vit", seed=1, depth=4, embed_dim=48, num_heads=4)
+    values = prepare_and_step(tiny_timm("vit", seed=2), vit_teacher, recipes["vit_pipeline"], X[:2])
+    assert "distill/attention.blocks.1.attn" in values and "prune/heads" in values
+
+    from slimkit.plugins.hf import layer_subset_student
+
+    teacher = slimkit.from_pretrained(minilm_path)
+    student = layer_subset_student(teacher, [1, 3, 5])
+    ids = {"input_ids": torch.randint(1000, 2000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    values = prepare_and_step(student, teacher, recipes["minilm_pipeline"], ids)
+    assert "distill/feature.encoder.layer.2" in values and "distill/attention.encoder.layer.0.attention" in values
