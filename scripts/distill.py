@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    p.add_argument(
+        "--dropout",
+        choices=("keep", "off"),
+        default="keep",
+        help="off: no dropout in the student (helps feature KD from a pre-trained encoder)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
     if input_kind(student) != kind:
         raise SlimkitError(f"teacher takes {kind} inputs but student {type(student).__name__} does not")
 
+    if args.dropout == "off":
+        for module in student.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
     train_set = make_tensors(data, "train", tokenizer, args.max_length)
     eval_set = make_tensors(data, "eval", tokenizer, args.max_length)
     example, _ = as_call(train_set[:2], kind)
