@@ -83,16 +83,22 @@ def save_checkpoint(
     staging = root / f".step-{step:06d}.partial"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in root.glob(".step-*.partial"):  # from a save that was killed or ran out of disk
+            shutil.rmtree(leftover, ignore_errors=True)
         staging.mkdir()
     barrier()
-    save_file({"torch": torch.get_rng_state()}, str(staging / f"rng-{rank}.safetensors"))
-    if rank == 0:
-        save_model(model, str(staging / "model.safetensors"))
-        tensors, meta = _optimizer_to_files(optimizer)
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-        (staging / "optimizer.json").write_text(json.dumps(meta))
-        (staging / "state.json").write_text(json.dumps({**loop_state, "step": step, "world_size": world_size}))
+    try:
+        save_file({"torch": torch.get_rng_state()}, str(staging / f"rng-{rank}.safetensors"))
+        if rank == 0:
+            save_model(model, str(staging / "model.safetensors"))
+            tensors, meta = _optimizer_to_files(optimizer)
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            (staging / "optimizer.json").write_text(json.dumps(meta))
+            (staging / "state.json").write_text(json.dumps({**loop_state, "step": step, "world_size": world_size}))
+    except BaseException:
+        if rank == 0:  # free the space the partial files hold; earlier checkpoints are untouched
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
     if rank == 0:
         for file in staging.iterdir():
