@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_split import shuffled_digits  # noqa: E402
 from int8_common import (  # noqa: E402
     EVAL_SENTENCES,
     machine_info,
@@ -69,17 +70,6 @@ class DigitsCNN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def digits_data():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return (x[:-400], y[:-400]), (x[-400:], y[-400:])
-
-
 def _batches(x, y, size: int, seed: int):
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     return [(x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, len(y), size)]
@@ -108,7 +98,7 @@ def _accuracy(model, test) -> float:
 
 
 def bench_digits(epochs: int, qat_epochs: int) -> dict:
-    train, test = digits_data()
+    train, test = shuffled_digits(held_out=400)
     torch.manual_seed(0)
     fp32 = DigitsCNN()
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from torch import nn
 
 import slimkit
 from slimkit.prune import count_macs, count_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_split import shuffled_digits  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RATIOS_CNN = (0.3, 0.5, 0.7)
@@ -85,17 +89,6 @@ class DigitsCNN(nn.Module):
         return self.classifier(F.relu(self.hidden(x)))
 
 
-def digits_data():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return (x[:1297], y[:1297]), (x[1297:], y[1297:])
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, data) -> float:
     model.eval()
@@ -122,7 +115,7 @@ def train_cnn(model: nn.Module, data, steps: int, lr: float, seed: int = 0, kd: 
 
 def digits_experiment(args) -> dict:
     torch.manual_seed(0)
-    train, test = digits_data()
+    train, test = shuffled_digits(held_out=500)
     dense = DigitsCNN()
     train_cnn(dense, train, args.cnn_steps, 2e-3)
     dense_acc = accuracy(dense, test)

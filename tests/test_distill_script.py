@@ -11,30 +11,13 @@ import pytest
 import torch
 
 import slimkit
-from tests.models import ROOT, copy_tokenizer, tiny_hf, tiny_timm
+from tests.models import ROOT, accelerate_launch, copy_tokenizer, tiny_hf, tiny_timm
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-SCRIPT = str(ROOT / "scripts" / "distill.py")
+SCRIPT = ROOT / "scripts" / "distill.py"
 
 
 def launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    multi = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = [
-        ACCELERATE,
-        "launch",
-        *multi,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        SCRIPT,
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return accelerate_launch(SCRIPT, args, processes, cwd)
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

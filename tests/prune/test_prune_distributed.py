@@ -3,8 +3,6 @@ prunes the same units."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from datasets import Dataset
 from prune_helpers import hf_model, training_args
 
 from slimkit.plugins.hf import slim_callbacks
+from tests.models import accelerate_launch
 
 HERE = Path(__file__).parent
 RECIPE = {
@@ -65,23 +64,7 @@ def test_resume_from_checkpoint_mid_schedule_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_ddp_processes_prune_the_same_units(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(HERE / "ddp_train.py"),
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = accelerate_launch(HERE / "ddp_train.py", [str(tmp_path)], 2, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
