@@ -244,6 +244,11 @@ class QuantConfig(Config):
     freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
     freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
     exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
+    conv_outputs: bool = help_field(
+        True,
+        "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
+        "so INT8 CNNs stay uint8 between layers (as onnxruntime's quantize_static); false: layer inputs only",
+    )
 
     def validate(self, path: str) -> None:
         if self.start_step < 0:

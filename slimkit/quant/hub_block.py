@@ -1,10 +1,17 @@
 """The ``quantization`` block of a saved folder, and the rebuild from it.
 
-``config.json``'s ``slimkit.quantization`` lists every INT8 layer (kind, static or dynamic
-activations) and every BatchNorm folded away. ``from_pretrained`` builds the float model,
-replays pruning, then gives each listed layer the INT8 structure (int8 weight, scales, bias,
-input qparams as empty tensors of the right shapes) before the weights are loaded with strict
-shape checks. Nothing is unpickled: the int8 weights and scales are plain safetensors tensors.
+``config.json``'s ``slimkit.quantization`` (format 2; format 1 folders still load) holds:
+
+* ``layers``: every INT8 layer: ``kind`` (conv2d / linear / conv1d), ``activations`` (static or
+  dynamic) and, when its input comes quantized from a site, ``"input": "site"``;
+* ``sites``: every activation site between layers (:mod:`slimkit.quant.sites`), module name ->
+  ``"output"`` or ``"input"``, with its qparams in ``<module>.<where>_scale`` / ``_zero_point``;
+* ``folded_batchnorms``: every BatchNorm folded away (``identity`` or ``frozen``).
+
+``from_pretrained`` builds the float model, replays pruning, then gives each listed layer the
+INT8 structure (int8 weight, scales, bias, input qparams as empty tensors of the right shapes)
+and each site its qparam buffers before the weights are loaded with strict shape checks.
+Nothing is unpickled: the int8 weights and scales are plain safetensors tensors.
 """
 
 from __future__ import annotations
@@ -13,22 +20,27 @@ from torch import nn
 
 from ..errors import FormatError
 from ..modules import user_named_modules
-from .int8 import DYNAMIC_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
+from . import sites
+from .int8 import DYNAMIC_ATTR, FROM_SITE_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
 from .layers import layer_kind
 from .quantizer import FOLDED_ATTR, neutralize_batchnorm
 
-BLOCK_FORMAT = 1
+BLOCK_FORMAT = 2
+
+
+def _layer_entry(module: nn.Module) -> dict:
+    entry = {
+        "kind": module.__dict__[INT8_KIND_ATTR],
+        "activations": "dynamic" if module.__dict__.get(DYNAMIC_ATTR) else "static",
+    }
+    if module.__dict__.get(FROM_SITE_ATTR):
+        entry["input"] = "site"
+    return entry
 
 
 def describe(model: nn.Module) -> dict | None:
-    layers = {
-        name: {
-            "kind": module.__dict__[INT8_KIND_ATTR],
-            "activations": "dynamic" if module.__dict__.get(DYNAMIC_ATTR) else "static",
-        }
-        for name, module in user_named_modules(model)
-        if is_int8_layer(module)
-    }
+    modules = list(user_named_modules(model))
+    layers = {name: _layer_entry(module) for name, module in modules if is_int8_layer(module)}
     if not layers:
         return None
     return {
@@ -37,6 +49,7 @@ def describe(model: nn.Module) -> dict | None:
         "weights": "int8, symmetric, per output channel (weight, weight_scale)",
         "activations": "uint8, per tensor, affine (input_scale, input_zero_point) or dynamic per batch",
         "layers": layers,
+        "sites": {name: sites.site_of(module) for name, module in modules if sites.site_of(module)},
         "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
     }
 
@@ -74,7 +87,13 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
                 f"config.json: quantized layer {name!r} is a {kind} in the folder but a "
                 f"{type(layer).__name__} in the rebuilt {type(model).__name__}"
             )
-        empty_int8_like(layer, kind, dynamic=info.get("activations") == "dynamic")
+        empty_int8_like(
+            layer, kind, dynamic=info.get("activations") == "dynamic", input_from_site=info.get("input") == "site"
+        )
+    for name, where in block.get("sites", {}).items():
+        if where not in ("output", "input"):
+            raise FormatError(f"config.json: unknown site position {where!r} for {name!r} (output or input)")
+        sites.install_int8(_module(model, name, "site"), where, 1.0, 0)
     model.__dict__[FOLDED_ATTR] = dict(folded)
     return model
 

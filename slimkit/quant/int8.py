@@ -36,9 +36,13 @@ from ..errors import IncompatibleError
 from .layers import is_hf_conv1d_class
 from .numerics import ACT_QMAX, ACT_QMIN, EPS, WEIGHT_QMAX, WEIGHT_QMIN, quantize_activation
 from .qat import subclass
+from .sites import prepare_sites_for_tracing
 
 INT8_KIND_ATTR = "_slimkit_int8_kind"
 DYNAMIC_ATTR = "_slimkit_int8_dynamic"
+# the input arrives quantized (dequantized uint8 values of a site with the same qparams): a
+# traced graph must not quantize it again (QuantizeLinear after DequantizeLinear)
+FROM_SITE_ATTR = "_slimkit_int8_input_from_site"
 
 
 def load_decomposed_ops():
@@ -182,7 +186,7 @@ class Int8Layer:
                 scale, zero_point = _dynamic_qparams(x)
                 q = qd.quantize_per_tensor.tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
                 x = qd.dequantize_per_tensor.tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-        else:
+        elif not self.__dict__.get(FROM_SITE_ATTR, False):
             x_scale, x_zp = self.__dict__["_slimkit_trace_qparams"]
             q = qd.quantize_per_tensor(x, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
             x = qd.dequantize_per_tensor(q, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
@@ -226,10 +230,12 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 def prepare_for_tracing(model: nn.Module) -> None:
     """Store every static INT8 layer's input qparams as Python numbers: a traced graph must
-    see them as constants (what Inductor's int8 patterns and ONNX QuantizeLinear expect)."""
+    see them as constants (what Inductor's int8 patterns and ONNX QuantizeLinear expect); the
+    same for the sites between layers."""
     for module in model.modules():
         if INT8_KIND_ATTR in module.__dict__ and not module.__dict__.get(DYNAMIC_ATTR, False):
             module.__dict__["_slimkit_trace_qparams"] = module._input_qparams()
+    prepare_sites_for_tracing(model)
 
 
 def is_int8_layer(module: nn.Module) -> bool:
@@ -244,6 +250,7 @@ def make_int8(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     input_qparams: tuple[float, int] | None,
+    input_from_site: bool = False,
 ) -> None:
     """Turn ``layer`` (in place) into an INT8 layer of ``original_class``'s family.
 
@@ -271,12 +278,13 @@ def make_int8(
         layer.register_buffer("input_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device))
         layer.__dict__[DYNAMIC_ATTR] = False
     layer.__dict__[INT8_KIND_ATTR] = kind
+    layer.__dict__[FROM_SITE_ATTR] = bool(input_from_site and input_qparams is not None)
     for key in ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams"):
         layer.__dict__.pop(key, None)
     layer.__class__ = subclass(Int8Layer, original_class, "Int8")
 
 
-def empty_int8_like(layer: nn.Module, kind: str, dynamic: bool) -> None:
+def empty_int8_like(layer: nn.Module, kind: str, dynamic: bool, input_from_site: bool = False) -> None:
     """Give a freshly built float layer the INT8 structure (zeros), for loading saved weights."""
     weight = layer.weight
     shape = tuple(weight.shape)
@@ -288,6 +296,7 @@ def empty_int8_like(layer: nn.Module, kind: str, dynamic: bool) -> None:
         torch.ones(shape[1] if kind == "conv1d" else shape[0], device=weight.device),
         None,
         None if dynamic else (1.0, 0),
+        input_from_site,
     )
 
 

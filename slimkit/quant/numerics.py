@@ -9,6 +9,8 @@ One set of formulas, so that the fake-quant model, the INT8 model and the ONNX m
 * weights: ``int8`` in ``[-127, 127]``, symmetric (zero-point 0), per output channel or per
   tensor. The restricted range keeps ``u8 x s8`` products free of overflow on every x86 kernel
   (VNNI or not) and matches onnxruntime's and TensorRT's convention.
+* biases of layers with static inputs: on the int32 grid ``input_scale * weight_scale``, as
+  onnxruntime's int8 kernels add them to the int32 accumulator.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 ACT_QMIN, ACT_QMAX = 0, 255
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 SYMMETRIC_ACT_ZERO_POINT = 128
+INT32_LIMIT = 2**31 - 1
 EPS = torch.finfo(torch.float32).eps
 
 
@@ -51,6 +54,19 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> tor
         shape[axis] = -1
         scaled = weight / scale.reshape(shape)
     return torch.clamp(torch.round(scaled), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+
+
+def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``bias`` on the int32 grid of ``input_scale * weight_scale`` (per output channel), with a
+    straight-through gradient.
+
+    onnxruntime's QLinearConv / QGemm add the bias to the int32 accumulator, so they round a
+    float bias to that grid (``round(b / (sx * sw))``); the fake-quant and INT8 models use the
+    same rounded bias, so that all three compute the same integers.
+    """
+    step = input_scale.float() * weight_scale.float()
+    levels = torch.clamp(torch.round(bias / step), -INT32_LIMIT, INT32_LIMIT)
+    return bias + (levels * step - bias).detach()
 
 
 def quantize_activation(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:

@@ -26,13 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fold import norm_remainder
 from .layers import OUT_AXIS
-from .numerics import EPS, WEIGHT_QMAX, WEIGHT_QMIN, fake_quantize_weight, lsq_fake_quantize, quantize_weight
+from .numerics import (
+    EPS,
+    WEIGHT_QMAX,
+    WEIGHT_QMIN,
+    fake_quantize_weight,
+    lsq_fake_quantize,
+    quantize_bias,
+    quantize_weight,
+)
 from .observers import weight_scale
 from .quantizers import ActivationQuantizer, DynamicActivationQuantizer
 
 ORIGINAL_CLASS_ATTR = "_slimkit_original_class"
 STATE_ATTR = "_slimkit_qat"
+FOLDED_INTO_ATTR = "_slimkit_folded_into"  # on a folded BatchNorm: the LayerState of its conv
+NEUTRAL_ATTR = "_slimkit_neutral"  # on a converted BatchNorm subclass kept for its activation
 
 
 @dataclasses.dataclass
@@ -51,6 +62,8 @@ class LayerState:
     spec: WeightSpec
     bn: nn.Module | None = None  # the BatchNorm folded into this conv, not a submodule of it
     weight_fake_quant: bool = False
+    # the quantizer of this layer's input (its own, or a site's); its scale sets the bias grid
+    input_source: nn.Module | None = None
     _cache: tuple | None = None  # (key, scale) of an expensive weight observer
 
     @property
@@ -123,9 +136,12 @@ def folded_bias(bias: torch.Tensor | None, bn: nn.Module, s: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def int8_parameters(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def int8_parameters(
+    layer: nn.Module, input_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(int8 weight in the layer's layout, per-channel scale, float bias) of a fake-quant layer,
-    with its BatchNorm folded in: the integers the fake-quant forward computes with."""
+    with its BatchNorm folded in and, for a static ``input_scale``, the bias on the int32 grid:
+    the numbers the fake-quant forward computes with."""
     state: LayerState = layer.__dict__[STATE_ATTR]
     weight, s, scale = quantization_inputs(layer)
     if scale.dim() == 0:
@@ -134,18 +150,53 @@ def int8_parameters(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
     bias = layer.bias
     if state.bn is not None:
         bias = folded_bias(bias, state.bn, s)
+    if bias is not None and input_scale is not None:
+        bias = quantize_bias(bias, torch.tensor(input_scale, device=bias.device), scale)
     return weight_int8, scale.clone(), None if bias is None else bias.detach().clone()
 
 
-def fake_quant_weight(layer: nn.Module) -> torch.Tensor:
+def _fake_quant_folded_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(fake-quantized folded weight, BN factor or None, weight scale)."""
     state: LayerState = layer.__dict__[STATE_ATTR]
     weight, s, scale = quantization_inputs(layer)
     if state.spec.learn:
         axis = state.axis if scale.dim() > 0 else None
-        quantized = lsq_fake_quantize(weight, scale, None, WEIGHT_QMIN, WEIGHT_QMAX, axis)
-    else:
-        quantized = fake_quantize_weight(weight, scale, state.axis)
+        return lsq_fake_quantize(weight, scale, None, WEIGHT_QMIN, WEIGHT_QMAX, axis), s, scale
+    return fake_quantize_weight(weight, scale, state.axis), s, scale
+
+
+def fake_quant_weight(layer: nn.Module) -> torch.Tensor:
+    """The fake-quantized weight in the layer's own (unfolded) domain."""
+    state: LayerState = layer.__dict__[STATE_ATTR]
+    quantized, s, _ = _fake_quant_folded_weight(layer)
     return quantized if s is None else _unfold(quantized, s, state.axis)
+
+
+def folds_now(state: LayerState) -> bool:
+    """True when the conv computes ``conv + BatchNorm`` as one folded conv (fake-quant on and
+    the BatchNorm on its running statistics: eval mode or frozen); the BatchNorm then passes
+    its input through (keeping any activation it runs)."""
+    bn = state.bn
+    return (
+        bn is not None
+        and state.weight_fake_quant
+        and (not bn.training or bn._slimkit_bn_frozen)
+        and norm_remainder(bn) is not None
+    )
+
+
+def _weight_and_bias(layer: nn.Module, state: LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not state.weight_fake_quant:
+        return layer.weight, layer.bias
+    if state.bn is not None and not folds_now(state):  # the BatchNorm normalizes with batch stats
+        return fake_quant_weight(layer), layer.bias
+    weight, s, scale = _fake_quant_folded_weight(layer)
+    bias = layer.bias if state.bn is None else folded_bias(layer.bias, state.bn, s)
+    source = state.input_source
+    input_scale = None if source is None else source.active_scale()
+    if bias is not None and input_scale is not None:
+        bias = quantize_bias(bias, input_scale, scale.detach())
+    return weight, bias
 
 
 class QATLayer:
@@ -155,14 +206,16 @@ class QATLayer:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         state: LayerState = self.__dict__[STATE_ATTR]
-        x = self.input_quantizer(input)
-        weight = fake_quant_weight(self) if state.weight_fake_quant else self.weight
+        # no input quantizer: the input comes quantized from a site (slimkit.quant.sites)
+        quantizer = self._modules.get("input_quantizer")
+        x = input if quantizer is None else quantizer(input)
+        weight, bias = _weight_and_bias(self, state)
         if state.kind == "conv2d":
-            return self._conv_forward(x, weight, self.bias)
+            return self._conv_forward(x, weight, bias)
         if state.kind == "linear":
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, bias)
         size_out = x.size()[:-1] + (weight.shape[1],)  # GPT-2 Conv1D: weight is [in, out]
-        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), weight)
+        out = torch.addmm(bias, x.reshape(-1, x.size(-1)), weight)
         return out.view(size_out)
 
 
@@ -174,6 +227,11 @@ class FreezableBatchNorm:
     _slimkit_bn_frozen = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        conv_state = self.__dict__.get(FOLDED_INTO_ATTR)
+        folded = self.__dict__.get(NEUTRAL_ATTR) or (conv_state is not None and folds_now(conv_state))
+        remainder = norm_remainder(self) if folded else None
+        if remainder is not None:  # the conv before it computed the normalization
+            return remainder(self, input)
         if self.training and self._slimkit_bn_frozen:
             self.training = False
             try:
@@ -222,12 +280,17 @@ def attach(
     dynamic: bool,
     learn_activations: bool,
     bn: nn.Module | None,
+    own_input: bool = True,
 ) -> None:
-    """Make ``layer`` a fake-quant layer (in place)."""
+    """Make ``layer`` a fake-quant layer (in place); without ``own_input`` its input comes
+    quantized from a site and it gets no input quantizer."""
     state = LayerState(kind=kind, spec=spec, bn=bn)
-    quantizer = DynamicActivationQuantizer() if dynamic else ActivationQuantizer(activation_config, learn_activations)
     device = layer.weight.device
-    layer.add_module("input_quantizer", quantizer.to(device))
+    if own_input:
+        quantizer = (
+            DynamicActivationQuantizer() if dynamic else ActivationQuantizer(activation_config, learn_activations)
+        )
+        layer.add_module("input_quantizer", quantizer.to(device))
     if spec.learn:
         # Per channel the learned scale lives in the raw weight's domain (the BN factor is
         # applied on top); per tensor it scales the folded weight.
@@ -240,6 +303,9 @@ def attach(
     swap_class(layer, QATLayer, "QAT")
     if bn is not None:
         swap_class(bn, FreezableBatchNorm, "Folding")
+        bn.__dict__[FOLDED_INTO_ATTR] = state
+    quantizer = layer._modules.get("input_quantizer")
+    state.input_source = quantizer if isinstance(quantizer, ActivationQuantizer) else None
 
 
 def detach_layer(layer: nn.Module) -> None:
@@ -253,6 +319,7 @@ def detach_layer(layer: nn.Module) -> None:
     if state is not None and state.bn is not None:
         restore_class(state.bn)
         state.bn.__dict__.pop("_slimkit_bn_frozen", None)
+        state.bn.__dict__.pop(FOLDED_INTO_ATTR, None)
 
 
 def is_qat_layer(module: nn.Module) -> bool:

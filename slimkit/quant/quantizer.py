@@ -33,10 +33,12 @@ from ..controller import Controller, Method, controller_of, unwrap
 from ..errors import IncompatibleError, SlimkitError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
-from . import qat
-from .fold import foldable_batchnorms
+from . import qat, sites
+from .dataflow import Recording, record
+from .fold import batchnorms_with_statistics, fold_pairs
 from .int8 import make_int8, require_int8_engine
 from .layers import layer_kind, unsupported_reason
+from .quantizers import ActivationQuantizer
 
 logger = logging.getLogger("slimkit")
 
@@ -95,6 +97,9 @@ class Quantizer(Method):
         self.example_inputs = example_inputs
         self.layers: dict[str, nn.Module] = {}
         self.folded: dict[str, str] = {}  # conv name -> BatchNorm name
+        self.plan = sites.Plan()
+        # every activation quantizer by its state-dict prefix: layer inputs and sites
+        self.quantizers: dict[str, nn.Module] = {}
         self.skipped_tied: list[str] = []
         self.phase = Phase("float", False, False, False)
         self._load_hook = None
@@ -144,23 +149,32 @@ class Quantizer(Method):
             logger.info("quant: keeping layers with tied weights in float: %s", self.skipped_tied)
         return selected
 
-    def _find_batchnorms(self, model: nn.Module, convs: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
-        if not self.config.fold_bn or not convs:
-            return {}
-        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            return {}
+    def _record(self, model: nn.Module, convs: dict[str, nn.Module]) -> Recording | None:
+        """One watched forward pass, when BatchNorms may fold or conv outputs get sites."""
+        cfg = self.config
+        folds = cfg.fold_bn and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        if not convs or not (folds or self._wants_sites()):
+            return None
         inputs = self.example_inputs
         if inputs is None:
             inputs = self.controller.adapter.example_inputs(model)
         with self.controller.suspended():
-            return foldable_batchnorms(model, convs, inputs)
+            return record(model, inputs)
+
+    def _wants_sites(self) -> bool:
+        return self.config.conv_outputs and self.config.mode != "dynamic"
 
     def prepare(self, model: nn.Module) -> None:
         cfg = self.config
         selected = self.select_layers(model)
         modules = dict(user_named_modules(model))
         convs = {n: modules[n] for n, k in selected.items() if k == "conv2d"}
-        pairs = self._find_batchnorms(model, convs)
+        recording = self._record(model, convs)
+        pairs = fold_pairs(recording, convs, batchnorms_with_statistics(model)) if recording and cfg.fold_bn else {}
+        if recording is not None and self._wants_sites():
+            folded_bns = {n: pairs[n][1] if n in pairs else None for n in convs}
+            self.plan = sites.plan_sites(recording, selected, folded_bns, cfg.exclude)
+        del recording  # it keeps every activation of the example pass alive
         spec = qat.WeightSpec(
             per_channel=cfg.weights.granularity == "per_channel",
             observer=cfg.weights.observer,
@@ -177,34 +191,47 @@ class Quantizer(Method):
                 dynamic=cfg.mode == "dynamic",
                 learn_activations=cfg.learn_scales,
                 bn=bn,
+                own_input=name not in self.plan.inputs,
             )
             self.layers[name] = modules[name]
+            if "input_quantizer" in modules[name]._modules:
+                self.quantizers[f"{name}.input_quantizer"] = modules[name].input_quantizer
             if bn_name is not None:
                 self.folded[name] = bn_name
+        for site in self.plan.sites.values():
+            if site.share is None:  # pass-through sites need nothing before conversion
+                module = modules[site.module]
+                device = next((t.device for t in module.parameters()), modules[next(iter(selected))].weight.device)
+                quantizer = ActivationQuantizer(cfg.activations, cfg.learn_scales).to(device)
+                sites.attach(module, site.where, quantizer)
+                self.quantizers[f"{site.module}.{site.where}_quantizer"] = quantizer
+        for name, (_, site_name) in self.plan.inputs.items():
+            self.layers[name].__dict__[qat.STATE_ATTR].input_source = self._site_quantizer(site_name)
         self._load_hook = self.controller.state.register_load_state_dict_post_hook(self._after_load)
         self.apply_phase(self.controller.step)
         logger.info(
-            "quant: %d layers fake-quantized (%s), %d BatchNorms folded",
+            "quant: %d layers fake-quantized (%s), %d BatchNorms folded, %d activation sites",
             len(self.layers),
             cfg.mode,
             len(self.folded),
+            len(self.plan.sites),
         )
 
     # -- schedule ----------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:
-        return all(layer.input_quantizer.has_range for layer in self.layers.values())
+        return all(quantizer.has_range for quantizer in self.quantizers.values())
 
     def apply_phase(self, step: int) -> None:
         self.phase = phase_at(self.config, step, self.calibrated)
         for layer in self.layers.values():
             state = layer.__dict__[qat.STATE_ATTR]
             state.weight_fake_quant = self.phase.fake_quant
-            quantizer = layer.input_quantizer
-            quantizer.fake_quant = self.phase.fake_quant
-            quantizer.observe = self.phase.observe
             if state.bn is not None:
                 state.bn._slimkit_bn_frozen = self.phase.bn_frozen
+        for quantizer in self.quantizers.values():
+            quantizer.fake_quant = self.phase.fake_quant
+            quantizer.observe = self.phase.observe
 
     def _after_load(self, module: nn.Module, incompatible: Any) -> None:
         # A checkpoint restored the step and observer state: re-derive the phase from them.
@@ -233,8 +260,9 @@ class Quantizer(Method):
         model.eval()
         for layer in self.layers.values():
             layer.__dict__[qat.STATE_ATTR].weight_fake_quant = False
-            layer.input_quantizer.fake_quant = False
-            layer.input_quantizer.calibrating = True
+        for quantizer in self.quantizers.values():
+            quantizer.fake_quant = False
+            quantizer.calibrating = True
         seen = 0
         try:
             with self.controller.suspended():
@@ -244,8 +272,8 @@ class Quantizer(Method):
                     call_model(model, _model_inputs(batch, device))
                     seen += 1
         finally:
-            for layer in self.layers.values():
-                layer.input_quantizer.calibrating = False
+            for quantizer in self.quantizers.values():
+                quantizer.calibrating = False
             model.train(was_training)
             self.apply_phase(self.controller.step)
         if seen == 0:
@@ -253,22 +281,51 @@ class Quantizer(Method):
         return seen
 
     # -- convert -------------------------------------------------------------------------------
+    def _site_quantizer(self, name: str) -> nn.Module:
+        """The quantizer whose qparams site ``name`` uses (pass-through sites: their source's)."""
+        site = self.plan.sites[name]
+        while site.share is not None:
+            site = self.plan.sites[site.share]
+        return self.quantizers[f"{site.module}.{site.where}_quantizer"]
+
+    def _input_quantizer(self, name: str) -> nn.Module:
+        """The quantizer whose qparams layer ``name``'s input uses."""
+        if name in self.plan.inputs:
+            return self._site_quantizer(self.plan.inputs[name][1])
+        return self.layers[name].input_quantizer
+
     def _check_ranges(self) -> None:
         if self.config.mode == "dynamic":
             return
-        missing = [n for n, layer in self.layers.items() if not layer.input_quantizer.has_range]
-        if missing:
-            how = (
-                "run slimkit.calibrate(model, dataloader, num_batches=...) first"
-                if self.config.mode == "ptq"
-                else f"train past quant.start_step ({self.config.start_step}) or run slimkit.calibrate(...)"
-            )
-            shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+        layers = [n for n in self.layers if not self._input_quantizer(n).has_range]
+        between = [n for n in self.plan.sites if not self._site_quantizer(n).has_range]
+        if not layers and not between:
+            return
+        how = (
+            "run slimkit.calibrate(model, dataloader, num_batches=...) first"
+            if self.config.mode == "ptq"
+            else f"train past quant.start_step ({self.config.start_step}) or run slimkit.calibrate(...)"
+        )
+        missing = layers or between
+        shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+        if layers:
             raise IncompatibleError(
-                f"convert: the input observers of {len(missing)} of {len(self.layers)} quantized layers "
+                f"convert: the input observers of {len(layers)} of {len(self.layers)} quantized layers "
                 f"never saw data ({shown}), so they have no activation range: {how}. Layers that never "
-                f"run can be kept in float with {_exclude_hint(missing)}."
+                f"run can be kept in float with {_exclude_hint(layers)}."
             )
+        raise IncompatibleError(
+            f"convert: the observers of {len(between)} of {len(self.plan.sites)} activation sites between "
+            f"layers (conv outputs, residual adds) never saw data ({shown}): {how}, or set "
+            "quant.conv_outputs: false to quantize layer inputs only."
+        )
+
+    def _site_qparams(self) -> dict[str, tuple[float, int]]:
+        """Each site's uint8 qparams (pass-through sites: those of the site they share)."""
+        return {name: self._site_quantizer(name).qparams() for name in self.plan.sites}
+
+    def _input_qparams(self, name: str) -> tuple[float, int] | None:
+        return None if self.config.mode == "dynamic" else self._input_quantizer(name).qparams()
 
     @torch.no_grad()
     def convert(self, model: nn.Module) -> nn.Module:
@@ -276,40 +333,52 @@ class Quantizer(Method):
         self._check_ranges()
         modules = dict(user_named_modules(model))
         folded: dict[str, str] = dict(model.__dict__.get(FOLDED_ATTR, {}))
+        site_qparams = self._site_qparams()
+        for name in self.plan.sites:
+            sites.detach(modules[name])
         for name, layer in self.layers.items():
             state: qat.LayerState = layer.__dict__[qat.STATE_ATTR]
-            weight_int8, scale, bias = qat.int8_parameters(layer)
-            quantizer = layer.input_quantizer
-            input_qparams = None if self.config.mode == "dynamic" else quantizer.qparams()
+            input_qparams = self._input_qparams(name)
+            weight_int8, scale, bias = qat.int8_parameters(layer, input_qparams and input_qparams[0])
+            from_site = self.plan.inputs.get(name, ("",))[0] == "site"
             original = layer.__dict__[qat.ORIGINAL_CLASS_ATTR]
             qat.detach_layer(layer)
-            make_int8(layer, state.kind, original, weight_int8, scale, bias, input_qparams)
+            make_int8(layer, state.kind, original, weight_int8, scale, bias, input_qparams, from_site)
             if state.bn is not None:
                 bn_name = self.folded[name]
                 folded[bn_name] = _fold_away(model, bn_name, modules[bn_name])
+        for name, site in self.plan.sites.items():  # by name: a folded BatchNorm is an Identity now
+            sites.install_int8(model.get_submodule(name), site.where, *site_qparams[name])
         model.__dict__[FOLDED_ATTR] = folded
-        self._forget_training_tensors(model, list(self.layers))
+        self._forget_training_tensors(model, [*self.quantizers, *(f"{n}.weight_scale" for n in self.layers)])
         self.layers = {}
+        self.quantizers = {}
+        self.plan = sites.Plan()
         return model
 
     @staticmethod
-    def _forget_training_tensors(model: nn.Module, layer_names: list[str]) -> None:
+    def _forget_training_tensors(model: nn.Module, names: list[str]) -> None:
         """Drop the fake-quant tensors from the pruning manifest: pruning records every tensor
         it sliced (a learned ``weight_scale`` included) and replays that list on a freshly built
-        model at load time, where they do not exist; the INT8 block rebuilds them instead."""
+        model at load time, where they do not exist; the INT8 block rebuilds them instead.
+        ``names`` are tensors (``conv.weight_scale``) and quantizer modules (everything under)."""
         manifest = model.__dict__.get(_PRUNING_MANIFEST_ATTR)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
             return
-        ours = tuple(f"{n}.weight_scale" for n in layer_names)
-        prefixes = tuple(f"{n}.input_quantizer." for n in layer_names)
+        prefixes = tuple(f"{n}." for n in names)
         manifest["tensors"] = {
-            k: v for k, v in manifest["tensors"].items() if k not in ours and not k.startswith(prefixes)
+            k: v for k, v in manifest["tensors"].items() if k not in names and not k.startswith(prefixes)
         }
 
     def remove(self, model: nn.Module) -> None:
+        modules = dict(user_named_modules(model))
+        for name in self.plan.sites:
+            sites.detach(modules[name])
         for layer in self.layers.values():
             qat.detach_layer(layer)
         self.layers = {}
+        self.quantizers = {}
+        self.plan = sites.Plan()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -339,6 +408,7 @@ def neutralize_batchnorm(bn: nn.Module) -> None:
     bn.eps = 0.0
     qat.swap_class(bn, qat.FreezableBatchNorm, "Folded")
     bn._slimkit_bn_frozen = True
+    bn.__dict__[qat.NEUTRAL_ATTR] = True  # runs only what it does besides normalizing, if known
 
 
 def _model_inputs(batch: Any, device: torch.device) -> Any:

@@ -74,6 +74,13 @@ class ActivationQuantizer(nn.Module):
         if self.learn:
             self.initialized.fill_(True)
 
+    def active_scale(self) -> torch.Tensor | None:
+        """The scale this quantizer fake-quantizes with now (no gradient), or None while it
+        passes its input through (float phase, no range yet)."""
+        if not self.fake_quant or not self.has_range:
+            return None
+        return self.scale.detach().abs() if self.learn else self.scale
+
     def qparams(self) -> tuple[float, int]:
         """The scale and zero-point INT8 conversion uses (learned ones rounded like in training)."""
         scale = float(self.scale.detach().abs()) if self.learn else float(self.scale)

@@ -122,7 +122,7 @@ def test_learned_scales_train_and_start_from_the_observer(cnn_data):
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"learn_scales": True}}, example_inputs=batches[0][0])
     assert isinstance(model.conv2.weight_scale, nn.Parameter) and model.conv2.weight_scale.shape == (16,)
-    quantizer = model.conv2.input_quantizer
+    quantizer = model.conv3.input_quantizer
     assert isinstance(quantizer.scale, nn.Parameter) and not bool(quantizer.initialized)
     train_steps(model, batches[:1], cnn_loss, steps=1)
     assert bool(quantizer.initialized)

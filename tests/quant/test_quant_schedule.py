@@ -34,7 +34,7 @@ def test_schedule_drives_observers_and_fake_quant(cnn_data):
     batches, held_out = cnn_data
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"start_step": 2, "freeze_observers_step": 4}}, example_inputs=held_out[:2])
-    quantizer = model.conv2.input_quantizer
+    quantizer = model.conv3.input_quantizer
     float_out = logits_of(model.eval(), held_out)
     train_steps(model, batches, cnn_loss, steps=2)
     assert int(quantizer.observer.observed) == 0, "observers must stay off before start_step"
@@ -73,7 +73,7 @@ def test_qat_starts_from_calibrated_scales(cnn_data):
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"learn_scales": True}}, example_inputs=held_out[:2])
     slimkit.calibrate(model, [held_out[:64]])
-    quantizer = model.conv2.input_quantizer
+    quantizer = model.conv3.input_quantizer
     assert bool(quantizer.initialized)
     calibrated = quantizer.scale.detach().clone()
     model.train()
@@ -109,6 +109,7 @@ def test_quant_config_round_trips_every_field():
         "freeze_observers_step": 10,
         "freeze_bn_step": 12,
         "exclude": ["fc", "layer1.*"],
+        "conv_outputs": False,
     }
     recipe = slimkit.Recipe.from_dict({"quant": data})
     assert recipe.to_dict()["quant"] == data

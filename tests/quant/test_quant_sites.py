@@ -1,0 +1,144 @@
+"""Activation sites between layers (``quant.conv_outputs``): where they go on a timm resnet18,
+and that the converted model, its ONNX export and a saved folder all keep them (parity of the
+fake-quant model with the INT8 and ONNX models is in test_quant_parity.py)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+from quant_helpers import SmallCNN, logits_of
+
+import slimkit
+from slimkit.quant import is_int8_layer, onnx_session, run_onnx
+from slimkit.quant.sites import site_of
+
+BLOCKS = [f"layer{stage}.{block}" for stage in range(1, 5) for block in range(2)]
+
+
+def _resnet18():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+
+
+def _ptq(model, x, **quant):
+    slimkit.prepare(model, {"quant": {"mode": "ptq", **quant}}, example_inputs=x)
+    slimkit.calibrate(model, [x])
+    return model
+
+
+def test_resnet18_sites_cover_conv_outputs_and_residual_adds():
+    model = _ptq(_resnet18(), torch.randn(4, 3, 32, 32))
+    quantizer = model._slimkit.methods["quant"]
+    plan = quantizer.plan
+    # stem ReLU, per block: ReLU after conv1, conv2 output (an add operand), ReLU after the add;
+    # the three downsample convs (the other add operand); max-pool passes the stem's qparams on
+    assert len(plan.sites) == 1 + 3 * len(BLOCKS) + 3 + 1
+    assert plan.sites["act1"].share is None and plan.sites["maxpool"].share == "act1"
+    for block in BLOCKS:
+        assert plan.sites[f"{block}.act2"].where == "output", f"{block}: the residual add is not quantized"
+        assert f"{block}.bn2" in plan.sites and f"{block}.act1" in plan.sites
+    assert {f"layer{s}.0.downsample.1" for s in (2, 3, 4)} <= set(plan.sites)
+    # every conv but the stem reads a site's uint8 tensor; the stem conv and fc quantize their own input
+    assert len(plan.inputs) == 19 and set(plan.inputs.values()) <= {("site", n) for n in plan.sites}
+    assert plan.inputs["layer2.0.conv1"] == plan.inputs["layer2.0.downsample.0"] == ("site", "layer1.1.act2")
+    assert "input_quantizer" in model.conv1._modules and "input_quantizer" in model.fc._modules
+    assert "input_quantizer" not in model.layer1[0].conv1._modules
+    assert len(quantizer.quantizers) == 2 + len(plan.sites) - 1  # the pass-through site has none
+
+    int8 = slimkit.convert(model)
+    assert site_of(int8.layer1[0].act2) == "output" and site_of(int8.layer1[0].bn2) == "output"
+    assert float(int8.layer1[0].act1.output_zero_point) == 0, "a ReLU output's range starts at 0"
+    assert int8.maxpool.output_scale == int8.act1.output_scale
+    assert int8.layer1[0].conv1.input_scale == int8.maxpool.output_scale
+
+
+def test_conv_outputs_false_quantizes_layer_inputs_only():
+    model = _ptq(_resnet18(), torch.randn(4, 3, 32, 32), conv_outputs=False)
+    quantizer = model._slimkit.methods["quant"]
+    assert not quantizer.plan.sites and len(quantizer.quantizers) == 21
+    int8 = slimkit.convert(model)
+    assert not any(site_of(m) for m in int8.modules())
+
+
+def test_small_cnn_residual_add_is_a_site():
+    x = torch.randn(8, 1, 12, 12)
+    model = _ptq(SmallCNN(), x)
+    plan = model._slimkit.methods["quant"].plan
+    # conv1 -> bn1 -> relu feeds conv2 and the add: its site is on bn1 (the functional ReLU keeps
+    # values on its grid); the add (functional) is read by relu -> conv3, whose input quantizer
+    # covers it; conv3 -> bn3 -> relu is quantized where it enters the pool
+    assert plan.sites.keys() == {"bn1", "bn2", "pool"}
+    assert plan.sites["pool"].where == "input" and plan.sites["bn2"].where == "output"
+    assert plan.inputs == {"conv2": ("grid", "bn1")}
+    assert "input_quantizer" in model.conv3._modules and "input_quantizer" not in model.conv2._modules
+    int8 = slimkit.convert(model)
+    assert site_of(int8.pool) == "input" and int8.conv2.input_scale == int8.bn1.output_scale
+
+
+def test_onnx_export_keeps_uint8_between_layers(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    x = torch.randn(4, 3, 32, 32)
+    int8 = slimkit.convert(_ptq(_resnet18(), x))
+    path = slimkit.export_onnx(int8, tmp_path / "model.onnx", x)
+    session = onnx_session(path, threads=2)
+    expected = logits_of(int8, x)
+    same = (torch.from_numpy(run_onnx(session, x)[0]).argmax(-1) == expected.argmax(-1)).float().mean()
+    assert same == 1.0
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    # onnxruntime fuses every conv (ReLU included) and every residual add into uint8 kernels
+    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 8, ops
+    assert not {"Conv", "FusedConv", "Add", "Relu"} & set(ops), ops
+
+
+def test_int8_folder_with_sites_round_trip(tmp_path):
+    x = torch.randn(4, 3, 32, 32)
+    int8 = slimkit.convert(_ptq(_resnet18(), x))
+    expected = logits_of(int8, x)
+    folder = slimkit.save_pretrained(int8, tmp_path / "int8")
+    block = json.loads((folder / "config.json").read_text())["slimkit"]["quantization"]
+    assert block["format"] == 2 and len(block["sites"]) == 29 and block["sites"]["layer1.0.act2"] == "output"
+    assert block["layers"]["layer1.0.conv2"] == {"kind": "conv2d", "activations": "static", "input": "site"}
+    assert block["layers"]["conv1"] == {"kind": "conv2d", "activations": "static"}
+
+    again = slimkit.from_pretrained(folder)
+    assert is_int8_layer(again.layer1[0].conv2) and site_of(again.layer4[1].act2) == "output"
+    assert again.layer4[1].act2.output_scale == int8.layer4[1].act2.output_scale
+    assert torch.equal(logits_of(again, x), expected)
+
+
+def test_a_site_that_never_ran_is_reported():
+    x = torch.randn(4, 3, 32, 32)
+    model = _resnet18()
+    slimkit.prepare(model, {"quant": {"mode": "ptq"}}, example_inputs=x)
+    quantizer = model._slimkit.methods["quant"]
+    slimkit.calibrate(model, [x])
+    # an add operand (read by no layer) that never saw data
+    quantizer.quantizers["layer1.0.bn2.output_quantizer"].observer.observed.zero_()
+    with pytest.raises(slimkit.SlimkitError, match="conv_outputs"):
+        slimkit.convert(model)
+
+
+def test_compiled_resnet18_runs_every_conv_with_a_uint8_output():
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(4, 3, 32, 32)
+    int8 = slimkit.convert(_ptq(_resnet18(), x))
+    eager = logits_of(int8, x)
+    slimkit.quant.compile(int8)
+    counters.clear()
+    with torch.inference_mode():
+        out = int8(x)
+    assert torch.equal(out.argmax(-1), eager.argmax(-1))
+    # every conv prepacked and lowered with its ReLU and the requantization of its output fused
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 20
+    assert counters["inductor"]["qconv_unary_lower_count"] == 20
+    assert counters["inductor"]["qmaxpool2d_matcher_count"] == 1
