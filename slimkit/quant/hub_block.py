@@ -50,6 +50,7 @@ def describe(model: nn.Module) -> dict | None:
         "activations": "uint8, per tensor, affine (input_scale, input_zero_point) or dynamic per batch",
         "layers": layers,
         "sites": {name: sites.site_of(module) for name, module in modules if sites.site_of(module)},
+        "sites_read_by_layers_only": [name for name, module in modules if sites.read_by_layers_only(module)],
         "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
     }
 
@@ -93,7 +94,8 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
     for name, where in block.get("sites", {}).items():
         if where not in ("output", "input"):
             raise FormatError(f"config.json: unknown site position {where!r} for {name!r} (output or input)")
-        sites.install_int8(_module(model, name, "site"), where, 1.0, 0)
+        layers_only = name in block.get("sites_read_by_layers_only", ())
+        sites.install_int8(_module(model, name, "site"), where, 1.0, 0, read_by_layers_only=layers_only)
     model.__dict__[FOLDED_ATTR] = dict(folded)
     return model
 

@@ -348,7 +348,9 @@ class Quantizer(Method):
                 bn_name = self.folded[name]
                 folded[bn_name] = _fold_away(model, bn_name, modules[bn_name])
         for name, site in self.plan.sites.items():  # by name: a folded BatchNorm is an Identity now
-            sites.install_int8(model.get_submodule(name), site.where, *site_qparams[name])
+            sites.install_int8(
+                model.get_submodule(name), site.where, *site_qparams[name], read_by_layers_only=site.read_by_layers_only
+            )
         model.__dict__[FOLDED_ATTR] = folded
         self._forget_training_tensors(model, [*self.quantizers, *(f"{n}.weight_scale" for n in self.layers)])
         self.layers = {}

@@ -41,6 +41,9 @@ from .numerics import ACT_QMAX, ACT_QMIN
 Where = Literal["output", "input"]
 SITE_ATTR = "_slimkit_site"  # module.__dict__: "output" | "input"
 TRACE_ATTR = "_slimkit_site_trace_qparams"
+# a converted site whose tensor only INT8 layers read, with its qparams: in eager mode they
+# quantize it themselves, so rounding it first as well would be a wasted elementwise pass
+LAYERS_ONLY_ATTR = "_slimkit_site_read_by_layers_only"
 
 _RELU = {"relu", "relu_", "relu6"}
 _HARDTANH = {"hardtanh", "hardtanh_"}
@@ -68,6 +71,8 @@ class Site:
     module: str
     where: Where
     share: str | None = None  # pass-through: reuse the qparams of the site on this module
+    # every reader of the tensor is a quantized layer that reads it as this site's values
+    read_by_layers_only: bool = False
 
 
 @dataclasses.dataclass
@@ -201,7 +206,22 @@ class _Planner:
                 self.plan.inputs[name] = ("site", self.site_at[call.input])
             else:
                 self.plan.inputs[name] = ("grid", grid[call.input])
+        for key, module in self.site_at.items():
+            site = self.plan.sites[module]
+            if site.where == "output" and self._read_by_layers_only(key, module):
+                self.plan.sites[module] = dataclasses.replace(site, read_by_layers_only=True)
         return self.plan
+
+    def _read_by_layers_only(self, key: Key, module: str) -> bool:
+        """Every op that reads ``key`` runs inside a quantized layer whose input is this site."""
+        calls = [
+            self.rec.single_call(layer)
+            for layer, (kind, source) in self.plan.inputs.items()
+            if kind == "site" and source == module
+        ]
+        spans = [(c.start, c.end) for c in calls if c is not None and c.input == key]
+        readers = self.rec.readers.get(key, [])
+        return bool(readers) and all(any(start <= r < end for start, end in spans) for r in readers)
 
 
 def plan_sites(
@@ -231,6 +251,10 @@ def _quantize(module: nn.Module, where: str, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = module.__dict__[TRACE_ATTR]
         q = qd.quantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
         return qd.dequantize_per_tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+    if module.__dict__.get(LAYERS_ONLY_ATTR, False):
+        # eager INT8: the layers that read x quantize it with these qparams (exactly the values
+        # rounding here first would give them)
+        return x
     scale = getattr(module, f"{where}_scale")
     zero_point = getattr(module, f"{where}_zero_point")
     return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, ACT_QMIN, ACT_QMAX)
@@ -270,14 +294,20 @@ def detach(module: nn.Module) -> None:
     for name in (f"{where}_scale", f"{where}_zero_point"):
         module._buffers.pop(name, None)
     module.__dict__.pop(TRACE_ATTR, None)
+    module.__dict__.pop(LAYERS_ONLY_ATTR, None)
     for hooks, fn in ((module._forward_hooks, quantize_output_hook), (module._forward_pre_hooks, quantize_input_hook)):
         for handle_id in [k for k, v in hooks.items() if v is fn]:
             del hooks[handle_id]
 
 
-def install_int8(module: nn.Module, where: str, scale: float, zero_point: int) -> None:
-    """Make ``module`` a converted site: uint8 qparams as buffers, quantize -> dequantize."""
+def install_int8(
+    module: nn.Module, where: str, scale: float, zero_point: int, read_by_layers_only: bool = False
+) -> None:
+    """Make ``module`` a converted site: uint8 qparams as buffers, quantize -> dequantize (in
+    eager mode skipped when ``read_by_layers_only``: its readers quantize it themselves)."""
     detach(module)
+    if read_by_layers_only:
+        module.__dict__[LAYERS_ONLY_ATTR] = True
     device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
     module.register_buffer(f"{where}_scale", torch.tensor(float(scale), device=device))
     module.register_buffer(f"{where}_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device))
@@ -287,6 +317,10 @@ def install_int8(module: nn.Module, where: str, scale: float, zero_point: int) -
 def site_of(module: nn.Module) -> str | None:
     """``"output"`` / ``"input"`` when ``module`` is a site, else None."""
     return module.__dict__.get(SITE_ATTR)
+
+
+def read_by_layers_only(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(LAYERS_ONLY_ATTR, False))
 
 
 def prepare_sites_for_tracing(model: nn.Module) -> None:
@@ -309,5 +343,6 @@ __all__ = [
     "prepare_sites_for_tracing",
     "quantize_input_hook",
     "quantize_output_hook",
+    "read_by_layers_only",
     "site_of",
 ]

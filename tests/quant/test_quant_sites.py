@@ -13,7 +13,7 @@ from quant_helpers import SmallCNN, logits_of
 
 import slimkit
 from slimkit.quant import is_int8_layer, onnx_session, run_onnx
-from slimkit.quant.sites import site_of
+from slimkit.quant.sites import LAYERS_ONLY_ATTR, read_by_layers_only, site_of
 
 BLOCKS = [f"layer{stage}.{block}" for stage in range(1, 5) for block in range(2)]
 
@@ -142,3 +142,25 @@ def test_compiled_resnet18_runs_every_conv_with_a_uint8_output():
     assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 20
     assert counters["inductor"]["qconv_unary_lower_count"] == 20
     assert counters["inductor"]["qmaxpool2d_matcher_count"] == 1
+
+
+def test_eager_int8_skips_sites_that_only_int8_layers_read():
+    x = torch.randn(4, 3, 32, 32)
+    model = _ptq(_resnet18(), x)
+    plan = model._slimkit.methods["quant"].plan
+    only_layers = {name for name, site in plan.sites.items() if site.read_by_layers_only}
+    # a block's inner ReLU feeds only its conv2, and a stage's last output only the next stage's
+    # conv1 and downsample conv; every other add output also feeds an add (identity shortcut) or
+    # the head, the stem's ReLU feeds the max-pool: those are rounded where they are made
+    assert only_layers == {f"{block}.act1" for block in BLOCKS} | {f"layer{s}.1.act2" for s in (1, 2, 3)}
+    int8 = slimkit.convert(model)
+    assert sorted(n for n, m in int8.named_modules() if read_by_layers_only(m)) == sorted(only_layers)
+
+    with torch.inference_mode():
+        skipped = int8(x)
+        for name in only_layers:  # round those tensors in a separate pass again
+            int8.get_submodule(name).__dict__.pop(LAYERS_ONLY_ATTR)
+        rounded = int8(x)
+    # the reading layers quantize with the site's qparams: the same integers either way
+    torch.testing.assert_close(skipped, rounded, rtol=0, atol=1e-5)
+    assert torch.equal(skipped.argmax(-1), rounded.argmax(-1))
