@@ -43,6 +43,7 @@ DYNAMIC_ATTR = "_slimkit_int8_dynamic"
 # the input arrives quantized (dequantized uint8 values of a site with the same qparams): a
 # traced graph must not quantize it again (QuantizeLinear after DequantizeLinear)
 FROM_SITE_ATTR = "_slimkit_int8_input_from_site"
+_CACHES = ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams")
 
 
 def load_decomposed_ops():
@@ -79,6 +80,14 @@ class Int8Layer:
     """Mixin placed in front of a Conv2d / Linear / Conv1D class."""
 
     _slimkit_quant_class = True
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy / pickle: the caches hold prepacked oneDNN tensors, which cannot be
+        # copied (and would point at the original's weights); a copy rebuilds them on first use
+        state = self.__dict__.copy()
+        for key in _CACHES:
+            state.pop(key, None)
+        return state
 
     # -- qparams and prepacked weights (cached; rebuilt when any tensor changes) ---------------
     def _input_qparams(self) -> tuple[float, int]:
@@ -279,7 +288,7 @@ def make_int8(
         layer.__dict__[DYNAMIC_ATTR] = False
     layer.__dict__[INT8_KIND_ATTR] = kind
     layer.__dict__[FROM_SITE_ATTR] = bool(input_from_site and input_qparams is not None)
-    for key in ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams"):
+    for key in _CACHES:
         layer.__dict__.pop(key, None)
     layer.__class__ = subclass(Int8Layer, original_class, "Int8")
 

@@ -4,6 +4,8 @@ reported in every assertion message (and printed with ``pytest -s``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from quant_helpers import (
@@ -141,3 +143,15 @@ def test_int8_layers_run_onednn_int8_kernels_not_float_convolutions(qat_cnn, cnn
     ops = {event.name for event in profile.events()}
     assert "onednn::qconv2d_pointwise" in ops and "onednn::qlinear_pointwise" in ops
     assert not ops & {"aten::conv2d", "aten::convolution", "aten::linear", "aten::addmm", "aten::mm"}
+
+
+def test_an_int8_model_that_has_run_can_be_copied(qat_cnn, cnn_data):
+    _, held_out = cnn_data
+    int8 = convert_copy(qat_cnn)
+    before = logits_of(int8, held_out)  # prepacks the oneDNN weights (opaque tensors, not copyable)
+    twin = copy.deepcopy(int8)
+    assert "_slimkit_packed" not in twin.conv1.__dict__ and "_slimkit_packed" in int8.conv1.__dict__
+    assert torch.equal(logits_of(twin, held_out), before)
+    with torch.no_grad():
+        twin.conv1.weight.zero_()  # the copy owns its weights: the original is untouched
+    assert torch.equal(logits_of(int8, held_out), before)
