@@ -84,6 +84,8 @@ def format_info(info: dict[str, Any]) -> str:
         text = f"{len(quant.get('layers', {}))} int8 layers ({quant.get('backend', '?')} kernels)"
         if quant.get("folded_batchnorms"):
             text += f", {len(quant['folded_batchnorms'])} BatchNorms folded"
+        if quant.get("embeddings"):
+            text += f", {len(quant['embeddings'])} int8 embeddings (weight-only)"
         rows.append(("quantization", text))
     if info.get("report"):
         from .report import report_rows

@@ -244,6 +244,11 @@ class QuantConfig(Config):
     freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
     freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
     exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
+    embeddings: bool = help_field(
+        False,
+        "also store nn.Embedding tables as int8, one symmetric scale per row (weight-only: lookups return "
+        "float); embeddings tied to another module's weight stay float",
+    )
     conv_outputs: bool = help_field(
         True,
         "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..hub import register_block
 from . import hub_block
 from .compiled import compile
+from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer
 from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
@@ -30,6 +31,7 @@ __all__ = [
     "compile",
     "export_onnx",
     "int8_engine_problem",
+    "is_int8_embedding",
     "is_int8_layer",
     "onnx_session",
     "phase_at",

@@ -6,7 +6,12 @@
   dynamic) and, when its input comes quantized from a site, ``"input": "site"``;
 * ``sites``: every activation site between layers (:mod:`slimkit.quant.sites`), module name ->
   ``"output"`` or ``"input"``, with its qparams in ``<module>.<where>_scale`` / ``_zero_point``;
-* ``folded_batchnorms``: every BatchNorm folded away (``identity`` or ``frozen``).
+* ``folded_batchnorms``: every BatchNorm folded away (``identity`` or ``frozen``);
+* ``embeddings`` (format 3, only when there are any): the names of the weight-only INT8
+  embeddings (``quant.embeddings``), int8 ``weight`` and per-row ``weight_scale``. Folders
+  without INT8 embeddings are still written as format 2, which older slimkit versions read;
+  a folder with them is format 3, which older versions refuse instead of loading an int8 table
+  into a float embedding.
 
 ``from_pretrained`` builds the float model, replays pruning, then gives each listed layer the
 INT8 structure (int8 weight, scales, bias, input qparams as empty tensors of the right shapes)
@@ -20,12 +25,13 @@ from torch import nn
 
 from ..errors import FormatError
 from ..modules import user_named_modules
+from . import embeddings as qemb
 from . import sites
 from .int8 import DYNAMIC_ATTR, FROM_SITE_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
 from .layers import layer_kind
 from .quantizer import FOLDED_ATTR, neutralize_batchnorm
 
-BLOCK_FORMAT = 2
+BLOCK_FORMAT = 3
 
 
 def _layer_entry(module: nn.Module) -> dict:
@@ -41,10 +47,11 @@ def _layer_entry(module: nn.Module) -> dict:
 def describe(model: nn.Module) -> dict | None:
     modules = list(user_named_modules(model))
     layers = {name: _layer_entry(module) for name, module in modules if is_int8_layer(module)}
-    if not layers:
+    embeddings = [name for name, module in modules if qemb.is_int8_embedding(module)]
+    if not layers and not embeddings:
         return None
-    return {
-        "format": BLOCK_FORMAT,
+    block = {
+        "format": 3 if embeddings else 2,
         "backend": "onednn",
         "weights": "int8, symmetric, per output channel (weight, weight_scale)",
         "activations": "uint8, per tensor, affine (input_scale, input_zero_point) or dynamic per batch",
@@ -53,6 +60,10 @@ def describe(model: nn.Module) -> dict | None:
         "sites_read_by_layers_only": [name for name, module in modules if sites.read_by_layers_only(module)],
         "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
     }
+    if embeddings:
+        block["embeddings"] = embeddings
+        block["embedding_weights"] = "int8, symmetric, per row (weight, weight_scale), weight-only"
+    return block
 
 
 def _module(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -96,6 +107,14 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
             raise FormatError(f"config.json: unknown site position {where!r} for {name!r} (output or input)")
         layers_only = name in block.get("sites_read_by_layers_only", ())
         sites.install_int8(_module(model, name, "site"), where, 1.0, 0, read_by_layers_only=layers_only)
+    for name in block.get("embeddings", ()):
+        embedding = _module(model, name, "embedding")
+        if not isinstance(embedding, nn.Embedding):
+            raise FormatError(
+                f"config.json: quantized embedding {name!r} is a {type(embedding).__name__} in the rebuilt "
+                f"{type(model).__name__}, not an nn.Embedding"
+            )
+        qemb.empty_int8_like(embedding)
     model.__dict__[FOLDED_ATTR] = dict(folded)
     return model
 

@@ -33,6 +33,7 @@ from ..controller import Controller, Method, controller_of, unwrap
 from ..errors import IncompatibleError, SlimkitError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
+from . import embeddings as qemb
 from . import qat, sites
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
@@ -96,6 +97,7 @@ class Quantizer(Method):
         super().__init__(controller, config)
         self.example_inputs = example_inputs
         self.layers: dict[str, nn.Module] = {}
+        self.embeddings: dict[str, nn.Module] = {}  # quant.embeddings: weight-only, no input quantizer
         self.folded: dict[str, str] = {}  # conv name -> BatchNorm name
         self.plan = sites.Plan()
         # every activation quantizer by its state-dict prefix: layer inputs and sites
@@ -119,6 +121,16 @@ class Quantizer(Method):
             if not name or matches_any(name, cfg.exclude) or matches_any(name, blocked):
                 continue
             kind = layer_kind(module)
+            if kind is None and cfg.embeddings and isinstance(module, nn.Embedding):
+                reason = qemb.embedding_problem(module)
+                if reason is not None:
+                    problems.append((name, module, reason))
+                    blocked.append(name)
+                elif id(module._parameters.get("weight")) in tied:
+                    self.skipped_tied.append(name)
+                else:
+                    selected[name] = "embedding"
+                continue
             if kind is None:
                 reason = unsupported_reason(module)
                 relevant = reason is not None and not (dynamic and isinstance(module, nn.modules.conv._ConvNd))
@@ -139,7 +151,7 @@ class Quantizer(Method):
                 f"Keep them in floating point with {_exclude_hint([n for n, _, _ in problems])} "
                 "(names or fnmatch patterns; a module's children are excluded with it)."
             )
-        if not selected:
+        if not any(kind != "embedding" for kind in selected.values()):
             raise UnsupportedModelError(
                 f"quant: {type(model).__name__} has no layer to quantize (Conv2d, Linear or GPT-2 Conv1D"
                 + (", Linear only in mode: dynamic" if dynamic else "")
@@ -168,6 +180,10 @@ class Quantizer(Method):
         cfg = self.config
         selected = self.select_layers(model)
         modules = dict(user_named_modules(model))
+        for name in [n for n, kind in selected.items() if kind == "embedding"]:
+            del selected[name]
+            qemb.attach(modules[name])
+            self.embeddings[name] = modules[name]
         convs = {n: modules[n] for n, k in selected.items() if k == "conv2d"}
         recording = self._record(model, convs)
         pairs = fold_pairs(recording, convs, batchnorms_with_statistics(model)) if recording and cfg.fold_bn else {}
@@ -210,8 +226,9 @@ class Quantizer(Method):
         self._load_hook = self.controller.state.register_load_state_dict_post_hook(self._after_load)
         self.apply_phase(self.controller.step)
         logger.info(
-            "quant: %d layers fake-quantized (%s), %d BatchNorms folded, %d activation sites",
+            "quant: %d layers and %d embeddings fake-quantized (%s), %d BatchNorms folded, %d activation sites",
             len(self.layers),
+            len(self.embeddings),
             cfg.mode,
             len(self.folded),
             len(self.plan.sites),
@@ -229,6 +246,8 @@ class Quantizer(Method):
             state.weight_fake_quant = self.phase.fake_quant
             if state.bn is not None:
                 state.bn._slimkit_bn_frozen = self.phase.bn_frozen
+        for embedding in self.embeddings.values():
+            qemb.set_fake_quant(embedding, self.phase.fake_quant)
         for quantizer in self.quantizers.values():
             quantizer.fake_quant = self.phase.fake_quant
             quantizer.observe = self.phase.observe
@@ -260,6 +279,8 @@ class Quantizer(Method):
         model.eval()
         for layer in self.layers.values():
             layer.__dict__[qat.STATE_ATTR].weight_fake_quant = False
+        for embedding in self.embeddings.values():  # layer inputs are observed in float
+            qemb.set_fake_quant(embedding, False)
         for quantizer in self.quantizers.values():
             quantizer.fake_quant = False
             quantizer.calibrating = True
@@ -351,9 +372,12 @@ class Quantizer(Method):
             sites.install_int8(
                 model.get_submodule(name), site.where, *site_qparams[name], read_by_layers_only=site.read_by_layers_only
             )
+        for embedding in self.embeddings.values():
+            qemb.convert(embedding)
         model.__dict__[FOLDED_ATTR] = folded
         self._forget_training_tensors(model, [*self.quantizers, *(f"{n}.weight_scale" for n in self.layers)])
         self.layers = {}
+        self.embeddings = {}
         self.quantizers = {}
         self.plan = sites.Plan()
         return model
@@ -378,7 +402,10 @@ class Quantizer(Method):
             sites.detach(modules[name])
         for layer in self.layers.values():
             qat.detach_layer(layer)
+        for embedding in self.embeddings.values():
+            qemb.detach(embedding)
         self.layers = {}
+        self.embeddings = {}
         self.quantizers = {}
         self.plan = sites.Plan()
         if self._load_hook is not None:

@@ -109,6 +109,7 @@ def test_quant_config_round_trips_every_field():
         "freeze_observers_step": 10,
         "freeze_bn_step": 12,
         "exclude": ["fc", "layer1.*"],
+        "embeddings": True,
         "conv_outputs": False,
     }
     recipe = slimkit.Recipe.from_dict({"quant": data})

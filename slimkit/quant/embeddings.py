@@ -1,0 +1,175 @@
+"""Weight-only INT8 embeddings (``quant.embeddings: true``).
+
+An ``nn.Embedding``'s table is often the largest tensor of a transformer (half of MiniLM's
+weights) and a lookup does no arithmetic, so its weight is stored as ``int8 [V, D]`` with one
+symmetric scale per row (``float32 [V]``); a lookup gathers the int8 rows and their scales and
+multiplies them, so the output is float and the next layer sees no difference in dtype.
+
+Per row rather than per column: a lookup touches whole rows, so a row's scale is gathered
+with it and each vector keeps its own range (rare tokens' rows are much smaller than frequent
+ones'). The scale is always the row's absolute maximum / 127, so nothing is ever clipped;
+``quant.weights`` (observer, granularity) applies to layers, not to embeddings.
+
+The fake-quant and INT8 forwards compute ``round(w / s) * s`` with the same float32 ops, so
+they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import _own_forward
+from .numerics import EPS, WEIGHT_QMAX, WEIGHT_QMIN
+from .qat import ORIGINAL_CLASS_ATTR, restore_class, subclass, swap_class
+
+EMBEDDING_STATE_ATTR = "_slimkit_qat_embedding"
+INT8_EMBEDDING_ATTR = "_slimkit_int8_embedding"
+
+
+@dataclasses.dataclass
+class EmbeddingState:
+    weight_fake_quant: bool = False
+
+
+def row_scale(weight: torch.Tensor) -> torch.Tensor:
+    """float32 ``[rows]``: each row's absolute maximum / 127 (an all-zero row gets EPS)."""
+    return torch.clamp(weight.detach().abs().amax(dim=-1).float() / WEIGHT_QMAX, min=EPS)
+
+
+def quantize_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 rows for per-row ``scale`` (round half to even, like every other weight)."""
+    return torch.clamp(torch.round(weight.float() / scale.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+
+
+def fake_quantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8 fake-quant of ``rows [..., D]``, straight-through gradient.
+
+    Written with the same ops as :func:`quantize_rows` and the INT8 forward (not with
+    ``torch.fake_quantize_per_channel_affine``, which multiplies by ``1 / s``), so that the
+    converted model returns exactly these numbers. The range is the row's own maximum, so no
+    value is clipped and the gradient is 1 everywhere.
+    """
+    scale = row_scale(rows)
+    levels = torch.clamp(torch.round(rows.detach().float() / scale.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX)
+    quantized = (levels * scale.unsqueeze(-1)).to(rows.dtype)
+    return rows + (quantized - rows).detach()
+
+
+def embedding_problem(module: nn.Module) -> str | None:
+    """Why an ``nn.Embedding`` cannot be quantized, or None when it can."""
+    if _own_forward(module, nn.Embedding):
+        return f"{type(module).__name__} overrides Embedding.forward, so fake-quant of its weight would be bypassed"
+    if module.max_norm is not None:
+        return (
+            f"max_norm={module.max_norm}: the lookup renormalizes (and rewrites) the float rows in place, "
+            "which an int8 table cannot do"
+        )
+    if module.sparse:
+        return "sparse=True: sparse gradients of a fake-quantized table are not supported"
+    return None
+
+
+class QATEmbedding:
+    """Mixin placed in front of an ``nn.Embedding`` class: look up, then fake-quantize the rows.
+
+    The rows are fake-quantized after the lookup: a row's scale depends on that row alone, so
+    this equals looking up in a fake-quantized table, at the cost of the looked-up rows only.
+    """
+
+    _slimkit_quant_class = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        if not self.__dict__[EMBEDDING_STATE_ATTR].weight_fake_quant:
+            return rows
+        return fake_quantize_rows(rows)
+
+
+class Int8Embedding:
+    """Mixin placed in front of an ``nn.Embedding`` class: buffers ``weight`` (int8 ``[V, D]``)
+    and ``weight_scale`` (float32 ``[V]``); gather int8 rows and scales, multiply.
+
+    Plain aten ops (embedding / index gather, cast, mul), so the same code runs eager, under
+    ``torch.compile`` and under ``torch.export`` (ONNX: Gather, Cast, Mul)."""
+
+    _slimkit_quant_class = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input, self.weight)
+        scales = F.embedding(input, self.weight_scale.unsqueeze(-1))
+        return rows.float() * scales
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int8=embedding (weight-only, per row)"
+
+
+def attach(module: nn.Module) -> None:
+    """Make ``module`` a fake-quant embedding (in place; its Parameters stay the same)."""
+    module.__dict__[EMBEDDING_STATE_ATTR] = EmbeddingState()
+    swap_class(module, QATEmbedding, "QAT")
+
+
+def detach(module: nn.Module) -> None:
+    module.__dict__.pop(EMBEDDING_STATE_ATTR, None)
+    restore_class(module)
+
+
+def set_fake_quant(module: nn.Module, on: bool) -> None:
+    module.__dict__[EMBEDDING_STATE_ATTR].weight_fake_quant = on
+
+
+def is_qat_embedding(module: nn.Module) -> bool:
+    return EMBEDDING_STATE_ATTR in module.__dict__
+
+
+def is_int8_embedding(module: nn.Module) -> bool:
+    return INT8_EMBEDDING_ATTR in module.__dict__
+
+
+def make_int8(module: nn.Module, weight_int8: torch.Tensor, scale: torch.Tensor, original_class: type) -> None:
+    """Give ``module`` the int8 table and per-row scales and the Int8 class of ``original_class``."""
+    module._parameters.pop("weight", None)
+    module._buffers.pop("weight", None)
+    module.register_buffer("weight", weight_int8.contiguous())
+    module.register_buffer("weight_scale", scale.detach().float().reshape(weight_int8.shape[0]).contiguous())
+    module.__dict__[INT8_EMBEDDING_ATTR] = True
+    module.__class__ = subclass(Int8Embedding, original_class, "Int8")
+
+
+@torch.no_grad()
+def convert(module: nn.Module) -> None:
+    """Fake-quant embedding -> INT8 embedding, with the integers the fake-quant forward used."""
+    weight = module.weight.detach()
+    scale = row_scale(weight)
+    weight_int8 = quantize_rows(weight, scale)
+    original = module.__dict__.get(ORIGINAL_CLASS_ATTR, type(module))
+    detach(module)
+    make_int8(module, weight_int8, scale, original)
+
+
+def empty_int8_like(module: nn.Module) -> None:
+    """INT8 structure (zeros) on a freshly built float embedding, for loading saved weights."""
+    shape = tuple(module.weight.shape)
+    device = module.weight.device
+    weight_int8 = torch.zeros(shape, dtype=torch.int8, device=device)
+    make_int8(module, weight_int8, torch.ones(shape[0], device=device), type(module))
+
+
+__all__ = [
+    "EmbeddingState",
+    "attach",
+    "convert",
+    "detach",
+    "embedding_problem",
+    "empty_int8_like",
+    "fake_quantize_rows",
+    "is_int8_embedding",
+    "is_qat_embedding",
+    "make_int8",
+    "quantize_rows",
+    "row_scale",
+]
