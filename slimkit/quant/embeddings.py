@@ -48,13 +48,13 @@ def quantize_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize_rows(rows: torch.Tensor) -> torch.Tensor:
     """Per-row symmetric int8 fake-quant of ``rows [..., D]``, straight-through gradient.
 
-    Written with the same ops as :func:`quantize_rows` and the INT8 forward (not with
+    Rounds with :func:`quantize_rows` and rescales like the INT8 forward (not with
     ``torch.fake_quantize_per_channel_affine``, which multiplies by ``1 / s``), so that the
     converted model returns exactly these numbers. The range is the row's own maximum, so no
     value is clipped and the gradient is 1 everywhere.
     """
     scale = row_scale(rows)
-    levels = torch.clamp(torch.round(rows.detach().float() / scale.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX)
+    levels = quantize_rows(rows.detach(), scale).float()
     quantized = (levels * scale.unsqueeze(-1)).to(rows.dtype)
     return rows + (quantized - rows).detach()
 
