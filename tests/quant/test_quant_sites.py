@@ -156,11 +156,17 @@ def test_eager_int8_skips_sites_that_only_int8_layers_read():
     int8 = slimkit.convert(model)
     assert sorted(n for n, m in int8.named_modules() if read_by_layers_only(m)) == sorted(only_layers)
 
-    with torch.inference_mode():
-        skipped = int8(x)
-        for name in only_layers:  # round those tensors in a separate pass again
-            int8.get_submodule(name).__dict__.pop(LAYERS_ONLY_ATTR)
-        rounded = int8(x)
+    def rounding_passes(run):
+        with torch.inference_mode(), torch.profiler.profile() as profile:
+            out = run()
+        return out, sum(e.name == "aten::fake_quantize_per_tensor_affine" for e in profile.events())
+
+    skipped, passes = rounding_passes(lambda: int8(x))
+    assert passes == len(plan.sites) - len(only_layers)  # only the other sites round in eager
+    for name in only_layers:  # round those tensors in a separate pass again
+        int8.get_submodule(name).__dict__.pop(LAYERS_ONLY_ATTR)
+    rounded, passes = rounding_passes(lambda: int8(x))
+    assert passes == len(plan.sites)
     # the reading layers quantize with the site's qparams: the same integers either way
     torch.testing.assert_close(skipped, rounded, rtol=0, atol=1e-5)
     assert torch.equal(skipped.argmax(-1), rounded.argmax(-1))
