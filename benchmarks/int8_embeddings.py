@@ -9,7 +9,7 @@ Static PTQ (calibrated on 64 templated sentences) with and without ``embeddings:
 * accuracy: cosine of the mean-pooled sentence embeddings (attention mask) of the 64 held-out
   ``EVAL_SENTENCES``, INT8 against FP32 (mean and minimum);
 * speed: each INT8 model compiled (``slimkit.quant.compile``) against FP32 eager at batch 32 x 128
-  tokens, timed interleaved in this process (median of 7 rounds, order alternating).
+  tokens, timed interleaved in this process (``int8_common.interleaved``, median of 7 rounds).
 
 Writes ``benchmarks/results/int8_embeddings.json``.
 """
@@ -21,10 +21,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see int8_accuracy.py
 
 import copy  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -32,9 +30,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_common import (  # noqa: E402
     EVAL_SENTENCES,
+    interleaved,
     machine_info,
     mean_pool,
     setup_machine,
+    speedups,
     training_sentences,
     write_json,
 )
@@ -45,22 +45,6 @@ import slimkit  # noqa: E402
 def _embed(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
-
-
-@torch.inference_mode()
-def _speedups(models: dict[str, torch.nn.Module], batch: dict, rounds: int = 7) -> dict[str, float]:
-    """FP32-eager time over each model's time, timed interleaved (the first model is FP32)."""
-    for model in models.values():
-        model(**batch), model(**batch)  # warm-up (compilation)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(rounds):
-        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
-            start = time.perf_counter()
-            models[name](**batch)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    first = next(iter(medians.values()))
-    return {name: round(first / t, 3) for name, t in medians.items()}
 
 
 def main() -> None:
@@ -105,7 +89,8 @@ def main() -> None:
                 timed[name] = slimkit.quant.compile(int8)
     texts32 = [f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)]
     speed_batch = dict(tokenizer(texts32, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
-    report["speedup_compiled_vs_fp32_eager_b32x128"] = _speedups(timed, speed_batch)
+    timings = interleaved({name: lambda m=m: m(**speed_batch) for name, m in timed.items()}, rounds=7, iters=1)
+    report["speedup_compiled_vs_fp32_eager_b32x128"] = speedups(timings)
     for name, value in report["variants"].items():
         print(
             f"minilm {name:30s} size {value['size_ratio_vs_fp32']:.4f}x fp32 ({value['bytes']} bytes)  "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -57,20 +56,6 @@ def minilm_recipe(steps: int) -> dict:
         },
         "quant": {"start_step": at(2 / 3), "freeze_observers_step": at(13 / 15), "freeze_bn_step": at(13 / 15)},
     }
-
-
-@torch.inference_mode()
-def interleaved_ms(models: dict[str, torch.nn.Module], inputs, rounds: int) -> dict[str, float]:
-    for m in models.values():
-        m.eval()
-        m(**inputs) if isinstance(inputs, dict) else m(inputs)
-    times = {name: [] for name in models}
-    for i in range(rounds):
-        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
-            start = time.perf_counter()
-            models[name](**inputs) if isinstance(inputs, dict) else models[name](inputs)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def digits(rounds: int) -> dict:
@@ -117,7 +102,7 @@ def minilm(steps: int, rounds: int) -> dict:
         tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
         texts = [f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)]
         batch = dict(tokenizer(texts, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
-        speed = interleaved_ms({"teacher": teacher, "pruned": pruned, "int8": int8}, batch, rounds)
+        speed = demo.latencies({"teacher": teacher, "pruned": pruned, "int8": int8}, batch, rounds)
         sizes = {"teacher": tensor_bytes(teacher), "pruned": tensor_bytes(pruned), "int8": tensor_bytes(int8)}
     stages = {s["stage"]: s for s in metrics["stages"]}
     rows = [

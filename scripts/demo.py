@@ -74,16 +74,21 @@ def accuracy(model: torch.nn.Module, data) -> float:
 
 
 @torch.inference_mode()
-def latencies(models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int = 15) -> dict[str, float]:
-    """Median forward time (ms) of each model, interleaved round by round so drift hits all alike."""
+def latencies(models: dict[str, torch.nn.Module], inputs, rounds: int = 15) -> dict[str, float]:
+    """Median forward time (ms) of each model on ``inputs`` (a tensor or a dict of kwargs),
+    interleaved round by round, the order reversed every other round, so drift hits all alike."""
+
+    def run(model):
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
     for m in models.values():
         m.eval()
-        m(batch)  # warm-up: oneDNN primitives, allocator
+        run(m)  # warm-up: oneDNN primitives, allocator
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
+    for i in range(rounds):
+        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
             start = time.perf_counter()
-            m(batch)
+            run(models[name])
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
