@@ -87,6 +87,10 @@ class SlimCallback(TrainerCallback):
                 "need whole (unsharded) parameters. Train with DDP (the default of accelerate launch "
                 "--multi_gpu) instead."
             )
+        # A schedule that cannot finish in this run is refused now, not discovered at convert
+        # after the whole run (state.max_steps is set before on_train_begin).
+        if getattr(state, "max_steps", 0) and state.max_steps > 0:
+            self.controller.recipe.check_fits(state.max_steps, "max_steps (the Trainer's TrainingArguments)")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.controller.on_step(unwrap(model) if model is not None else self.model, state.global_step)

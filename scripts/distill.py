@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
 
     steps = args.max_steps or max(1, int(args.epochs * len(loader)))
+    # Refuse a schedule that cannot finish before any training time is spent.
+    recipe.check_fits(steps, "--max-steps" if args.max_steps else f"--epochs {args.epochs:g} x {len(loader)} batches")
     with_labels = kind == "text" and has_head
     out_dir = Path(args.output_dir)
     loop = {"epoch": 0, "batch": 0, "samples_seen": 0, "curve": [], "stages": []}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from .errors import ConfigError, did_you_mean
+from .recipe_io import short_repr
 
 _PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("slimkit_config_path", default=None)
 
@@ -59,9 +61,10 @@ class Config:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         for key in data:
             if key not in fields:
-                where = f"{path}.{key}" if path else str(key)
+                shown = key if isinstance(key, str) and len(key) <= 80 else short_repr(key)
+                where = f"{path}.{shown}" if path else str(shown)
                 raise ConfigError(
-                    f"{where}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(sorted(fields))}."
+                    f"{where}: unknown key.{did_you_mean(str(shown), fields)} Valid keys: {', '.join(sorted(fields))}."
                 )
         hints = typing.get_type_hints(cls)
         kwargs = {}
@@ -112,12 +115,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} fits none of the allowed forms")
+        if len(errors) == 1:
+            raise ConfigError(errors[-1])
+        raise ConfigError(f"{path}: {short_repr(value)} fits none of the allowed forms")
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed:
-            hint = did_you_mean(str(value), [str(a) for a in allowed])
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}.{hint}")
+        if isinstance(value, (list, dict)) or value not in allowed:
+            hint = did_you_mean(str(value), [str(a) for a in allowed]) if isinstance(value, str) else ""
+            raise ConfigError(f"{path}: {short_repr(value)} is not one of {', '.join(map(repr, allowed))}.{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -134,18 +139,25 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {short_repr(value)}")
+        # inf / nan (YAML .inf / .nan, JSON Infinity / NaN) would train on a NaN loss.
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+        ):
+            raise ConfigError(f"{path}: expected a whole number, got {short_repr(value)}")
         return int(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {short_repr(value)}")
+        if len(value) > 1000:
+            raise ConfigError(f"{path}: {short_repr(value)} is too long for a recipe value")
         return value
     raise ConfigError(f"{path}: cannot read a value of type {_type_name(tp)}")  # pragma: no cover

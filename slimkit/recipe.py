@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from ._config import Config, help_field
 from .errors import ConfigError
+from .recipe_io import short_repr
 
 # ----------------------------------------------------------------------------------------
 # distill
@@ -42,7 +43,7 @@ def _check_pair_names(cfg: Any, path: str) -> None:
     if isinstance(cfg.map, list):
         for i, pair in enumerate(cfg.map):
             if len(pair) != 2 or any(p < 0 for p in pair):
-                Config.fail(path, f"map[{i}]", f"expected [student_layer, teacher_layer] >= 0, got {pair}")
+                Config.fail(path, f"map[{i}]", f"expected [student_layer, teacher_layer] >= 0, got {short_repr(pair)}")
     if cfg.weight < 0:
         Config.fail(path, "weight", f"must be >= 0, got {cfg.weight}")
 
@@ -302,33 +303,43 @@ class Recipe(Config):
                     f"to at least {last + 1}."
                 )
 
+    def check_fits(self, max_steps: int, source: str = "max_steps") -> None:
+        """Refuse, before training starts, a schedule that cannot finish in ``max_steps``
+        optimizer steps (``source`` names where that number came from, e.g. ``--max-steps``).
+
+        Pruning must reach its last step (``prune.schedule.end_step``, or ``start_step`` for
+        one-shot) and QAT must train at least one step after ``quant.start_step``; otherwise
+        the run would only fail at ``convert``, after all the training time was spent."""
+        problems = []
+        if self.prune is not None and (self.prune.structured or self.prune.sparsity or self.prune.nm):
+            schedule = self.prune.schedule
+            field = "start_step" if schedule.kind == "one_shot" else "end_step"
+            if schedule.last_step > max_steps:
+                problems.append(
+                    f"prune.schedule.{field} is {schedule.last_step} but the run stops after {source}={max_steps} "
+                    f"steps, so pruning would never finish; lower prune.schedule.{field} or raise {source}"
+                )
+        if self.quant is not None and self.quant.mode == "qat" and self.quant.start_step >= max_steps:
+            problems.append(
+                f"quant.start_step is {self.quant.start_step} but the run stops after {source}={max_steps} steps, "
+                f"so QAT would never train (fake-quant ranges would never be observed); set quant.start_step "
+                f"below {max_steps} or raise {source}"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     @classmethod
     def from_dict(cls, data: Any, path: str | None = None) -> Recipe:
         return super().from_dict(data, "" if path is None else path)  # type: ignore[return-value]
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
-        """Read a recipe from ``.yaml`` / ``.yml`` / ``.json``."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".json":
-                data = json.loads(text)
-            elif suffix in (".yaml", ".yml"):
-                import yaml  # imported here: only YAML recipes need it
+        """Read a recipe from ``.yaml`` / ``.yml`` / ``.json`` (size, depth and YAML alias
+        expansion bounded: see :mod:`slimkit.recipe_io`)."""
+        from .recipe_io import read_recipe_file
 
-                data = yaml.safe_load(text)
-            else:
-                raise ConfigError(f"recipe file {str(path)!r}: use a .yaml, .yml or .json file")
-        except (json.JSONDecodeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"recipe file {str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
-        except Exception as exc:  # yaml.YAMLError
-            raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from exc
+        path = Path(path)
+        data = read_recipe_file(path)
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

@@ -21,10 +21,11 @@ from torch import nn
 
 from ..adapters import call_model
 from ..controller import Controller, Method
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..modules import get_module, match_modules, matches_any, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
+from .checks import check_round_to, nm_message
 from .graph import channel_groups
 from .heads import head_group, set_head_counts
 from .schedule import due_point, pruning_points, target_at_point
@@ -230,13 +231,14 @@ class Pruner(Method):
                 f"exactly ({reasons or 'no conv / linear layer was traced'}). Set prune.channels: 0, "
                 "or remove modules from prune.exclude."
             )
+        check_round_to(groups, self.config.round_to)
         return groups
 
     def _sparse_setup(self, model: nn.Module) -> list[torch.Size]:
         cfg = self.config
         if not cfg.sparsity and not cfg.nm:
             return []
-        shapes = []
+        shapes, widths = [], set()
         for name, module in user_named_modules(model):
             if name in self.excluded or isinstance(module, nn.Embedding):
                 continue
@@ -244,11 +246,14 @@ class Pruner(Method):
             weight = getattr(module, "weight", None)
             if not is_layer or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
                 continue
+            widths.add(int(weight.shape[input_dim(module, self.transposed)]))
             if cfg.nm and weight.shape[input_dim(module, self.transposed)] % int(cfg.nm.split(":")[1]):
                 logger.info("prune.nm: %s stays dense (its input size is not a multiple of M)", name)
                 continue
             self.sparse_weights.append(name)
             shapes.append(weight.shape)
+        if not shapes and cfg.nm and widths:
+            raise ConfigError(nm_message(cfg.nm, widths))
         if not shapes:
             raise UnsupportedModelError(
                 f"prune: {type(model).__name__} has no linear / conv weight left for "
