@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import slimkit
 from slimkit.adapters import get_adapter
-from slimkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slimkit.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.plugins.accelerate import gather_log_values, gather_mean
 from slimkit.plugins.data import TaskData, load_task_data
@@ -316,9 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = Scorer(teacher, eval_set, kind, accelerator) if accelerator.is_main_process else None
     stage_points = phase_ends(recipe)
     step = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if args.resume else None
+    # The newest checkpoint whose files match their checksums; damaged newer ones are named and skipped.
+    checkpoint = latest_intact_checkpoint(out_dir / "checkpoints", report=accelerator.print) if args.resume else None
+    if args.resume and checkpoint is None:
+        accelerator.print(f"no intact checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
     if checkpoint is not None:
-        loop = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, rank=accelerator.process_index)
+        loop = load_checkpoint(
+            checkpoint, accelerator.unwrap_model(student), optimizer, rank=accelerator.process_index, verify=False
+        )
         step = loop["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     progress = tqdm(total=steps, initial=step, desc="distill", disable=not accelerator.is_local_main_process)

@@ -7,30 +7,41 @@ A checkpoint is a folder ``step-000123`` holding
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its param groups
   and scalar state;
 * ``rng-<rank>.safetensors``: each process's torch RNG state;
-* ``state.json``: the loop's own state (step, epoch, batch, loss curve, ...).
+* ``state.json``: the loop's own state (step, epoch, batch, loss curve, ...);
+* ``checksums.json``: the SHA-256 of every other file, written last.
 
 It is written under a temporary name and renamed into place when complete, so a run that is
 killed or runs out of disk never leaves a half checkpoint under a ``step-*`` name, and
-earlier checkpoints are only deleted after a newer one is complete.
+earlier checkpoints are only deleted after a newer one is complete. Checkpoints are ordered
+by their step *number* (``step-1000000`` is newer than ``step-999000``). Loading verifies the
+checksums first and names a damaged or missing file; :func:`latest_intact_checkpoint` skips
+damaged checkpoints, saying which file is damaged, and returns the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .atomic import ordinary_permissions
 from .errors import FormatError
 
 _STEP_DIR = re.compile(r"step-(\d+)\Z")
+CHECKSUMS = "checksums.json"
+_REQUIRED = ("model.safetensors", "state.json")
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -53,13 +64,77 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete ``step-*`` folder under ``root`` (None if there is none)."""
-    root = Path(root)
+def _step_dirs(root: Path) -> list[Path]:
+    """The complete ``step-*`` folders under ``root``, oldest first, by step number."""
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete ``step-*`` folder under ``root`` (None if there is none), unverified."""
+    found = _step_dirs(Path(root))
+    return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise a ``FormatError`` naming the first missing, truncated or altered file of a
+    checkpoint (checked against its ``checksums.json``)."""
+    path = Path(path)
+    for name in _REQUIRED:
+        if not (path / name).is_file():
+            raise FormatError(f"{path / name} is missing; {path} is not a complete slimkit checkpoint")
+    listing = path / CHECKSUMS
+    if not listing.is_file():
+        warnings.warn(
+            f"{path} has no {CHECKSUMS} (written by an older slimkit); its files cannot be verified",
+            stacklevel=2,
+        )
+        return
+    try:
+        files = json.loads(listing.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise FormatError(f"{listing} is damaged (not the JSON slimkit writes)") from None
+    for name, digest in sorted(files.items()):
+        file = path / name
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise FormatError(f"{listing} lists {name!r}, which is not a checkpoint file name")
+        if not file.is_file():
+            raise FormatError(f"{file} is missing (listed in {CHECKSUMS}); the checkpoint is incomplete")
+        if _sha256(file) != digest:
+            raise FormatError(f"{file} is damaged: its SHA-256 differs from the one in {CHECKSUMS}")
+
+
+def latest_intact_checkpoint(root: str | Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` whose files match their checksums.
+
+    Each damaged newer checkpoint is skipped with a message (to ``report``, default a
+    warning) naming the damaged file and the checkpoint used instead."""
+    report = report or (lambda message: warnings.warn(message, stacklevel=3))
+    found = _step_dirs(Path(root))
+    for index in range(len(found) - 1, -1, -1):
+        try:
+            verify_checkpoint(found[index])
+        except FormatError as exc:
+            fallback = next((p.name for p in reversed(found[:index])), None)
+            report(
+                f"slimkit: skipping damaged checkpoint {found[index].name}: {exc}. "
+                + (f"Trying {fallback}." if fallback else "No older checkpoint is left.")
+            )
+            continue
+        return found[index]
+    return None
 
 
 def save_checkpoint(
@@ -101,15 +176,21 @@ def save_checkpoint(
         raise
     barrier()
     if rank == 0:
-        for file in staging.iterdir():
+        checksums = {}
+        for file in sorted(staging.iterdir()):
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+            ordinary_permissions(file)
+            checksums[file.name] = _sha256(file)
+        (staging / CHECKSUMS).write_text(json.dumps({"format": 1, "files": checksums}, indent=1))
+        ordinary_permissions(staging / CHECKSUMS)
+        ordinary_permissions(staging, directory=True)
         if final.exists():  # re-saving the same step: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
             os.replace(final, old / final.name)
             shutil.rmtree(old)
         os.replace(staging, final)
-        complete = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+        complete = _step_dirs(root)  # by step number: step-1000000 is newer than step-999000
         for stale in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
@@ -117,22 +198,65 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, rank: int = 0
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    rank: int = 0,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG state; returns the loop state."""
+    """Restore model, optimizer and this rank's RNG state; returns the loop state.
+
+    With ``verify`` (default) every file is checked against ``checksums.json`` first; a
+    damaged or missing file is a ``FormatError`` that names it."""
     path = Path(path)
-    for name in ("model.safetensors", "state.json"):
+    if verify:
+        verify_checkpoint(path)
+    for name in _REQUIRED:
         if not (path / name).is_file():
             raise FormatError(f"{path / name} is missing; {path} is not a complete slimkit checkpoint")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    state = _read_json(path / "state.json")
+    rng = path / f"rng-{rank}.safetensors"
+    if not rng.is_file():
+        raise FormatError(
+            f"{rng} is missing: the checkpoint was written by {state.get('world_size', '?')} process(es) and this "
+            f"is process {rank}. Resume with the same number of processes."
+        )
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise FormatError(f"{path / 'model.safetensors'} cannot be read ({exc})") from None
     if missing or unexpected:
         raise FormatError(
             f"{path / 'model.safetensors'} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     if optimizer is not None:
-        meta = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
-    rng = path / f"rng-{rank}.safetensors"
-    if rng.is_file():
-        torch.set_rng_state(load_file(str(rng))["torch"])
-    return json.loads((path / "state.json").read_text())
+        meta = _read_json(path / "optimizer.json")
+        tensors = _read_tensors(path / "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FormatError(f"{path / 'optimizer.json'} does not fit the optimizer ({exc})") from None
+    torch.set_rng_state(_read_tensors(rng)["torch"])
+    return state
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{file} is missing; the checkpoint is incomplete") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{file} is damaged (not valid JSON: {exc})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{file} is damaged (not a JSON object)")
+    return value
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise FormatError(f"{file} is missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as exc:
+        raise FormatError(f"{file} is damaged (not a readable safetensors file: {exc})") from None

@@ -6,10 +6,10 @@ per method that changed the architecture (``pruning``, ``quantization``), from w
 ``from_pretrained`` rebuilds the model before loading the compact weights. Nothing is ever
 unpickled; loading never runs code from the folder.
 
-Writes are atomic: a new folder is written beside the target and renamed into place; into an
-existing folder the files are first written to a temporary subfolder and renamed over the old
-ones only when all of them are complete, ``config.json`` last. The config records the SHA-256
-of the weights, so a weights file from another save, or a corrupt one, is reported by name.
+Writes are atomic for the whole folder: the new folder is written complete beside the target
+and swapped into place in one rename (:mod:`slimkit.atomic`), carrying over the files slimkit
+does not manage. The config records the SHA-256 of the weights, so a weights file from another
+save, or a corrupt one, is reported by name.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import adapter_for_library, get_adapter
+from .atomic import interrupted_swap, replace_folder
 from .errors import FormatError
 from .modules import SLIMKIT_ATTR
 
@@ -188,28 +187,9 @@ def save_pretrained(
     card = default_card if model_card else None
     if target.exists() and not target.is_dir():
         raise FormatError(f"save_pretrained: {str(target)!r} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-        try:
-            _write_folder(model, tmp, recipe, card, report)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
-
-    tmp = Path(tempfile.mkdtemp(prefix=".slimkit-saving-", dir=target))
-    try:
-        _write_folder(model, tmp, recipe, card, report)
-        for name in _MANAGED:  # config.json last: it names the weights it belongs to
-            if (tmp / name).exists():
-                os.replace(tmp / name, target / name)
-            elif name in (CARD_NAME, PLOT_NAME) and (target / name).exists():
-                (target / name).unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    # The whole folder is written beside the target and swapped in at once (slimkit.atomic):
+    # files slimkit does not manage (a tokenizer, notes) are carried over.
+    return replace_folder(target, lambda staging: _write_folder(model, staging, recipe, card, report), _MANAGED)
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,6 +201,12 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a folder, with errors that name the file."""
     folder = Path(path)
     if not folder.is_dir():
+        aside = interrupted_swap(folder)
+        if aside is not None:
+            raise FormatError(
+                f"{str(folder)!r} is missing: a save into it was interrupted between its two renames; the "
+                f"previous contents are in {str(aside)!r}. Move that folder back to {str(folder)!r}."
+            )
         raise FormatError(f"{str(folder)!r} is not a folder; from_pretrained needs a folder with {CONFIG_NAME}")
     file = folder / CONFIG_NAME
     if not file.is_file():

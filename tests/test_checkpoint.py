@@ -67,3 +67,81 @@ def test_an_incomplete_checkpoint_is_refused_with_the_file_named(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(FormatError, match=r"model\.safetensors is missing"):
         ckpt.load_checkpoint(path, model, optimizer)
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    ckpt.save_checkpoint(tmp_path, 999_000, model, optimizer, {}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 1_000_000, model, optimizer, {}, keep=1)  # sorts before by name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-1000000"
+    ckpt.save_checkpoint(tmp_path, 1_000_100, model, optimizer, {}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-1000100"]
+
+
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("model.safetensors", _truncate, "model.safetensors is damaged"),
+        ("state.json", _truncate, "state.json is damaged"),
+        ("optimizer.safetensors", _flip_a_bit, "optimizer.safetensors is damaged"),
+        ("model.safetensors", _flip_a_bit, "model.safetensors is damaged"),
+        ("rng-0.safetensors", lambda p: p.unlink(), r"rng-0.safetensors is missing \(listed in checksums.json\)"),
+        ("optimizer.json", lambda p: p.unlink(), "optimizer.json is missing"),
+        ("checksums.json", _truncate, "checksums.json is damaged"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, name, damage, message):
+    model, optimizer = _model_and_optimizer(0)
+    ckpt.save_checkpoint(tmp_path, 10, model, optimizer, {"epoch": 1}, keep=3)
+    ckpt.save_checkpoint(tmp_path, 20, model, optimizer, {"epoch": 2}, keep=3)
+    damage(tmp_path / "step-000020" / name)
+    with pytest.raises(FormatError, match=message):
+        ckpt.load_checkpoint(tmp_path / "step-000020", model, optimizer)
+    said = []
+    chosen = ckpt.latest_intact_checkpoint(tmp_path, report=said.append)
+    assert chosen.name == "step-000010"
+    assert len(said) == 1 and "skipping damaged checkpoint step-000020" in said[0] and name in said[0]
+    assert "Trying step-000010" in said[0]
+    assert ckpt.load_checkpoint(chosen, model, optimizer)["epoch"] == 1
+
+
+def test_no_intact_checkpoint_at_all_is_said(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = ckpt.save_checkpoint(tmp_path, 10, model, optimizer, {})
+    _flip_a_bit(path / "model.safetensors")
+    said = []
+    assert ckpt.latest_intact_checkpoint(tmp_path, report=said.append) is None
+    assert "No older checkpoint is left" in said[0]
+
+
+def test_a_checkpoint_from_fewer_processes_is_refused_with_the_fix(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = ckpt.save_checkpoint(tmp_path, 10, model, optimizer, {})
+    with pytest.raises(FormatError, match="written by 1 process.*Resume with the same number of processes"):
+        ckpt.load_checkpoint(path, model, optimizer, rank=1)
+
+
+def test_checkpoint_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        model, optimizer = _model_and_optimizer(0)
+        path = ckpt.save_checkpoint(tmp_path, 10, model, optimizer, {})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    for file in path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
