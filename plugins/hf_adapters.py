@@ -33,8 +33,13 @@ from transformers.pytorch_utils import Conv1D
 from slimkit.adapters import HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.recipe_io import short_repr
 
 CAPTURE_IMPL = "slimkit_capture"
+# Attention / experts implementations a folder may name: the ones transformers computes itself.
+# Anything else (``"<org>/<repo>"``, or flash attention, which falls back to a Hub kernel when
+# the flash_attn package is missing) would download and run code.
+_LOCAL_IMPLEMENTATIONS = frozenset({None, "eager", "sdpa", "flex_attention", "grouped_mm", "batched_mm"})
 _STORE_ATTR = "_slimkit_attention_store"
 _FALLBACK_ATTR = "_slimkit_attention_fallback"
 
@@ -381,9 +386,53 @@ class HFAdapter(ModelAdapter):
         config.pop("slimkit", None)
         return config
 
-    def _config_and_class(self, config: dict[str, Any], where: str) -> tuple[Any, type]:
+    def check_config(self, config: dict[str, Any], file: Any) -> None:
+        """No remote code by any door (``auto_map``, hub attention / experts kernels, which are code
+        downloaded from the Hub), and the fields slimkit reads have the right types."""
         if "auto_map" in config:
-            raise FormatError(f"{where} asks for remote code (auto_map); slimkit never runs code from a model folder")
+            raise FormatError(f"{file} asks for remote code (auto_map); slimkit never runs code from a model folder")
+        architectures = config.get("architectures")
+        if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)):
+            raise FormatError(
+                f"{file}: architectures must be a list of transformers class names, got {short_repr(architectures)}"
+            )
+        if not isinstance(config.get("model_type"), str):
+            raise FormatError(f"{file}: model_type must be a string, got {short_repr(config.get('model_type'))}")
+        stack = [("", config)]
+        while stack:  # sub-configs (text_config, vision_config, ...) may name implementations too
+            prefix, node = stack.pop()
+            for key, value in node.items():
+                field = f"{prefix}{key}"
+                if isinstance(value, dict) and not key.endswith("_implementation"):
+                    stack.append((f"{field}.", value))
+                elif key.endswith("_implementation") and value is not None:
+                    values = list(value.values()) if isinstance(value, dict) else [value]
+                    bad = [v for v in values if v not in _LOCAL_IMPLEMENTATIONS]
+                    if bad:
+                        raise FormatError(
+                            f"{file}: {field} is {short_repr(bad[0])}; slimkit loads only the implementations "
+                            f"transformers ships ({', '.join(sorted(_LOCAL_IMPLEMENTATIONS - {None}))}): a name "
+                            "like '<org>/<repo>' is a kernel downloaded from the Hub, i.e. remote code. Remove "
+                            f"{field} from the config."
+                        )
+
+    def init_non_persistent_buffers(self, model: nn.Module, loaded: set[str]) -> None:
+        """transformers' own way after a meta-device load: every loaded tensor is marked
+        initialised, then ``initialize_weights`` runs each module's ``_init_weights`` on what is
+        left (position ids, rotary frequencies); modules whose tensors all came from the file
+        are skipped, and the guarded ``init`` functions never touch a loaded tensor."""
+        tensors = model.state_dict(keep_vars=True)
+        for key in loaded:
+            tensors[key]._is_hf_initialized = True
+        for module in model.modules():
+            module.__dict__.pop("_is_hf_initialized", None)
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if all(getattr(t, "_is_hf_initialized", False) for t in own):
+                module._is_hf_initialized = True
+        model.initialize_weights()
+
+    def _config_and_class(self, config: dict[str, Any], where: str) -> tuple[Any, type]:
+        self.check_config(config, where)
         architectures = config.get("architectures") or []
         cls = getattr(transformers, architectures[0], None) if architectures else None
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
@@ -399,7 +448,9 @@ class HFAdapter(ModelAdapter):
         return cls._from_config(config_obj)
 
     def load_plain(self, folder: Path) -> nn.Module:
-        config = json.loads((folder / "config.json").read_text())
+        from slimkit.hub import read_config
+
+        config = read_config(folder)
         _, cls = self._config_and_class(config, str(folder / "config.json"))
         if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
             raise FormatError(f"{folder / 'model.safetensors'} is missing; slimkit loads safetensors only")

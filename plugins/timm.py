@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -25,6 +26,12 @@ from torch import nn
 from slimkit.adapters import HeadLayout, ModelAdapter, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.recipe_io import short_repr
+
+# create_model's own keyword options (everything else in model_args goes to the model class).
+_CREATE_MODEL_OPTIONS = frozenset(
+    [*inspect.signature(timm.create_model).parameters, "pretrained_strict", "feature_cfg", "kwargs_filter"]
+) - {"kwargs", "model_name"}
 
 
 def _names(model: nn.Module, value: Any) -> list[str]:
@@ -151,6 +158,35 @@ class TimmAdapter(ModelAdapter):
             timm_hub.save_config_for_hf(model, str(path))
             return json.loads(path.read_text())
 
+    def check_config(self, config: dict[str, Any], file: Any) -> None:
+        """The architecture must be a model timm registers (never ``hf-hub:`` / ``local-dir:``,
+        which fetch configs and weights), and ``model_args`` must not carry ``create_model``'s own
+        options (``checkpoint_path`` would unpickle a file, ``pretrained`` download one)."""
+        name = config.get("architecture")
+        if not isinstance(name, str) or ":" in name or "/" in name or not timm.is_model(name):
+            raise FormatError(
+                f"{file}: architecture must name a model timm registers (timm.list_models()), got "
+                f"{short_repr(name)}; hub ('hf-hub:...') and path ('local-dir:...') names are not loaded"
+            )
+        args = config.get("model_args", {})
+        if not isinstance(args, dict):
+            raise FormatError(f"{file}: model_args must be a JSON object, got {short_repr(args)}")
+        refused = sorted(set(args) & _CREATE_MODEL_OPTIONS)
+        if refused:
+            raise FormatError(
+                f"{file}: model_args.{refused[0]} is an option of timm.create_model, not a model argument; a folder "
+                "cannot set it (it would load or download other files)"
+            )
+        for key in ("pretrained_cfg", "num_features"):
+            if key in config and not isinstance(config[key], dict if key == "pretrained_cfg" else (int, type(None))):
+                raise FormatError(f"{file}: {key} has the wrong type ({short_repr(config[key])})")
+
+    def init_non_persistent_buffers(self, model: nn.Module, loaded: set[str]) -> None:
+        """timm's own hook for what checkpoints do not hold (relative position indices, RoPE)."""
+        from timm.models._manipulate import reinit_non_persistent_buffers
+
+        reinit_non_persistent_buffers(model)
+
     def build(self, config: dict[str, Any]) -> nn.Module:
         cfg = copy.deepcopy(config)
         cfg.pop("slimkit", None)
@@ -158,6 +194,9 @@ class TimmAdapter(ModelAdapter):
         return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
 
     def load_plain(self, folder: Path) -> nn.Module:
+        from slimkit.hub import read_config
+
+        self.check_config(read_config(folder), folder / "config.json")
         if not (folder / "model.safetensors").is_file():
             raise FormatError(
                 f"{folder / 'model.safetensors'} is missing; slimkit loads safetensors only (never pickle)"

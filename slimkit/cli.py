@@ -14,41 +14,61 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from .errors import SlimkitError
+from .folder_checks import check_slimkit_block, library_of
 from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config
+from .report import load_instructions
+from .safe_build import read_header
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    name = config.get("architecture")
+    if isinstance(name, str):
+        return name
+    names = config.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return "?"
 
 
 def folder_info(path: str | Path) -> dict[str, Any]:
-    """Facts about a folder read from its config and the safetensors header (no tensor is loaded)."""
+    """Facts about a folder read from its config and the safetensors header (no tensor is loaded).
+
+    Every field is type-checked first, so a malformed folder is a ``FormatError`` naming the
+    file and the field (as in ``from_pretrained``), never a traceback."""
     folder = Path(path)
     config = read_config(folder)
-    block = config.get("slimkit") or {}
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise SlimkitError(f"{weights} is missing")
+    file = folder / CONFIG_NAME
+    library = library_of(config, file)
+    block = check_slimkit_block(config["slimkit"], file) if "slimkit" in config else {}
+    if block:
+        from .prune.manifest import MANIFEST_FORMAT
+        from .prune.manifest_checks import check_block as check_pruning
+        from .quant.hub_block import BLOCK_FORMAT
+        from .quant.hub_checks import check_block as check_quantization
+
+        if "pruning" in block:
+            check_pruning(block["pruning"], MANIFEST_FORMAT)
+        if "quantization" in block:
+            check_quantization(block["quantization"], BLOCK_FORMAT)
+    header = read_header(folder / WEIGHTS_NAME)
     params, dtypes = 0, Counter()
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                sl = f.get_slice(key)
-                n = math.prod(sl.get_shape())
-                dtypes[sl.get_dtype()] += n
-                params += n
-    except Exception as exc:  # safetensors raises its own error types
-        raise SlimkitError(f"{weights} is not a readable safetensors file ({exc})") from None
-    architecture = config.get("architecture") or (config.get("architectures") or ["?"])[0]
+    for shape, dtype in header.values():
+        n = math.prod(shape)
+        dtypes[dtype] += n
+        params += n
+    architecture = _architecture(config)
     return {
         "folder": str(folder),
         "architecture": architecture,
-        "library": block.get("library") or ("transformers" if "model_type" in config else "timm"),
+        "library": library,
         "class": block.get("class", architecture),
         "format_version": block.get("format_version"),
         "slimkit_version": block.get("version"),
         "tensors": dict(dtypes),
         "parameters": params,
-        "file_bytes": weights.stat().st_size,
+        "file_bytes": header.file_bytes,
+        "load_with": load_instructions(library, block),
         "pruning": block.get("pruning"),
         "quantization": block.get("quantization"),
         "recipe": block.get("recipe"),
@@ -64,7 +84,8 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    rows = [
+    rows = [("load with", info["load_with"])] if info.get("load_with") else []
+    rows += [
         ("folder", info["folder"]),
         ("architecture", f"{info['architecture']} ({info['library']} {info['class']})"),
         ("stored values", f"{_human(info['parameters'])} ({info['parameters']:,}: parameters and buffers)"),
@@ -75,8 +96,9 @@ def format_info(info: dict[str, Any]) -> str:
     pruning, quant = info.get("pruning"), info.get("quantization")
     if isinstance(pruning, dict):
         text = f"{len(pruning.get('tensors', {}))} tensors resized"
-        if pruning.get("heads"):
-            text += f", heads per layer {sorted(set(pruning['heads'].values()))}"
+        if pruning.get("heads"):  # {attention module: [query heads, key/value heads]}
+            counts = sorted({tuple(v) if isinstance(v, list) else (v,) for v in pruning["heads"].values()})
+            text += ", heads per layer " + ", ".join("/".join(map(str, c)) for c in counts)
         if pruning.get("config"):
             text += f", config rewritten: {', '.join(sorted(pruning['config']))}"
         rows.append(("pruning", text))

@@ -23,14 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import adapter_for_library, get_adapter
 from .atomic import interrupted_swap, replace_folder
 from .errors import FormatError
+from .folder_checks import check_slimkit_block, check_tree, library_of
 from .modules import SLIMKIT_ATTR
+from .safe_build import (
+    Header,
+    NeedsCpuBuild,
+    build_on_meta,
+    check_against_header,
+    check_cpu_build,
+    check_plain_folder,
+    materialize,
+    read_header,
+)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -38,6 +48,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 PLOT_NAME = "kept.png"
 _MANAGED = (WEIGHTS_NAME, PLOT_NAME, CARD_NAME, CONFIG_NAME)  # written in this order; config.json commits
+MAX_CONFIG_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------------------
@@ -50,17 +61,21 @@ class Block:
     name: str
     describe: Callable[[nn.Module], dict | None]  # model -> JSON-able block, or None if not applicable
     rebuild: Callable[[nn.Module, dict], nn.Module]  # fresh base model + block -> final structure
+    check: Callable[[nn.Module, Path], None] | None = None  # loaded model -> FormatError on bad values
 
 
 _BLOCKS: dict[str, Block] = {}
 
 
-def register_block(name: str, describe: Callable, rebuild: Callable) -> None:
+def register_block(name: str, describe: Callable, rebuild: Callable, check: Callable | None = None) -> None:
     """Let a method record what it changed (``describe``) and redo it on load (``rebuild``).
 
-    On load, pruning is replayed before quantization, then any other block.
+    On load, pruning is replayed before quantization, then any other block. ``rebuild`` runs
+    on the meta device (it must create tensors on the device of the ones it replaces) and must
+    raise ``FormatError`` on malformed blocks; ``check`` then sees the loaded values (e.g. that
+    INT8 scales are finite and positive) and raises ``FormatError`` naming the tensor.
     """
-    _BLOCKS[name] = Block(name, describe, rebuild)
+    _BLOCKS[name] = Block(name, describe, rebuild, check)
 
 
 # Architecture changes are replayed in the order they were made: pruning slices the float
@@ -139,6 +154,8 @@ def _write_folder(
         described = method.describe(model)
         if described:
             block[method.name] = described
+    # Whether transformers / timm alone can load the folder: said first by the card and `slimkit info`.
+    block["native_load"] = "quantization" not in block and _builds_natively(adapter, model, config)
     report = dict(getattr(getattr(model, "_slimkit_info", None), "report", None) or {})
     if extra_report:
         report["metrics"] = {**report.get("metrics", {}), **extra_report}
@@ -156,6 +173,20 @@ def _write_folder(
     text = json.dumps(config, indent=2, sort_keys=False, default=_json_default) + "\n"
     (folder / CONFIG_NAME).write_text(text)
     _fsync(folder / CONFIG_NAME)
+
+
+def _builds_natively(adapter: Any, model: nn.Module, config: dict[str, Any]) -> bool:
+    """The base library's build of ``config`` has exactly the model's tensor shapes (a dense or
+    uniformly pruned model); checked on the meta device."""
+    try:
+        with torch.device("meta"):
+            fresh = adapter.build(config)
+    except Exception:  # a config its library cannot build alone
+        return False
+    own = {k: tuple(v.shape) for k, v in student_state_dict(model).items()}
+    return all(tuple(t.shape) == own.get(k, tuple(t.shape)) for k, t in fresh.state_dict().items()) and set(own) <= set(
+        fresh.state_dict()
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -198,7 +229,7 @@ def save_pretrained(
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a folder, with errors that name the file."""
+    """``config.json`` of a folder, with errors that name the file (depth and size bounded)."""
     folder = Path(path)
     if not folder.is_dir():
         aside = interrupted_swap(folder)
@@ -211,30 +242,22 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise FormatError(f"{file} is missing; a hub-style folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise FormatError(f"{file} is {file.stat().st_size:,} bytes; a model config is far smaller")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{file} is not valid JSON ({exc}); the file is corrupt, save the model again") from None
+    except RecursionError:
+        raise FormatError(f"{file} is nested too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise FormatError(f"{file} must hold a JSON object")
+    check_tree(config, file)
     return config
 
 
-def _library_of(config: dict[str, Any], file: Path) -> str:
-    block = config.get("slimkit")
-    if isinstance(block, dict) and "library" in block:
-        return block["library"]
-    if "model_type" in config:
-        return "transformers"
-    if "architecture" in config:
-        return "timm"
-    raise FormatError(f"{file} holds neither a transformers config ('model_type') nor a timm config ('architecture')")
-
-
 def _check_version(block: dict[str, Any], file: Path) -> None:
-    version = block.get("format_version")
-    if not isinstance(version, int):
-        raise FormatError(f"{file}: the 'slimkit' block has no integer format_version")
+    version = block["format_version"]
     if version > FORMAT_VERSION:
         raise FormatError(
             f"{file} was written by slimkit format {version} (slimkit {block.get('version', '?')}); this "
@@ -242,7 +265,7 @@ def _check_version(block: dict[str, Any], file: Path) -> None:
         )
 
 
-def load_weights(file: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
+def _check_checksum(file: Path, expected_sha: str | None) -> None:
     if not file.is_file():
         raise FormatError(f"{file} is missing; save the model again with slimkit.save_pretrained")
     if expected_sha is not None and _sha256(file) != expected_sha:
@@ -250,55 +273,66 @@ def load_weights(file: Path, expected_sha: str | None = None) -> dict[str, torch
             f"{file} does not match {file.parent / CONFIG_NAME} (SHA-256 differs): the file is corrupt or "
             "from another save. Save the model again."
         )
+
+
+def _replay(block: dict[str, Any], names: tuple[str, ...] | None = None) -> Callable[[nn.Module], nn.Module]:
+    def rebuild(model: nn.Module) -> nn.Module:
+        for method in _blocks_in_order():
+            if method.name in block and (names is None or method.name in names):
+                model = method.rebuild(model, block[method.name])
+        return model
+
+    return rebuild
+
+
+def _build_checked(adapter: Any, config: dict[str, Any], block: dict[str, Any], header: Header) -> nn.Module:
+    """The model of a slimkit folder, its size checked on the meta device before allocation
+    (:mod:`slimkit.safe_build`), the compact weights assigned, the loaded values checked."""
+    file = header.file.parent / CONFIG_NAME
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{file} is not a readable safetensors file ({exc}); save the model again") from None
-
-
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
-    expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise FormatError(f"{file} holds tensors the model does not have: {unexpected[:5]}")
-    for key, tensor in state.items():
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise FormatError(
-                f"{file}: {key} has shape {tuple(tensor.shape)} but the rebuilt model expects "
-                f"{tuple(expected[key].shape)}; config.json and the weights do not belong together"
-            )
-    model.load_state_dict(state, strict=False)
-    loaded = {(t.untyped_storage().data_ptr(), t.storage_offset()) for k, t in model.state_dict().items() if k in state}
-    missing = [
-        k
-        for k in sorted(set(expected) - set(state))
-        if (expected[k].untyped_storage().data_ptr(), expected[k].storage_offset()) not in loaded
-        and not k.startswith(SLIMKIT_ATTR + ".")
-    ]
-    if missing:
-        raise FormatError(f"{file} lacks tensors the model needs: {missing[:5]}")
+        model, base_bytes = build_on_meta(lambda: adapter.build(config), _replay(block), header, file)
+    except FormatError as exc:  # the method blocks name "config.json": say which one
+        message = str(exc)
+        raise FormatError(
+            f"{file}{message[len(CONFIG_NAME) :]}" if message.startswith(CONFIG_NAME) else message
+        ) from None
+    check_against_header(model, header)
+    try:
+        model = materialize(model, header, adapter.init_non_persistent_buffers)
+    except NeedsCpuBuild:  # tensors outside the state_dict: build for real, when that is small enough
+        check_cpu_build(base_bytes, header)
+        model = _replay(block)(adapter.build(config))
+        model.load_state_dict(load_file(str(header.file)), strict=False)
+    for method in _blocks_in_order():
+        if method.name in block and method.check is not None:
+            method.check(model, header.file)
+    return model
 
 
 def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Load a hub-style folder: a slimkit folder (any pruning / INT8 is rebuilt), or a plain
-    transformers or timm folder. Returns the model in eval mode."""
+    transformers or timm folder. Returns the model in eval mode.
+
+    Nothing in the folder can run code, nothing is unpickled, and no tensor is allocated before
+    the declared architecture was checked against the weights file's header (docs/security.md)."""
     folder = Path(path)
     config = read_config(folder)
     file = folder / CONFIG_NAME
-    library = _library_of(config, file)
-    adapter = adapter_for_library(library)
+    adapter = adapter_for_library(library_of(config, file))
     block = config.pop("slimkit", None)
-    if block is None:  # a plain folder written by transformers or timm: their own loaders
+    adapter.check_config(config, file)
+    if block is None:  # a plain folder written by transformers or timm: their own loaders, sizes checked first
+        header = read_header(folder / WEIGHTS_NAME) if (folder / WEIGHTS_NAME).is_file() else None
+        if header is not None:
+            meta, _ = build_on_meta(lambda: adapter.build(config), lambda m: m, header, file)
+            check_plain_folder(meta, header)
         return adapter.load_plain(folder).to(device).eval()
-    if not isinstance(block, dict):
-        raise FormatError(f"{file}: 'slimkit' must be a JSON object")
+    block = check_slimkit_block(block, file)
     _check_version(block, file)
-    model = adapter.build(config)
+    _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))
+    header = read_header(folder / WEIGHTS_NAME)
     _load_method_blocks()
-    for method in _blocks_in_order():
-        if method.name in block:
-            model = method.rebuild(model, block[method.name])
-    _load_into(model, load_weights(folder / WEIGHTS_NAME, block.get("weights_sha256")), folder / WEIGHTS_NAME)
+    model = _build_checked(adapter, config, block, header)
     info = _LoadedInfo(folder=str(folder), block=block)
     object.__setattr__(model, "_slimkit_info", info)
     return model.to(device).eval()
@@ -309,13 +343,12 @@ def build_architecture(path: str | os.PathLike, blocks: tuple[str, ...] = ("prun
     weights, e.g. the float pruned model of an INT8 folder, to measure its speed or size."""
     folder = Path(path)
     config = read_config(folder)
-    block = config.pop("slimkit", None) or {}
-    model = adapter_for_library(_library_of(config, folder / CONFIG_NAME)).build(config)
+    file = folder / CONFIG_NAME
+    adapter = adapter_for_library(library_of(config, file))
+    block = check_slimkit_block(config.pop("slimkit", None) or {"format_version": FORMAT_VERSION}, file)
+    adapter.check_config(config, file)
     _load_method_blocks()
-    for method in _blocks_in_order():
-        if method.name in block and method.name in blocks:
-            model = method.rebuild(model, block[method.name])
-    return model.eval()
+    return _replay(block, blocks)(adapter.build(config)).eval()
 
 
 @dataclass

@@ -75,23 +75,70 @@ def _change(before: float, after: float, key: str) -> str:
     return f"{factor:.2f}x {better}" if factor >= 1 else f"{1 / factor:.2f}x {worse}"
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_NATIVE = {
+    "transformers": "transformers' AutoModel...from_pretrained",
+    "timm": "timm.create_model('local-dir:...')",
+}
+
+
+def loads_natively(library: str, block: dict[str, Any]) -> bool:
+    """Whether the base library's own loader reads the folder (recorded at save; inferred for
+    folders saved before slimkit recorded it)."""
+    native = block.get("native_load")
+    if isinstance(native, bool):
+        return native
+    pruning = block.get("pruning") or {}
+    uniform = library == "transformers" and bool(pruning.get("config"))
+    return not block.get("quantization") and (not pruning or uniform)
+
+
+def why_slimkit_only(library: str, block: dict[str, Any]) -> str:
+    reasons = []
+    if block.get("pruning"):
+        reasons.append("its pruned layer widths")
+    if block.get("quantization"):
+        reasons.append("its INT8 layers")
+    why = " and ".join(reasons) or "its architecture"
+    call = _NATIVE.get(library, "its library's loader")
+    return f"{why} cannot be expressed in the {library} config, so {call} fails on this folder (size mismatch)"
+
+
+def load_instructions(library: str, block: dict[str, Any]) -> str | None:
+    """How to load a slimkit folder, said first by the model card and ``slimkit info``: a folder
+    whose architecture its base library's config cannot express loads only with slimkit."""
+    if not block:
+        return None
+    if loads_natively(library, block):
+        return f"slimkit.from_pretrained(folder), or {_NATIVE.get(library, 'its library loader')}"
+    return f"slimkit.from_pretrained(folder) only: {why_slimkit_only(library, block)}"
+
+
 def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of a report block: before -> after (x), method results, metrics."""
     rows = []
+    if not isinstance(report, dict):
+        return rows
     before, after = report.get("before") or {}, report.get("after") or {}
+    before = before if isinstance(before, dict) else {}
+    after = after if isinstance(after, dict) else {}
     for key, label, fmt in _ROWS:
-        if key in after and after[key] is not None:
-            if key == "latency_ms" and report.get("latency"):
+        if _number(after.get(key)):
+            if key == "latency_ms" and isinstance(report.get("latency"), dict):
                 lat = report["latency"]
                 label = f"{label} (batch {lat.get('batch')}, {lat.get('threads')} threads, {lat.get('device')})"
-            if before.get(key):
+            if _number(before.get(key)) and before[key]:
                 rows.append(
                     (label, f"{fmt(before[key])} -> {fmt(after[key])} ({_change(before[key], after[key], key)})")
                 )
             else:
                 rows.append((label, fmt(after[key])))
-    rows += [(k, str(v)) for k, v in (report.get("methods") or {}).items()]
-    for k, v in (report.get("metrics") or {}).items():
+    methods, metrics = report.get("methods") or {}, report.get("metrics") or {}
+    rows += [(str(k), str(v)[:200]) for k, v in (methods.items() if isinstance(methods, dict) else ())]
+    for k, v in metrics.items() if isinstance(metrics, dict) else ():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
     return rows
 
@@ -103,9 +150,14 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
     report = block.get("report") or {}
     if not report.get("after"):
         report = {**report, "after": summary(model)}
-    lines = [
-        f"# {base} (slimkit)",
-        "",
+    library = block.get("library", "")
+    lines = [f"# {base} (slimkit)", ""]
+    if not loads_natively(library, block):
+        lines += [
+            f"**Load this folder with `slimkit.from_pretrained(folder)`**: {why_slimkit_only(library, block)}.",
+            "",
+        ]
+    lines += [
         f"Saved by slimkit {block.get('version', '')} from a `{block.get('library', '?')}` "
         f"`{block.get('class', type(model).__name__)}`"
         + (f", made with the recipe below ({', '.join(block['recipe'])})." if block.get("recipe") else "."),
@@ -126,12 +178,27 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
         "import slimkit",
         'model = slimkit.from_pretrained("<this folder>")',
         "```",
+        *_sentence_transformers_lines(block),
         "",
         "`slimkit info <this folder>` prints the same table.",
     ]
     if "recipe" in block:
         lines += ["", "## Recipe", "", "```json", json.dumps(block["recipe"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _sentence_transformers_lines(block: dict[str, Any]) -> list[str]:
+    if not block.get("sentence_transformers"):
+        return []
+    return [
+        "",
+        "As a sentence-transformers model (pooling and normalisation as the original):",
+        "",
+        "```python",
+        "from slimkit.plugins.sentence_transformers import load_sentence_transformer",
+        'model = load_sentence_transformer("<this folder>")  # a SentenceTransformer',
+        "```",
+    ]
 
 
 def measure(model: nn.Module, example_inputs: Any, *, macs: int | None = None, latency: bool = True) -> dict[str, Any]:

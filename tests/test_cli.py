@@ -26,3 +26,39 @@ def test_info_errors_exit_2_with_the_file_named(tmp_path):
     exe = Path(sys.executable).parent / "slimkit"
     result = subprocess.run([str(exe), "info", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and f"{tmp_path / 'config.json'} is missing" in result.stderr
+
+
+def _pruned_hf(scope, kind="bert"):
+    from tests.models import tiny_hf
+
+    model = tiny_hf(kind)
+    slimkit.prepare(model, {"prune": {"heads": 0.5, "channels": 0.5, "scope": scope, "verify": False}})
+    slimkit.step(model, 0)
+    return slimkit.convert(model)
+
+
+def test_info_on_a_head_pruned_hf_folder_says_first_how_to_load_it(tmp_path, capsys):
+    import pytest
+    import transformers
+
+    folder = slimkit.save_pretrained(_pruned_hf("global"), tmp_path / "m")  # widths differ per layer
+    assert main(["info", str(folder)]) == 0
+    table = capsys.readouterr().out
+    first = table.splitlines()[0]
+    assert first.startswith("load with") and "slimkit.from_pretrained(folder) only" in first
+    assert "heads per layer 2/2" in table
+    card = (folder / "README.md").read_text().splitlines()
+    assert card[2].startswith("**Load this folder with `slimkit.from_pretrained(folder)`**")
+    with pytest.raises(Exception, match="size mismatch|mismatch"):  # what the card warns about
+        transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    assert folder_info(folder)["load_with"].startswith("slimkit.from_pretrained(folder) only")
+
+
+def test_info_on_a_uniformly_pruned_hf_folder_names_both_loaders(tmp_path):
+    import transformers
+
+    folder = slimkit.save_pretrained(_pruned_hf("local", "llama"), tmp_path / "m")  # Llama reads head_dim
+    expected = "slimkit.from_pretrained(folder), or transformers' AutoModel...from_pretrained"
+    assert folder_info(folder)["load_with"] == expected
+    assert transformers.AutoModelForCausalLM.from_pretrained(folder).config.num_attention_heads == 2
+    assert "**Load this folder" not in (folder / "README.md").read_text()

@@ -139,6 +139,15 @@ class ModelAdapter:
     def build(self, config: dict[str, Any]) -> nn.Module:  # pragma: no cover - abstract for torch
         raise UnsupportedModelError("plain PyTorch models cannot be rebuilt from config.json")
 
+    def check_config(self, config: dict[str, Any], file: Any) -> None:
+        """Raise ``FormatError`` (naming ``file`` and the field) for a config value that would make
+        building run code, touch the network or fail with a raw error (``config`` has no
+        ``"slimkit"`` block). Called before any model is built from a folder."""
+
+    def init_non_persistent_buffers(self, model: nn.Module, loaded: set[str]) -> None:
+        """After a model built on the meta device got the tensors ``loaded`` from a file: compute
+        the buffers no file holds (position ids, rotary frequencies, ...), which are zeros now."""
+
 
 class TorchAdapter(ModelAdapter):
     """Fallback for a plain ``nn.Module``: knows only what the module structure shows."""

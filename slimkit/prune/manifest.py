@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import FormatError
 from ..modules import SLIMKIT_ATTR
+from . import manifest_checks
 
 MANIFEST_ATTR = "_slimkit_pruning"  # the manifest of a pruned (or loaded pruned) model
 MANIFEST_FORMAT = 1
@@ -93,8 +94,7 @@ def _split(name: str) -> tuple[str, str]:
 
 def rebuild(model: nn.Module, block: dict) -> nn.Module:
     """Give a freshly built base model the pruned structure recorded in ``block``."""
-    if not isinstance(block, dict) or block.get("format", MANIFEST_FORMAT) > MANIFEST_FORMAT:
-        raise FormatError("config.json: the slimkit 'pruning' block was written by a newer slimkit; upgrade slimkit")
+    block = manifest_checks.check_block(block, MANIFEST_FORMAT)  # types; FormatError naming the field
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in block.get("tensors", {}).items():
         module_name, attr = _split(name)
@@ -110,6 +110,7 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
             )
         if tuple(old.shape) == tuple(shape):
             continue
+        manifest_checks.check_shape(name, old, shape)
         new = replaced.get(id(old))
         if new is None:
             empty = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
@@ -128,7 +129,6 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
                 f"{type(model).__name__} does not have"
             ) from None
         for attr, value in attrs.items():
-            current = getattr(module, attr, None)
-            setattr(module, attr, tuple(value) if isinstance(current, tuple) else value)
+            manifest_checks.set_size_attribute(module, module_name, attr, value)
     model.__dict__[MANIFEST_ATTR] = dict(block)
     return model

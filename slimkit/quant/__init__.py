@@ -15,7 +15,7 @@ exporting or running ONNX. Importing it registers the ``quantization`` block of 
 from __future__ import annotations
 
 from ..hub import register_block
-from . import hub_block
+from . import hub_block, hub_checks
 from .compiled import compile
 from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer
@@ -23,7 +23,7 @@ from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
 from .quantizer import Quantizer, calibrate, phase_at
 
-register_block("quantization", hub_block.describe, hub_block.rebuild)
+register_block("quantization", hub_block.describe, hub_block.rebuild, hub_checks.check_loaded)
 
 __all__ = [
     "Quantizer",

@@ -27,6 +27,7 @@ from ..errors import FormatError
 from ..modules import user_named_modules
 from . import embeddings as qemb
 from . import sites
+from .hub_checks import check_block
 from .int8 import DYNAMIC_ATTR, FROM_SITE_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
 from .layers import layer_kind
 from .quantizer import FOLDED_ATTR, neutralize_batchnorm
@@ -77,10 +78,7 @@ def _module(model: nn.Module, name: str, what: str) -> nn.Module:
 
 
 def rebuild(model: nn.Module, block: dict) -> nn.Module:
-    if not isinstance(block, dict) or block.get("format", BLOCK_FORMAT) > BLOCK_FORMAT:
-        raise FormatError(
-            "config.json: the slimkit 'quantization' block was written by a newer slimkit; upgrade slimkit"
-        )
+    block = check_block(block, BLOCK_FORMAT)  # field types; FormatError naming the field
     folded = block.get("folded_batchnorms", {})
     for name, how in folded.items():
         bn = _module(model, name, "BatchNorm")
