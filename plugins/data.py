@@ -11,7 +11,9 @@ Built-in, no download:
 
 Local data: a folder written by ``datasets.Dataset.save_to_disk``, an image folder
 (``class_name/*.png``), or a ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file, loaded with
-the ``datasets`` library. Columns: ``text`` (or ``sentence``) or ``image``, and ``label``.
+the ``datasets`` library. Columns: ``text`` (or ``sentence``) or ``image``, and ``label``;
+without a ``label`` column the data set is *unlabelled* (``TaskData.labelled`` is False), which
+distils an encoder without a head (such as all-MiniLM-L6-v2) on its features alone.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class TaskData:
     kind: str  # "image" or "text"
     train: Split
     eval: Split
-    num_classes: int
+    num_classes: int  # 0 for unlabelled data
     class_names: list[str]
+    labelled: bool = True  # False: no label column (labels are placeholders; distil encoders on features)
 
 
 def _split(inputs: Any, labels: torch.Tensor, eval_fraction: float, seed: int) -> tuple[Split, Split]:
@@ -186,17 +189,19 @@ def local(
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     columns = set(ds.column_names)
     label_col = next((c for c in ("label", "labels") if c in columns), None)
-    if label_col is None:
-        raise ConfigError(f"--dataset {str(path)!r}: needs a 'label' column; it has {sorted(columns)}")
-    labels_raw = ds[label_col]
-    feature = ds.features.get(label_col)
-    names = list(getattr(feature, "names", None) or sorted({str(x) for x in labels_raw}))
-    to_index = {n: i for i, n in enumerate(names)}
-    labels = torch.tensor([x if isinstance(x, int) else to_index[str(x)] for x in labels_raw])
+    if label_col is None:  # unlabelled: placeholder labels, no classes
+        names, labels = [], torch.zeros(len(ds), dtype=torch.long)
+    else:
+        labels_raw = ds[label_col]
+        feature = ds.features.get(label_col)
+        names = list(getattr(feature, "names", None) or sorted({str(x) for x in labels_raw}))
+        to_index = {n: i for i, n in enumerate(names)}
+        labels = torch.tensor([x if isinstance(x, int) else to_index[str(x)] for x in labels_raw])
+    labelled = label_col is not None
     text_col = next((c for c in ("text", "sentence") if c in columns), None)
     if text_col is not None:
         train, ev = _split(list(ds[text_col]), labels, eval_fraction, seed)
-        return TaskData("text", train, ev, len(names), names)
+        return TaskData("text", train, ev, len(names), names, labelled)
     if "image" in columns:
         import numpy as np
 
@@ -205,7 +210,7 @@ def local(
         ]
         images = torch.stack([torch.from_numpy(a).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1) for a in arrays])
         train, ev = _split(resize_images(images, channels, size), labels, eval_fraction, seed)
-        return TaskData("image", train, ev, len(names), names)
+        return TaskData("image", train, ev, len(names), names, labelled)
     raise ConfigError(
         f"--dataset {str(path)!r}: needs a 'text' / 'sentence' or an 'image' column; it has {sorted(columns)}"
     )

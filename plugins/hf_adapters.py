@@ -44,6 +44,40 @@ _STORE_ATTR = "_slimkit_attention_store"
 _FALLBACK_ATTR = "_slimkit_attention_fallback"
 
 
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(source: Path, folder: Path, hidden_size: int | None = None) -> bool:
+    """Copy a sentence-transformers model's own files (``modules.json``, ``sentence_bert_config.json``,
+    ``config_sentence_transformers.json`` and the module folders ``modules.json`` lists, such as
+    ``1_Pooling``) from ``source`` to ``folder``; the pooling width follows ``hidden_size``.
+    Returns False (and copies nothing) when ``source`` is not a sentence-transformers folder."""
+    import shutil
+
+    listing = source / "modules.json"
+    if not listing.is_file():
+        return False
+    try:
+        entries = json.loads(listing.read_text())
+        paths = [e["path"] for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return False
+    for name in _ST_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    for path in paths:
+        if not path or path.startswith(("/", "\\")) or ".." in Path(path).parts or not (source / path).is_dir():
+            continue
+        shutil.copytree(source / path, folder / path, dirs_exist_ok=True)
+        pooling = folder / path / "config.json"
+        if hidden_size and pooling.is_file():
+            config = json.loads(pooling.read_text())
+            if isinstance(config, dict) and "word_embedding_dimension" in config:
+                config["word_embedding_dimension"] = hidden_size
+                pooling.write_text(json.dumps(config, indent=2) + "\n")
+    return True
+
+
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
@@ -430,6 +464,13 @@ class HFAdapter(ModelAdapter):
             if all(getattr(t, "_is_hf_initialized", False) for t in own):
                 module._is_hf_initialized = True
         model.initialize_weights()
+
+    def extra_files(self, model: nn.Module, source: Any, folder: Any) -> bool:
+        """sentence-transformers' files (``modules.json``, pooling config, ...) of the folder the
+        model came from, so that ``load_sentence_transformer`` rebuilds the same pipeline."""
+        if source is None:
+            return False
+        return copy_sentence_transformers_files(Path(source), Path(folder), getattr(model.config, "hidden_size", None))
 
     def _config_and_class(self, config: dict[str, Any], where: str) -> tuple[Any, type]:
         self.check_config(config, where)

@@ -178,6 +178,14 @@ def check_classes(teacher: nn.Module, example, data: TaskData, name: str | None)
     (an encoder without a head, like MiniLM, is distilled on features only)."""
     with torch.no_grad():
         logits = slimkit.adapters.get_logits(call(teacher.eval(), example))
+    if not data.labelled:
+        if logits is not None:
+            raise SlimkitError(
+                f"--dataset {name!r} has no 'label' column. Unlabelled data distils an encoder without a head "
+                f"(e.g. all-MiniLM-L6-v2) on its features; the teacher ({type(teacher).__name__}) has a "
+                "classification head, so add a 'label' column"
+            )
+        return False
     if logits is not None and logits.shape[-1] != data.num_classes:
         raise SlimkitError(
             f"--dataset {name or 'default'!r} has {data.num_classes} classes but the teacher "
@@ -291,10 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     if input_kind(student) != kind:
         raise SlimkitError(f"teacher takes {kind} inputs but student {type(student).__name__} does not")
 
-    if args.dropout == "off":
-        for module in student.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+    if args.dropout == "off":  # the same as the recipe's distill.dropout: off
+        slimkit.disable_dropout(student)
     train_set = make_tensors(data, "train", tokenizer, args.max_length)
     eval_set = make_tensors(data, "eval", tokenizer, args.max_length)
     example, _ = as_call(train_set[:2], kind)
@@ -387,8 +393,13 @@ def main(argv: list[str] | None = None) -> dict:
         converted = {"stage": "converted", "step": step, **scorer.score(small)}
         stages = [*loop["stages"], final_stage, converted]
         quality = {k: v for k, v in converted.items() if k not in ("stage", "step")}
+        # sentence-transformers files (modules.json, pooling) from the student's folder, else the teacher's
+        st_source = next((f for f in (args.student, args.teacher) if (Path(f) / "modules.json").is_file()), None)
         slimkit.save_pretrained(
-            small, out_dir, report={**quality, **{f"teacher {k}": v for k, v in scorer.teacher.items()}}
+            small,
+            out_dir,
+            report={**quality, **{f"teacher {k}": v for k, v in scorer.teacher.items()}},
+            files_from=st_source,
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

@@ -6,10 +6,13 @@ integrations live in ``slimkit.plugins`` and are imported on demand.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+# isort: off
+from . import omp  # noqa: F401  first: may set OMP_WAIT_POLICY before torch loads OpenMP (slimkit/omp.py)
 
+# isort: on
 from .api import compute_loss, convert, log_values, prepare, step
 from .distill import uniform_layer_map
+from .dropout import disable_dropout
 from .errors import (
     ConfigError,
     FormatError,
@@ -32,6 +35,8 @@ from .recipe import (
     WeightQuantConfig,
 )
 
+__version__ = "0.1.0"
+
 __all__ = [
     "ActivationQuantConfig",
     "AttentionPair",
@@ -52,6 +57,7 @@ __all__ = [
     "calibrate",
     "compute_loss",
     "convert",
+    "disable_dropout",
     "export_onnx",
     "from_pretrained",
     "log_values",

@@ -51,6 +51,9 @@ def prepare(
     """
     recipe = _as_recipe(recipe)
     model = unwrap(model)
+    from .omp import warn_once
+
+    warn_once()  # OMP_WAIT_POLICY unset: training may be several times slower on a shared machine
     controller = controller_of(model, required=False) or Controller(model)
     if example_inputs is None:
         try:

@@ -225,15 +225,17 @@ class Controller:
             del model._modules[SLIMKIT_ATTR]
         if CONTROLLER_ATTR in model.__dict__:
             del model.__dict__[CONTROLLER_ATTR]
-        object.__setattr__(model, "_slimkit_info", _ConvertedInfo(self.recipe))
+        source = getattr(model.__dict__.get("_slimkit_info"), "folder", None)  # where it was loaded from
+        object.__setattr__(model, "_slimkit_info", _ConvertedInfo(self.recipe, folder=source))
 
 
 class _ConvertedInfo:
     """What a converted model remembers of how it was made (for save_pretrained's block)."""
 
-    def __init__(self, recipe: Any, report: dict[str, Any] | None = None) -> None:
+    def __init__(self, recipe: Any, report: dict[str, Any] | None = None, folder: str | None = None) -> None:
         self.recipe = recipe
         self.report = report or {}
+        self.folder = folder  # the folder the model was loaded from, if any (its extra files are kept)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

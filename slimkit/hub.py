@@ -127,7 +127,12 @@ def _fsync(path: Path) -> None:
 
 
 def _write_folder(
-    model: nn.Module, folder: Path, recipe: Any, card: Callable | None, extra_report: dict | None = None
+    model: nn.Module,
+    folder: Path,
+    recipe: Any,
+    card: Callable | None,
+    extra_report: dict | None = None,
+    files_from: Any = None,
 ) -> None:
     from . import __version__
 
@@ -168,6 +173,9 @@ def _write_folder(
 
         plot_kept(kept, folder / PLOT_NAME)
 
+    source = files_from or getattr(getattr(model, "_slimkit_info", None), "folder", None)
+    if adapter.extra_files(model, source, folder):  # e.g. sentence-transformers' modules.json and pooling
+        block["sentence_transformers"] = True
     if card is not None:
         (folder / CARD_NAME).write_text(card(model, config))
     text = json.dumps(config, indent=2, sort_keys=False, default=_json_default) + "\n"
@@ -204,6 +212,7 @@ def save_pretrained(
     recipe: Any = None,
     model_card: bool = True,
     report: dict[str, Any] | None = None,
+    files_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as a hub-style folder at ``path`` and return the path.
 
@@ -211,6 +220,8 @@ def save_pretrained(
     state that slimkit attached are never saved. A failed save leaves an existing folder as it was.
     ``report`` adds metrics (e.g. ``{"accuracy": 0.97}``) to the model card and config block; the
     before -> after measurements of ``slimkit.convert`` are written automatically.
+    ``files_from`` is a folder whose sentence-transformers files (``modules.json``, pooling) are
+    kept in the new folder; by default the folder the model was loaded from.
     """
     from .report import model_card as default_card
 
@@ -220,7 +231,9 @@ def save_pretrained(
         raise FormatError(f"save_pretrained: {str(target)!r} exists and is not a folder")
     # The whole folder is written beside the target and swapped in at once (slimkit.atomic):
     # files slimkit does not manage (a tokenizer, notes) are carried over.
-    return replace_folder(target, lambda staging: _write_folder(model, staging, recipe, card, report), _MANAGED)
+    return replace_folder(
+        target, lambda staging: _write_folder(model, staging, recipe, card, report, files_from), _MANAGED
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,7 +339,9 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
         if header is not None:
             meta, _ = build_on_meta(lambda: adapter.build(config), lambda m: m, header, file)
             check_plain_folder(meta, header)
-        return adapter.load_plain(folder).to(device).eval()
+        model = adapter.load_plain(folder)
+        object.__setattr__(model, "_slimkit_info", _LoadedInfo(folder=str(folder), block={}))
+        return model.to(device).eval()
     block = check_slimkit_block(block, file)
     _check_version(block, file)
     _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))

@@ -90,6 +90,9 @@ class DistillConfig(Config):
     alpha: float = help_field(0.5, "weight of the logit KD term; the task loss gets 1 - alpha")
     features: list[FeaturePair] = help_field([], "projected feature KD pairs")
     attention: list[AttentionPair] = help_field([], "attention-map KD pairs")
+    dropout: Literal["keep", "off"] = help_field(
+        "keep", "off: no dropout in the student while it trains (helps feature KD from a pre-trained encoder)"
+    )
 
     def validate(self, path: str) -> None:
         if not self.temperature > 0:

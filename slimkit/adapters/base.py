@@ -144,6 +144,11 @@ class ModelAdapter:
         building run code, touch the network or fail with a raw error (``config`` has no
         ``"slimkit"`` block). Called before any model is built from a folder."""
 
+    def extra_files(self, model: nn.Module, source: Any, folder: Any) -> bool:
+        """Copy files the family's other tools need from the folder the model was loaded from
+        (``source``, None if unknown) into the folder being saved; True when any were."""
+        return False
+
     def init_non_persistent_buffers(self, model: nn.Module, loaded: set[str]) -> None:
         """After a model built on the meta device got the tensors ``loaded`` from a file: compute
         the buffers no file holds (position ids, rotary frequencies, ...), which are zeros now."""

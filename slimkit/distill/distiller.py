@@ -76,6 +76,10 @@ class Distiller(Method):
         if any(m is self.teacher for m in model.modules()):
             raise SlimkitError("the teacher must not be a submodule of the student; pass it separately")
         cfg = self.config
+        if cfg.dropout == "off":
+            from ..dropout import disable_dropout
+
+            disable_dropout(model)
         for i, pair in enumerate(cfg.features):
             for s, t in expand_pairs(pair, model, self.teacher, f"distill.features[{i}]"):
                 self.feature_pairs.append((s, t, pair))
