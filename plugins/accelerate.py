@@ -26,6 +26,8 @@ because it lives in the student's ``state_dict``.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,43 @@ def save_student(accelerator: Accelerator, model: nn.Module, path: str | Path, e
             extra_files(path)
     accelerator.wait_for_everyone()
     return small
+
+
+class LineProgress:
+    """Progress for logs that are not a terminal: one plain line about every tenth of the run
+    (and at least every ``interval`` seconds), instead of a tqdm bar redrawn on every step,
+    which a log file keeps as thousands of lines."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", interval: float = 60.0, disable: bool = False):
+        self.total, self.n, self.desc, self.interval, self.disable = total, initial, desc, interval, disable
+        self.every = max(1, total // 10)
+        self.started = self.last = time.perf_counter()
+        self.start_n = initial
+        self.postfix = ""
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.n % self.every == 0 or self.n == self.total or now - self.last > self.interval:
+            self.last = now
+            if not self.disable:
+                rate = (now - self.started) / max(1, self.n - self.start_n)
+                extra = f", {self.postfix}" if self.postfix else ""
+                print(
+                    f"{self.desc}: {self.n}/{self.total} steps, {rate:.2f} s/step{extra}", file=sys.stderr, flush=True
+                )
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False) -> Any:
+    """A tqdm bar on a terminal, :class:`LineProgress` in a log file or pipe."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, disable=disable)
+    return LineProgress(total, initial, desc, disable=disable)

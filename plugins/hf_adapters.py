@@ -23,17 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.pytorch_utils import Conv1D
 
 from slimkit.adapters import HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.quiet import quiet_imports
 from slimkit.recipe_io import short_repr
+
+with quiet_imports():  # transformers' modeling code imports torchao, which logs deprecation notices
+    import transformers
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.pytorch_utils import Conv1D
 
 CAPTURE_IMPL = "slimkit_capture"
 # Attention / experts implementations a folder may name: the ones transformers computes itself.
@@ -495,4 +498,14 @@ class HFAdapter(ModelAdapter):
         _, cls = self._config_and_class(config, str(folder / "config.json"))
         if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
             raise FormatError(f"{folder / 'model.safetensors'} is missing; slimkit loads safetensors only")
-        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        from transformers.utils import logging as hf_logging
+
+        # transformers draws a "Loading weights" bar per load: noise in a log file
+        bar = hf_logging.is_progress_bar_enabled()
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
+        try:
+            return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()

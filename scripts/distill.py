@@ -32,13 +32,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 import slimkit
 from slimkit.adapters import get_adapter
 from slimkit.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.plugins.accelerate import gather_log_values, gather_mean
+from slimkit.plugins.accelerate import progress as progress_bar
 from slimkit.plugins.data import TaskData, load_task_data
 from slimkit.report import count_parameters
 
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         step = loop["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
-    progress = tqdm(total=steps, initial=step, desc="distill", disable=not accelerator.is_local_main_process)
+    # A bar on a terminal; in a log file one line per tenth of the run, not one per step.
+    progress = progress_bar(total=steps, initial=step, desc="distill", disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     student.train()
     while step < steps:
@@ -356,8 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
             loop["samples_seen"] += len(labels)
             mean_loss = gather_mean(accelerator, loss)
             loop["curve"].append({"step": step, "loss": mean_loss})
-            progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
+            progress.update(1)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint(
                     out_dir / "checkpoints",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..quiet import quiet_imports, silence_inductor_int8_notice
 from .int8 import is_int8_layer, prepare_for_tracing, require_int8_engine
 
 
@@ -27,7 +28,10 @@ def _register_x86_int8_lowering() -> None:
     try:
         # Importing the quantizer registers torchao's Inductor passes for x86 int8 (weight
         # prepack, conv/linear + post-op fusion); it is the supported way to get them.
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+        with quiet_imports():  # torchao's and cpp_extension's import-time notices (slimkit/quiet.py)
+            import torch.utils.cpp_extension  # noqa: F401
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+        silence_inductor_int8_notice()
     except ImportError as exc:
         raise SlimkitError(
             f"slimkit.quant.compile needs torchao ({exc}); install it with pip install 'slimkit[quant]'"
