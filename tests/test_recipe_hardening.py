@@ -15,16 +15,20 @@ from tests.test_hf_trainer import ToyText, make_args
 
 # --- 6: YAML alias bombs ----------------------------------------------------------------------
 
-# Nine levels of anchors, each alias repeated nine times: 9**9 (387 million) values once expanded.
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
-)
+
+def alias_bomb(levels: int) -> str:
+    """``levels`` levels of anchors, each alias repeated nine times: 9**levels values once expanded."""
+    text = "a: &a [x,x,x,x,x,x,x,x,x]\n"
+    for i in range(levels - 1):
+        text += f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n"
+    return text + f"distill: {{temperature: *{chr(97 + levels - 1)}}}\n"
 
 
-def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
-    assert len(BOMB) < 400
+@pytest.mark.parametrize("levels", [6, 9])  # 531 thousand / 387 million values
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, levels):
     path = tmp_path / "bomb.yaml"
-    path.write_text(BOMB + "distill: {temperature: *i}\n")
+    path.write_text(alias_bomb(levels))
+    assert path.stat().st_size < 400
     with pytest.raises(ConfigError, match="expands to more than 100,000 values") as info:
         Recipe.from_file(path)
     assert len(str(info.value)) < 400  # the echoed value is never the expansion
