@@ -26,6 +26,7 @@ from torch import nn
 from slimkit.adapters import HeadLayout, ModelAdapter, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.quiet import quiet_logs
 from slimkit.recipe_io import short_repr
 
 # create_model's own keyword options (everything else in model_args goes to the model class).
@@ -153,7 +154,7 @@ class TimmAdapter(ModelAdapter):
 
     # -- folders ---------------------------------------------------------------------------------
     def config_dict(self, model: nn.Module) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, quiet_logs("timm.data.model_config"):
             path = Path(tmp) / "config.json"
             timm_hub.save_config_for_hf(model, str(path))
             return json.loads(path.read_text())

@@ -20,21 +20,29 @@ _NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension")
 
 
 @contextmanager
-def quiet_imports() -> Iterator[None]:
-    """Import dependencies without their import-time deprecation notices."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+def quiet_logs(*names: str) -> Iterator[None]:
+    """Raise the given loggers to ERROR for the duration (e.g. timm's data-config notice
+    "Pretrained mean does not match 1 channels", logged each time a 1-channel model's config
+    is written)."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*Enum subclass.*")
-            yield
+        yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Import dependencies without their import-time deprecation notices."""
+    with quiet_logs(*_NOISY_LOGGERS), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*Enum subclass.*")
+        yield
 
 
 def silence_inductor_int8_notice() -> None:
