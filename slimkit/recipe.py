@@ -249,6 +249,12 @@ class QuantConfig(Config):
         "also store nn.Embedding tables as int8, one symmetric scale per row (weight-only: lookups return "
         "float); embeddings tied to another module's weight stay float",
     )
+    compile: Literal["auto", "always", "never"] = help_field(
+        "auto",
+        "how the converted model runs: auto compiles models with INT8 convolutions on their first inference "
+        "call (torch.compile, one graph per input shape; others run eagerly), always, or never (eager oneDNN "
+        "kernels only); slimkit.quant.set_compile changes it later",
+    )
     conv_outputs: bool = help_field(
         True,
         "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
