@@ -19,6 +19,7 @@ Schedule (steps are optimizer steps, as counted by ``slimkit.step`` / the Traine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -34,8 +35,8 @@ from ..controller import Controller, Method
 from ..errors import IncompatibleError, NonFiniteError, SlimkitError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
+from . import bias_correction, equalization, qat, runtime, sites
 from . import embeddings as qemb
-from . import qat, runtime, sites
 from .calibration import batch_size, check_calibration, model_inputs
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
@@ -105,6 +106,7 @@ class Quantizer(Method):
         # every activation quantizer by its state-dict prefix: layer inputs and sites
         self.quantizers: dict[str, nn.Module] = {}
         self.skipped_tied: list[str] = []
+        self.equalized: list[equalization.Pair] = []  # quant.equalization: the layer pairs scaled
         self.phase = Phase("float", False, False, False)
         self._load_hook = None
 
@@ -167,7 +169,9 @@ class Quantizer(Method):
         """One watched forward pass, when BatchNorms may fold or conv outputs get sites."""
         cfg = self.config
         folds = cfg.fold_bn and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        if not convs or not (folds or self._wants_sites()):
+        if not convs and not cfg.equalization:
+            return None
+        if not (folds or self._wants_sites() or cfg.equalization):
             return None
         inputs = self.example_inputs
         if inputs is None:
@@ -189,6 +193,11 @@ class Quantizer(Method):
         convs = {n: modules[n] for n, k in selected.items() if k == "conv2d"}
         recording = self._record(model, convs)
         pairs = fold_pairs(recording, convs, batchnorms_with_statistics(model)) if recording and cfg.fold_bn else {}
+        if cfg.equalization and recording is not None:
+            weighted = {n: modules[n] for n, k in selected.items() if k in ("conv2d", "linear")}
+            self.equalized = equalization.plan_pairs(recording, weighted, pairs)
+            sweeps = equalization.equalize(modules, self.equalized)
+            logger.info("quant: equalized %d layer pairs (%d sweeps)", len(self.equalized), sweeps)
         if recording is not None and self._wants_sites():
             folded_bns = {n: pairs[n][1] if n in pairs else None for n in convs}
             self.plan = sites.plan_sites(recording, selected, folded_bns, cfg.exclude)
@@ -212,6 +221,9 @@ class Quantizer(Method):
                 own_input=name not in self.plan.inputs,
             )
             self.layers[name] = modules[name]
+            if cfg.bias_correction:  # zeros until calibrate measures it; present so checkpoints load
+                out = modules[name].weight.shape[qat.OUT_AXIS[kind]]
+                bias_correction.set_correction(modules[name], torch.zeros(out))
             if "input_quantizer" in modules[name]._modules:
                 self.quantizers[f"{name}.input_quantizer"] = modules[name].input_quantizer
             if bn_name is not None:
@@ -300,8 +312,15 @@ class Quantizer(Method):
             quantizer.fake_quant = False
             quantizer.calibrating = True
         seen = samples = 0
+        correcting = (
+            bias_correction.BiasCorrection(
+                self.layers, {n: self.layers[n].__dict__[qat.STATE_ATTR].kind for n in self.layers}
+            )
+            if self.config.bias_correction
+            else contextlib.nullcontext()
+        )
         try:
-            with self.controller.suspended():
+            with self.controller.suspended(), correcting:
                 for batch in batches:
                     if num_batches is not None and seen >= num_batches:
                         break
