@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_split import shuffled_digits  # noqa: E402
 from int8_common import (  # noqa: E402
     EVAL_SENTENCES,
+    RESULTS,
     machine_info,
     mean_pool,
     minilm,
@@ -47,6 +49,7 @@ from int8_common import (  # noqa: E402
     training_sentences,
     write_json,
 )
+from int8_ptq_tools import bench_bn_freeze, bench_ptq_tools  # noqa: E402
 
 import slimkit  # noqa: E402
 
@@ -236,27 +239,45 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+SECTIONS = ("digits", "minilm", "ptq_tools", "bn_freeze")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run")
     parser.add_argument("--epochs", type=int, default=20, help="digits FP32 training epochs")
     parser.add_argument("--qat-epochs", type=int, default=6, help="digits QAT epochs")
     parser.add_argument("--minilm-steps", type=int, default=60, help="MiniLM QAT+KD steps (batch 16)")
     parser.add_argument("--minilm-lr", type=float, default=5e-6)
-    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--tools-train-steps", type=int, default=600, help="ptq_tools / bn_freeze FP32 steps")
+    parser.add_argument("--tools-qat-steps", type=int, default=100, help="ptq_tools QAT steps")
+    parser.add_argument("--bn-qat-steps", nargs="+", type=int, default=[60, 600], help="bn_freeze QAT lengths")
+    parser.add_argument("--bn-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output", default="int8_accuracy.json")
     args = parser.parse_args()
     setup_machine()
-    report = {"machine": machine_info(), "settings": vars(args)}
-    report["digits"] = bench_digits(args.epochs, args.qat_epochs)
-    write_json(args.output, report)
-    if not args.skip_minilm:
+    path = RESULTS / args.output
+    # sections not run this time keep their earlier results
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report.update({"machine": machine_info(), "settings": vars(args)})
+    if "digits" in args.sections:
+        report["digits"] = bench_digits(args.epochs, args.qat_epochs)
+        write_json(args.output, report)
+    if "minilm" in args.sections:
         report["minilm"] = bench_minilm(args.minilm_steps, args.minilm_lr)
-    goals = {
-        "digits_qat_int8_within_0.5_points_of_fp32": {
+        write_json(args.output, report)
+    if "ptq_tools" in args.sections:
+        report["ptq_tools"] = bench_ptq_tools(args.tools_train_steps, args.tools_qat_steps)
+        write_json(args.output, report)
+    if "bn_freeze" in args.sections:
+        report["bn_freeze"] = bench_bn_freeze(args.tools_train_steps, args.bn_qat_steps, args.bn_seeds)
+        write_json(args.output, report)
+    goals = {}
+    if "digits" in report:
+        goals["digits_qat_int8_within_0.5_points_of_fp32"] = {
             "value": report["digits"]["qat_int8_minus_fp32_points"],
             "met": report["digits"]["qat_int8_minus_fp32_points"] >= -0.5,
         }
-    }
     if "minilm" in report:
         cos = report["minilm"]["cosine_vs_fp32"]
         best = max((n for n in cos if "qat_kd" in n), key=lambda n: cos[n]["mean"])
@@ -265,6 +286,10 @@ def main() -> None:
             "value": cos[best]["mean"],
             "met": cos[best]["mean"] >= 0.99,
         }
+    for name, row in report.get("ptq_tools", {}).items():
+        goals[f"{name}_equalization+bias_correction_recover_half_of_per_tensor_ptq_drop"] = row[
+            "goal_eq_bc_recover_half_of_per_tensor_drop"
+        ]
     report["goals"] = goals
     path = write_json(args.output, report)
     for goal, value in goals.items():

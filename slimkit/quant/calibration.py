@@ -45,24 +45,51 @@ def batch_size(inputs: Any) -> int:
 MIN_CALIBRATION_SAMPLES = 16
 
 
-def check_calibration(quantizers: dict[str, nn.Module], samples: int, allow_degenerate: bool) -> None:
-    """Refuse calibration data whose ranges are empty (constant or all-zero inputs: every later
-    input would be clipped to that one value); warn when it held fewer than
-    ``MIN_CALIBRATION_SAMPLES`` samples (one sample's ranges miss most of the real ones)."""
+class InputSpread:
+    """The overall min / max of the floating tensors a calibration fed the model."""
+
+    def __init__(self) -> None:
+        self.low = float("inf")
+        self.high = -float("inf")
+
+    def add(self, inputs: Any) -> None:
+        tensors = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+                lo, hi = torch.aminmax(tensor.detach())
+                self.low, self.high = min(self.low, float(lo)), max(self.high, float(hi))
+
+    @property
+    def constant(self) -> bool:
+        return self.low == self.high  # every floating input value the same (all-zero sets, ...)
+
+
+def check_calibration(
+    quantizers: dict[str, nn.Module], samples: int, spread: InputSpread, allow_degenerate: bool
+) -> None:
+    """Refuse calibration inputs that are constant (an all-zero set: every range would be empty,
+    so every later input is clipped to that one value); warn when fewer than
+    ``MIN_CALIBRATION_SAMPLES`` samples were seen (one sample's ranges miss much of the real ones)
+    or when most ranges came out empty. Single empty ranges are normal (timm zero-initialises the
+    last BatchNorm of residual blocks, whose output is then constant)."""
     observed = {n: q for n, q in quantizers.items() if hasattr(q, "observer") and q.observer.has_data}
     flat = [n for n, q in observed.items() if float(q.observer.max_val) - float(q.observer.min_val) <= 0.0]
-    if flat and not allow_degenerate:
-        shown = ", ".join(flat[:6]) + (", ..." if len(flat) > 6 else "")
+    if spread.constant and not allow_degenerate:
         raise CalibrationError(
-            f"calibrate: {len(flat)} of {len(observed)} activation ranges are empty (every value the same: "
-            f"constant or all-zero calibration data?): {shown}. Calibrate on real samples, or pass "
-            "allow_degenerate=True to keep these ranges."
+            f"calibrate: every calibration input value is {spread.low:g} (a constant or all-zero set), so "
+            f"{len(flat)} of {len(observed)} activation ranges are empty and any other input would be clipped. "
+            "Calibrate on real samples, or pass allow_degenerate=True to keep these ranges."
         )
+    problems = []
     if samples < MIN_CALIBRATION_SAMPLES:
-        message = (
-            f"calibrate: only {samples} sample(s) seen; activation ranges from so few samples usually miss "
-            f"much of the real range. Calibrate on at least {MIN_CALIBRATION_SAMPLES} (a few hundred is typical)."
+        problems.append(
+            f"only {samples} sample(s) seen; activation ranges from so few samples usually miss much of the real "
+            f"range. Calibrate on at least {MIN_CALIBRATION_SAMPLES} (a few hundred is typical)"
         )
+    if len(flat) * 2 > len(observed):
+        problems.append(f"{len(flat)} of {len(observed)} activation ranges are empty (constant activations)")
+    for problem in problems:
+        message = f"calibrate: {problem}."
         if not allow_degenerate:
             warnings.warn(message, UserWarning, stacklevel=3)
         logger.warning(message)

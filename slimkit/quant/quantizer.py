@@ -37,7 +37,7 @@ from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
 from . import bias_correction, equalization, qat, runtime, sites
 from . import embeddings as qemb
-from .calibration import batch_size, check_calibration, model_inputs
+from .calibration import InputSpread, batch_size, check_calibration, model_inputs
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
 from .int8 import make_int8, require_int8_engine
@@ -312,6 +312,7 @@ class Quantizer(Method):
             quantizer.fake_quant = False
             quantizer.calibrating = True
         seen = samples = 0
+        spread = InputSpread()
         correcting = (
             bias_correction.BiasCorrection(
                 self.layers, {n: self.layers[n].__dict__[qat.STATE_ATTR].kind for n in self.layers}
@@ -328,6 +329,7 @@ class Quantizer(Method):
                     call_model(model, inputs)
                     seen += 1
                     samples += batch_size(inputs)
+                    spread.add(inputs)
         finally:
             for quantizer in self.quantizers.values():
                 quantizer.calibrating = False
@@ -335,7 +337,7 @@ class Quantizer(Method):
             self.apply_phase(self.controller.step)
         if seen == 0:
             raise SlimkitError("calibrate: the dataloader yielded no batches")
-        check_calibration(self.quantizers, samples, allow_degenerate)
+        check_calibration(self.quantizers, samples, spread, allow_degenerate)
         return seen
 
     # -- convert -------------------------------------------------------------------------------
