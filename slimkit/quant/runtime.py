@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import types
 from typing import Any, Literal
@@ -110,6 +111,9 @@ class Int8Runtime:
         self.compile_kwargs = dict(compile_kwargs or {})
         self.signatures: dict[tuple, SignatureState] = {}
         self._warned_full = False
+        # what inspect.signature(model.forward) reports: transformers' Trainer and generate read it
+        self.__signature__ = inspect.signature(type(model).forward.__get__(model))
+        self.__doc__ = type(model).forward.__doc__
 
     # copy.deepcopy(model) copies this object with it: bind the copy to the copied model, and
     # compile afresh (compiled graphs hold the original's frozen weights)

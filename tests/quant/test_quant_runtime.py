@@ -103,3 +103,19 @@ def test_int8_models_refuse_non_finite_inputs_instead_of_hiding_them(value):
     x[1, 0, 3, 3] = value
     with pytest.raises(NonFiniteError, match="1 NaN / inf"):
         logits_of(model, x)
+
+
+def test_transformers_keep_their_forward_signature_and_run_eagerly():
+    import inspect
+
+    from quant_helpers import tiny_gpt2, token_batch
+
+    model = tiny_gpt2()
+    slimkit.prepare(model, {"quant": {"mode": "ptq"}})
+    batch = token_batch(batch=16)
+    slimkit.calibrate(model, [batch])
+    int8 = slimkit.convert(model).eval()
+    # transformers' Trainer and generate read the parameters of model.forward
+    assert list(inspect.signature(int8.forward).parameters)[:1] == ["input_ids"]
+    assert int8.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    assert not runtime_report(int8)["compiles"] and not runtime_report(int8)["signatures"]

@@ -1,0 +1,44 @@
+"""Fake-quant = INT8 on the depthwise families (depthwise convs, squeeze-excite, hard-swish):
+timm MobileNetV2, MobileNetV3 and EfficientNet, after QAT and after PTQ, eager and ONNX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import cnn_loss, logits_of, train_steps
+from test_quant_parity import _check, _onnx_logits
+
+import slimkit
+from slimkit.quant import is_int8_layer
+
+FAMILIES = {
+    "mobilenetv2": ("mobilenetv2_050", {}),
+    "mobilenetv3": ("mobilenetv3_small_050", {}),
+    "efficientnet": ("efficientnet_b0", {"drop_path_rate": 0.0}),
+}
+
+
+@pytest.mark.parametrize("mode", ["qat", "ptq"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_depthwise_families_int8_and_onnx_agree_with_fake_quant(family, mode, tmp_path):
+    timm = pytest.importorskip("timm")
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    recipe = {"quant": {"mode": mode, "compile": "never", "freeze_observers_step": 2, "freeze_bn_step": 2}}
+    if mode == "ptq":
+        recipe["quant"] = {"mode": "ptq", "compile": "never"}
+    slimkit.prepare(model, recipe, example_inputs=batches[0][0])
+    slimkit.calibrate(model, [x for x, _ in batches], allow_degenerate=True)  # 16 random images
+    if mode == "qat":
+        train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
+    model.eval()
+    held_out = torch.randn(64, 3, 32, 32, generator=g)
+    fake = logits_of(model, held_out)
+    int8 = slimkit.convert(model)
+    depthwise = [n for n, m in int8.named_modules() if is_int8_layer(m) and getattr(m, "groups", 1) > 1]
+    assert depthwise, "the depthwise convs run in INT8"
+    _check(f"{name} {mode} fake-quant vs INT8", fake, logits_of(int8, held_out), bound=None)
+    _check(f"{name} {mode} fake-quant vs ONNX", fake, _onnx_logits(int8, held_out, tmp_path), bound=None)
