@@ -153,7 +153,7 @@ def _cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     return {"mean": round(cos.mean().item(), 5), "min": round(cos.min().item(), 5)}
 
 
-def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float) -> tuple:
+def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float, embeddings: bool = False) -> tuple:
     recipe = {
         "distill": {
             "features": [
@@ -165,7 +165,7 @@ def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float) -> tu
             ]
         },
         # static ranges come from calibration and stay fixed: the training text is templated
-        "quant": {"mode": mode, "freeze_observers_step": 0},
+        "quant": {"mode": mode, "freeze_observers_step": 0, "embeddings": embeddings},
     }
     texts = training_sentences(16 * steps, seed=1)
     batches = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, len(texts), 16)]
@@ -235,11 +235,36 @@ def bench_minilm(steps: int, lr: float) -> dict:
     return result
 
 
+def bench_minilm_embeddings(steps: int, lr: float) -> dict:
+    """QAT + KD (static) of the real MiniLM with and without INT8 embeddings, in one run: the
+    decision whether ``quant.embeddings`` may be on by default for transformers (goal: cosine
+    within 0.002 of the default)."""
+    tokenizer, fp32 = minilm()
+    batch = dict(tokenizer(EVAL_SENTENCES, padding=True, return_tensors="pt"))
+    reference = _embed(fp32, batch)
+    result: dict = {"steps": steps, "cosine_vs_fp32": {}, "int8_file_ratio": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_dir = slimkit.save_pretrained(fp32, Path(tmp) / "fp32", model_card=False)
+        fp32_bytes = (fp32_dir / "model.safetensors").stat().st_size
+        for embeddings in (False, True):
+            name = "qat_kd_static_int8" + ("_int8_embeddings" if embeddings else "")
+            student, _ = _qat_kd(copy.deepcopy(fp32), fp32, tokenizer, "qat", steps, lr, embeddings=embeddings)
+            int8 = slimkit.convert(student)
+            result["cosine_vs_fp32"][name] = _cosine(reference, _embed(int8, batch))
+            folder = slimkit.save_pretrained(int8, Path(tmp) / name, model_card=False)
+            result["int8_file_ratio"][name] = round((folder / "model.safetensors").stat().st_size / fp32_bytes, 4)
+            print(f"minilm {name}: cosine {result['cosine_vs_fp32'][name]}, file {result['int8_file_ratio'][name]}")
+    cos = result["cosine_vs_fp32"]
+    gap = cos["qat_kd_static_int8"]["mean"] - cos["qat_kd_static_int8_int8_embeddings"]["mean"]
+    result["goal_within_0.002_of_default"] = {"mean_cosine_loss": round(gap, 5), "met": gap <= 0.002}
+    return result
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-SECTIONS = ("digits", "minilm", "ptq_tools", "bn_freeze")
+SECTIONS = ("digits", "minilm", "minilm_embeddings", "ptq_tools", "bn_freeze")
 
 
 def main() -> None:
@@ -266,6 +291,9 @@ def main() -> None:
     if "minilm" in args.sections:
         report["minilm"] = bench_minilm(args.minilm_steps, args.minilm_lr)
         write_json(args.output, report)
+    if "minilm_embeddings" in args.sections:
+        report["minilm_embeddings"] = bench_minilm_embeddings(args.minilm_steps, args.minilm_lr)
+        write_json(args.output, report)
     if "ptq_tools" in args.sections:
         report["ptq_tools"] = bench_ptq_tools(args.tools_train_steps, args.tools_qat_steps)
         write_json(args.output, report)
@@ -286,6 +314,10 @@ def main() -> None:
             "value": cos[best]["mean"],
             "met": cos[best]["mean"] >= 0.99,
         }
+    if "minilm_embeddings" in report:
+        goals["minilm_int8_embeddings_qat_kd_within_0.002_cosine"] = report["minilm_embeddings"][
+            "goal_within_0.002_of_default"
+        ]
     for name, row in report.get("ptq_tools", {}).items():
         goals[f"{name}_equalization+bias_correction_recover_half_of_per_tensor_ptq_drop"] = row[
             "goal_eq_bc_recover_half_of_per_tensor_drop"

@@ -146,7 +146,10 @@ class Candidates:
         }
 
     def _file_sizes(self, int8: nn.Module) -> None:
-        fp32_dir = slimkit.save_pretrained(self.fp32, self.tmp / "fp32_folder", model_card=False)
+        try:
+            fp32_dir = slimkit.save_pretrained(self.fp32, self.tmp / "fp32_folder", model_card=False)
+        except slimkit.SlimkitError:  # plain nn.Module (the tutorial's SmallCNN): no folder format
+            return
         int8_dir = slimkit.save_pretrained(int8, self.tmp / "int8_folder", model_card=False)
         fp32_mb, int8_mb = _file_mb(fp32_dir / "model.safetensors"), _file_mb(int8_dir / "model.safetensors")
         self.info.update(

@@ -111,6 +111,7 @@ class Int8Runtime:
         self.compile_kwargs = dict(compile_kwargs or {})
         self.signatures: dict[tuple, SignatureState] = {}
         self._warned_full = False
+        self._has_int8_convs = int8_layer_kinds(model)["conv2d"] > 0  # once: not per call
         # what inspect.signature(model.forward) reports: transformers' Trainer and generate read it
         self.__signature__ = inspect.signature(type(model).forward.__get__(model))
         self.__doc__ = type(model).forward.__doc__
@@ -130,7 +131,7 @@ class Int8Runtime:
     def compiles(self) -> bool:
         if self.mode == "never":
             return False
-        return self.mode == "always" or int8_layer_kinds(self.model)["conv2d"] > 0
+        return self.mode == "always" or self._has_int8_convs
 
     def eager(self, *args, **kwargs):
         return type(self.model).forward(self.model, *args, **kwargs)
@@ -138,10 +139,15 @@ class Int8Runtime:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return self.eager(*args, **kwargs)  # traced from outside: the reference pattern
-        check_finite_inputs(self.model, args, kwargs)
+        single = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+        if single and args[0].is_floating_point():  # the common case, without pytree walks
+            if not bool(torch.isfinite(args[0]).all()):
+                check_finite_inputs(self.model, args, kwargs)
+        elif not single:
+            check_finite_inputs(self.model, args, kwargs)
         if not self.compiles or torch.is_grad_enabled() or self.model.training:
             return self.eager(*args, **kwargs)
-        key = _signature(args, kwargs)
+        key = (tuple(args[0].shape), args[0].dtype, args[0].device.type) if single else _signature(args, kwargs)
         state = self.signatures.get(key)
         if state is None:
             if len(self.signatures) >= MAX_SIGNATURES:
