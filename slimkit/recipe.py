@@ -244,10 +244,11 @@ class QuantConfig(Config):
     freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
     freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
     exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
-    embeddings: bool = help_field(
-        False,
+    embeddings: bool | None = help_field(
+        None,
         "also store nn.Embedding tables as int8, one symmetric scale per row (weight-only: lookups return "
-        "float); embeddings tied to another module's weight stay float",
+        "float); embeddings tied to another module's weight stay float. null (default): on for Hugging Face "
+        "transformers models (measured on MiniLM: QAT+KD cosine 0.99479 vs 0.99485 without), off for others",
     )
     equalization: bool = help_field(
         False,

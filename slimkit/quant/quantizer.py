@@ -118,6 +118,10 @@ class Quantizer(Method):
             match_modules(model, pattern, role="quant.exclude: ")
         tied = _tied_weights(model)
         dynamic = cfg.mode == "dynamic"
+        # null: the default, on for transformers models, where the embedding table is up to half of
+        # the weights; an embedding that cannot be int8 then stays float instead of being an error
+        auto_embeddings = cfg.embeddings is None
+        embeddings = self.controller.adapter.library == "transformers" if auto_embeddings else cfg.embeddings
         selected: dict[str, str] = {}
         problems: list[tuple[str, nn.Module, str]] = []
         blocked: list[str] = []
@@ -125,9 +129,11 @@ class Quantizer(Method):
             if not name or matches_any(name, cfg.exclude) or matches_any(name, blocked):
                 continue
             kind = layer_kind(module)
-            if kind is None and cfg.embeddings and isinstance(module, nn.Embedding):
+            if kind is None and embeddings and isinstance(module, nn.Embedding):
                 reason = qemb.embedding_problem(module)
-                if reason is not None:
+                if reason is not None and auto_embeddings:
+                    logger.info("quant: keeping embedding %s in float: %s", name, reason)
+                elif reason is not None:
                     problems.append((name, module, reason))
                     blocked.append(name)
                 elif id(module._parameters.get("weight")) in tied:
