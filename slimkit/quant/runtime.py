@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import types
 from typing import Any, Literal
 
@@ -141,7 +142,9 @@ class Int8Runtime:
             return self.eager(*args, **kwargs)  # traced from outside: the reference pattern
         single = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
         if single and args[0].is_floating_point():  # the common case, without pytree walks
-            if not bool(torch.isfinite(args[0]).all()):
+            # a sum is NaN / inf when any element is (5x cheaper than isfinite().all() on small
+            # inputs); a finite input whose sum overflows takes the exact check, which passes it
+            if not math.isfinite(args[0].sum().item()):
                 check_finite_inputs(self.model, args, kwargs)
         elif not single:
             check_finite_inputs(self.model, args, kwargs)
@@ -212,7 +215,7 @@ class Int8Runtime:
             "compiles": self.compiles,
             "signatures": [
                 {
-                    "inputs": repr(key[1])[:200],
+                    "inputs": repr(key)[:200],
                     "path": state.path,
                     "int8_kernels": dict(state.int8_kernels),
                     **({"reason": state.reason} if state.reason else {}),
