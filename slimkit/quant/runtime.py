@@ -112,10 +112,14 @@ class Int8Runtime:
         self.compile_kwargs = dict(compile_kwargs or {})
         self.signatures: dict[tuple, SignatureState] = {}
         self._warned_full = False
-        self._has_int8_convs = int8_layer_kinds(model)["conv2d"] > 0  # once: not per call
-        # what inspect.signature(model.forward) reports: transformers' Trainer and generate read it
-        self.__signature__ = inspect.signature(type(model).forward.__get__(model))
-        self.__doc__ = type(model).forward.__doc__
+        # computed on first use: copy.deepcopy builds this object before the model copy is filled
+        self._has_int8_convs: bool | None = None
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """What ``inspect.signature(model.forward)`` reports (transformers' Trainer and generate
+        read it): the model's own forward's."""
+        return inspect.signature(type(self.model).forward.__get__(self.model))
 
     # copy.deepcopy(model) copies this object with it: bind the copy to the copied model, and
     # compile afresh (compiled graphs hold the original's frozen weights)
@@ -132,6 +136,8 @@ class Int8Runtime:
     def compiles(self) -> bool:
         if self.mode == "never":
             return False
+        if self._has_int8_convs is None:
+            self._has_int8_convs = int8_layer_kinds(self.model)["conv2d"] > 0  # once, not per call
         return self.mode == "always" or self._has_int8_convs
 
     def eager(self, *args, **kwargs):
@@ -198,6 +204,13 @@ class Int8Runtime:
         state.path = "compiled"
         state.int8_kernels = {kind: counters["inductor"][name] - before[kind] for kind, name in _COUNTERS.items()}
         expected = int8_layer_kinds(self.model)
+        if not any(state.int8_kernels.values()) and (expected["conv2d"] or expected["linear"]):
+            # nothing was lowered: dynamo ran the frame eagerly (recompile limit, an unsupported
+            # construct) or reused another graph; say so and take the eager kernels directly
+            state.compiled, state.path = None, "eager"
+            state.reason = "torch.compile produced no INT8 kernels for these inputs (dynamo ran them eagerly)"
+            logger.warning("slimkit: %s runs its INT8 layers eagerly: %s", type(self.model).__name__, state.reason)
+            return out
         missing = {k: expected[k] - state.int8_kernels[k] for k in _COUNTERS if state.int8_kernels[k] < expected[k]}
         if missing:
             state.reason = (

@@ -56,6 +56,9 @@ def test_many_compiled_models_of_one_class_stay_compiled_and_correct():
                 eager = model.forward.eager(x)
             assert torch.allclose(logits_of(model, x), eager, atol=1e-4), seed
             assert _paths(model) == ["compiled"], seed
+            # a graph of its own, with its own weights lowered to int8 kernels (not dynamo's
+            # silent eager fallback once the limit is spent)
+            assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}, seed
 
 
 def _int8_resnet(compile_mode: str) -> torch.nn.Module:
