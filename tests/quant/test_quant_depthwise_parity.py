@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import cnn_loss, logits_of, train_steps
+from quant_helpers import agreement, cnn_loss, logits_of, train_steps
 from test_quant_parity import _check, _onnx_logits
 
 import slimkit
 from slimkit.quant import is_int8_layer
+
+# open: onnxruntime's run of the exported PTQ MobileNetV3 (hard-swish, squeeze-excite) flips 1
+# of these 64 argmaxes (largest logit difference 0.047) while the eager INT8 model agrees on all
+KNOWN_ONNX_GAPS = {("mobilenetv3", "ptq"): "onnxruntime flips 1 of 64 argmaxes of PTQ MobileNetV3 (open)"}
 
 FAMILIES = {
     "mobilenetv2": ("mobilenetv2_050", {}),
@@ -49,4 +53,7 @@ def test_depthwise_families_int8_and_onnx_agree_with_fake_quant(family, mode, tm
     depthwise = [n for n, m in int8.named_modules() if is_int8_layer(m) and getattr(m, "groups", 1) > 1]
     assert depthwise, "the depthwise convs run in INT8"
     _check(f"{name} {mode} fake-quant vs INT8", fake, logits_of(int8, held_out), bound=None)
-    _check(f"{name} {mode} fake-quant vs ONNX", fake, _onnx_logits(int8, held_out, tmp_path), bound=None)
+    onnx = _onnx_logits(int8, held_out, tmp_path)
+    if (family, mode) in KNOWN_ONNX_GAPS and agreement(fake, onnx)[0] < 0.99:
+        pytest.xfail(KNOWN_ONNX_GAPS[(family, mode)])
+    _check(f"{name} {mode} fake-quant vs ONNX", fake, onnx, bound=None)

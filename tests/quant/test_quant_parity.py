@@ -113,7 +113,7 @@ def test_gpt2_keeps_the_tied_lm_head_in_float():
     model = tiny_gpt2()
     slimkit.prepare(model, {"quant": {}})
     quantizer = model._slimkit.methods["quant"]
-    assert quantizer.skipped_tied == ["lm_head"]
+    assert quantizer.skipped_tied == ["transformer.wte", "lm_head"]  # embeddings on by default: wte is tied too
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "QATConv1D"
     assert isinstance(model.lm_head, nn.Linear) and not hasattr(model.lm_head, "input_quantizer")
 
