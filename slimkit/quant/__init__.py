@@ -14,6 +14,7 @@ exporting or running ONNX. Importing it registers the ``quantization`` block of 
 
 from __future__ import annotations
 
+from ..calibration import calibrate
 from ..hub import register_block
 from . import hub_block
 from .compiled import compile
@@ -21,7 +22,7 @@ from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer
 from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
-from .quantizer import Quantizer, calibrate, phase_at
+from .quantizer import Quantizer, phase_at
 
 register_block("quantization", hub_block.describe, hub_block.rebuild)
 

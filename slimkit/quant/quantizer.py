@@ -22,15 +22,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..adapters import call_model
-from ..controller import Controller, Method, controller_of, unwrap
-from ..errors import IncompatibleError, SlimkitError, UnsupportedModelError
+from ..batches import model_inputs
+from ..controller import Controller, Method
+from ..errors import IncompatibleError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
 from . import embeddings as qemb
@@ -263,17 +263,19 @@ class Quantizer(Method):
         return {"quant/phase": PHASES[self.phase.name], "quant/bn_frozen": float(self.phase.bn_frozen)}
 
     # -- calibration ---------------------------------------------------------------------------
+    def nothing_to_calibrate(self) -> str:
+        return (
+            "quant.mode is 'dynamic', which computes activation ranges per batch at inference; use mode: "
+            "ptq (or qat) for static ranges"
+        )
+
+    def takes_calibration(self) -> bool:
+        return self.config.mode != "dynamic"
+
     @torch.no_grad()
-    def calibrate(self, model: nn.Module, batches: Iterable, num_batches: int | None = None) -> int:
-        """Run ``num_batches`` batches through the model in eval mode with the observers on and
-        fake-quant off; returns the number of batches seen."""
-        if self.config.mode == "dynamic":
-            raise IncompatibleError(
-                "calibrate: quant.mode is 'dynamic', which computes activation ranges per batch at "
-                "inference; there is nothing to calibrate. Use mode: ptq (or qat) for static ranges."
-            )
-        if num_batches is not None and num_batches < 1:
-            raise SlimkitError(f"calibrate: num_batches must be >= 1, got {num_batches}")
+    def calibrate(self, model: nn.Module, batches: list) -> None:
+        """Run the batches through the model in eval mode with the observers on and fake-quant
+        off (``slimkit.calibrate``)."""
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was_training = model.training
         model.eval()
@@ -284,22 +286,15 @@ class Quantizer(Method):
         for quantizer in self.quantizers.values():
             quantizer.fake_quant = False
             quantizer.calibrating = True
-        seen = 0
         try:
             with self.controller.suspended():
                 for batch in batches:
-                    if num_batches is not None and seen >= num_batches:
-                        break
-                    call_model(model, _model_inputs(batch, device))
-                    seen += 1
+                    call_model(model, model_inputs(batch, device))
         finally:
             for quantizer in self.quantizers.values():
                 quantizer.calibrating = False
             model.train(was_training)
             self.apply_phase(self.controller.step)
-        if seen == 0:
-            raise SlimkitError("calibrate: the dataloader yielded no batches")
-        return seen
 
     # -- convert -------------------------------------------------------------------------------
     def _site_quantizer(self, name: str) -> nn.Module:
@@ -438,37 +433,3 @@ def neutralize_batchnorm(bn: nn.Module) -> None:
     qat.swap_class(bn, qat.FreezableBatchNorm, "Folded")
     bn._slimkit_bn_frozen = True
     bn.__dict__[qat.NEUTRAL_ATTR] = True  # runs only what it does besides normalizing, if known
-
-
-def _model_inputs(batch: Any, device: torch.device) -> Any:
-    """What to call the model with for one batch: a dict (HF, without labels), the first item of
-    a tuple / list ``(inputs, targets)``, or a tensor."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    raise SlimkitError(
-        f"calibrate: cannot feed a batch of type {type(batch).__name__} to the model; the dataloader must "
-        "yield tensors, (inputs, targets) tuples or dicts of keyword tensors"
-    )
-
-
-def calibrate(model: nn.Module, dataloader: Iterable, num_batches: int | None = None) -> nn.Module:
-    """Static calibration (PTQ): observe activation ranges on ``num_batches`` batches.
-
-    The model must be prepared with a ``quant`` recipe section (``mode: ptq``, or ``qat`` to
-    start QAT from the calibrated ranges). Runs in eval mode under ``torch.no_grad``; returns
-    the model. Batches may be tensors, ``(inputs, targets)`` tuples or dicts of keyword tensors
-    (``labels`` is dropped).
-    """
-    inner = unwrap(model)
-    quantizer = controller_of(inner).methods.get("quant")
-    if quantizer is None:
-        raise SlimkitError(
-            f"calibrate: {type(inner).__name__} was prepared without a 'quant' recipe section; "
-            "add quant: {mode: ptq} to the recipe"
-        )
-    quantizer.calibrate(inner, dataloader, num_batches)
-    return model
