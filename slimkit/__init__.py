@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import compute_loss, convert, log_values, prepare, step
-from .calibration import calibrate
+from .calibration import calibrate, needs_calibration
 from .distill import uniform_layer_map
 from .errors import (
     ConfigError,
@@ -56,6 +56,7 @@ __all__ = [
     "export_onnx",
     "from_pretrained",
     "log_values",
+    "needs_calibration",
     "prepare",
     "save_pretrained",
     "step",

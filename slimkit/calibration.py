@@ -47,3 +47,12 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = Non
     for method in users:
         method.calibrate(inner, collected)
     return model
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """Whether a prepared method waits for ``slimkit.calibrate`` now (a data-aware pruning point
+    due at step 0, or PTQ / QAT ranges to observe)."""
+    controller = controller_of(unwrap(model), required=False)
+    if controller is None:
+        return False
+    return any(controller.methods[n].takes_calibration() for n in _ORDER if n in controller.methods)

@@ -147,10 +147,10 @@ class PruneConfig(Config):
 
     channels: float = help_field(0.0, "fraction of prunable conv channels / MLP neurons to remove")
     heads: float = help_field(0.0, "fraction of attention heads to remove (never all of a layer)")
-    importance: Literal["l1", "l2", "taylor", "bn_scale", "activation", "fisher"] = help_field(
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "activation", "obs", "fisher"] = help_field(
         "l2",
-        "how units are ranked: weight norms (l1, l2, bn_scale), recorded inputs (activation: |W|*||X||, no "
-        "labels), or gradients of the loss (taylor, fisher)",
+        "how units are ranked: weight norms (l1, l2, bn_scale), recorded inputs (activation: |W|*||X||; obs: "
+        "what the least-squares refit cannot compensate; no labels), or gradients of the loss (taylor, fisher)",
     )
     reconstruct: bool = help_field(
         False,
@@ -158,12 +158,13 @@ class PruneConfig(Config):
         "inputs (and, at slimkit.calibrate, recompute BatchNorm statistics)",
     )
     sequential: bool = help_field(
-        True,
-        "reconstruct inside slimkit.calibrate: refit layer by layer on the already-pruned model's inputs "
-        "towards the dense model's outputs; false: every layer from the dense model's inputs alone",
+        False,
+        "reconstruct inside slimkit.calibrate layer by layer on the already-pruned model's inputs, towards the "
+        "dense model's outputs (costs a model copy and a pass per layer; measured no better than the default: "
+        "every layer refit on the dense model's inputs)",
     )
     damping: float = help_field(
-        0.01, "reconstruct: ridge term, as a fraction of the mean diagonal of each layer's input Gram matrix"
+        0.001, "reconstruct: ridge term, as a fraction of the mean diagonal of each layer's input Gram matrix"
     )
     statistics_steps: int = help_field(
         16,
@@ -222,7 +223,7 @@ class PruneConfig(Config):
     def records_inputs(self) -> bool:
         """Whether the pruning points use recorded layer inputs."""
         sensitivity = self.scope == "global" and self.allocation == "sensitivity"
-        return self.structured and (self.importance == "activation" or self.reconstruct or sensitivity)
+        return self.structured and (self.importance in ("activation", "obs") or self.reconstruct or sensitivity)
 
 
 # ----------------------------------------------------------------------------------------

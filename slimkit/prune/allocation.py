@@ -9,8 +9,9 @@ energy those layers lose, relative to their output energy,
 with ``W'`` the least-squares refit when ``reconstruct`` is on (the optimal-brain-surgeon
 form ``tr(W_R [G^-1]_RR^-1 W_R^T)``), else ``W`` with the removed columns cut. The target is
 then spread over the groups where these curves rise least: ``k_g`` minimises ``sum_g e_g(k_g)``
-for the total asked, greedily over the lower convex hull of each curve (sampled at eighths of
-the group), never above ``max_layer_ratio`` of a group.
+for the total asked, greedily over the lower convex hull of each curve (sampled at every unit
+for groups of up to 32 units, at 16 points for larger ones), never above ``max_layer_ratio`` of
+a group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .reconstruct import _matrix
 from .selection import removable
 from .units import UnitGroup
 
-_GRID = 8  # curve samples per group
+_GRID = 16  # curve samples per group (every unit when a group has up to 2 * _GRID)
 
 
 def _weight_with_bias(consumer: Consumer) -> torch.Tensor:
@@ -106,7 +107,9 @@ def sensitivity_counts(
         cap = max(removable(group, int(max_layer_ratio * group.size + 1e-9), None), counts[i])
         alive = (~mask).nonzero().flatten()
         order = alive[torch.argsort(score[alive], stable=True)]
-        samples = sorted({counts[i] + round(j * (cap - counts[i]) / _GRID) for j in range(_GRID + 1)})
+        room = cap - counts[i]
+        steps = room if room <= 2 * _GRID else _GRID
+        samples = sorted({counts[i] + round(j * room / max(steps, 1)) for j in range(steps + 1)})
         energy = sum(c.energy for c in readers[gid]) or 1.0
         points = []
         for k in samples:

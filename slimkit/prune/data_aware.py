@@ -85,7 +85,8 @@ class PointData:
                     if member.side == "in":
                         readers.setdefault(member.module, []).append((g, m))
             modules = {name: get_module(model, name) for name in readers}
-            gram = config.reconstruct or (config.scope == "global" and config.allocation == "sensitivity")
+            sensitivity = config.scope == "global" and config.allocation == "sensitivity"
+            gram = config.reconstruct or sensitivity or config.importance == "obs"
             self.recorder = Recorder(model, modules, transposed, gram=gram)
             for name, stats in self.recorder.stats.items():
                 self.consumers[name] = Consumer(name, modules[name], stats, readers[name])
@@ -152,7 +153,9 @@ class PointData:
 
 def missing_data_error(config: PruneConfig, point: int, missing: list[str]) -> IncompatibleError:
     """The refusal of a data-aware point that never got its data."""
-    needs = [f"importance '{config.importance}'"] if config.importance in ("activation", "taylor", "fisher") else []
+    needs = (
+        [f"importance '{config.importance}'"] if config.importance in ("activation", "obs", "taylor", "fisher") else []
+    )
     needs += ["reconstruct"] if config.reconstruct else []
     return IncompatibleError(
         f"prune: {' and '.join(needs)} at step {point} need {' and '.join(missing)}, and "

@@ -28,6 +28,7 @@ from . import importance, manifest
 from .data_aware import PointData, missing_data_error
 from .graph import channel_groups
 from .heads import head_group, set_head_counts
+from .obs import obs_scores
 from .oneshot import calibrate_point, reconstruct_point, sensitivity_allocation
 from .schedule import due_point, pruning_points, target_at_point
 from .selection import choose, select
@@ -244,7 +245,7 @@ class Pruner(Method):
     def _needs_calibration(self) -> bool:
         """Whether a step-0 point cannot be done without data (not only allocated with it)."""
         cfg = self.config
-        return cfg.importance in ("activation", "taylor", "fisher") or cfg.reconstruct
+        return cfg.importance in ("activation", "obs", "taylor", "fisher") or cfg.reconstruct
 
     def _defer(self, model: nn.Module, point: int) -> None:
         """Keep a point due at prepare for slimkit.calibrate. If calibrate does not come, the
@@ -308,7 +309,7 @@ class Pruner(Method):
         if self._deferred is not None:
             calibrate_point(self, model, batches, self._deferred)
             self._clear_deferred()
-            self.apply_masks(model)
+            self._advance(model, self.controller.step)  # masks; drops the recorders if no point is left
 
     def nothing_to_calibrate(self) -> str:
         cfg = self.config
@@ -319,14 +320,22 @@ class Pruner(Method):
             f"{cfg.schedule.start_step}; later points record training forwards)"
         )
 
-    def _score(self, model: nn.Module, group: UnitGroup, method: str, stat: torch.Tensor | None) -> torch.Tensor:
-        if method == "activation":
-            score = importance.activation(model, group, self.transposed, self.data.stats() if self.data else {})
+    def _score(self, model: nn.Module, kind: UnitKind, i: int, method: str, stat, pruned, target) -> torch.Tensor:
+        group = kind.groups[i]
+        if method in ("activation", "obs") and self.data is not None:
+            if method == "obs":
+                flat_id = i + (len(self.channels.groups) if kind is self.heads else 0)
+                cfg = self.config
+                share = cfg.max_layer_ratio if cfg.scope == "global" else target
+                score = obs_scores(self.data, flat_id, pruned, cfg.damping, int(share * group.size + 1e-9) + 1)
+            else:
+                score = importance.activation(model, group, self.transposed, self.data.stats())
             if score is not None:
                 return score
             logger.info("prune: no recorded input reads %s; ranking it by l2", group.describe())
-            method = "l2"
-        return importance.scores(model, group, method, self.transposed, stat)
+        return importance.scores(
+            model, group, "l2" if method in ("activation", "obs") else method, self.transposed, stat
+        )
 
     def _prune_to(self, model: nn.Module, point: int) -> None:
         cfg = self.config
@@ -348,8 +357,12 @@ class Pruner(Method):
                     )
                     method = "l2"
                 stat_parts = kind.split(stats) if stats is not None else [None] * len(kind.groups)
-                scores = [self._score(model, g, method, s) for g, s in zip(kind.groups, stat_parts)]
-                new = self._select(kind, scores, [p.cpu() for p in kind.split(flat)], target)
+                pruned = [p.cpu() for p in kind.split(flat)]
+                scores = [
+                    self._score(model, kind, i, method, s, p, target)
+                    for i, (s, p) in enumerate(zip(stat_parts, pruned))
+                ]
+                new = self._select(kind, scores, pruned, target)
                 flat.copy_(torch.cat(new).to(flat.device))
                 changed.append(flat)
             if stats is not None:

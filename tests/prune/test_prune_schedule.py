@@ -84,7 +84,7 @@ def test_prune_config_round_trips(tmp_path):
         "heads": 0.25,
         "importance": "fisher",
         "reconstruct": True,
-        "sequential": False,
+        "sequential": True,
         "damping": 0.05,
         "statistics_steps": 4,
         "scope": "global",
@@ -110,5 +110,5 @@ def test_prune_config_round_trips(tmp_path):
         "activation",
         True,
         8,
-        True,
+        False,
     )
