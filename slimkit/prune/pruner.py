@@ -283,6 +283,13 @@ class Pruner(Method):
     def _point(self, model: nn.Module, point: int, reconstruct: bool | None = None) -> None:
         """Prune to ``point`` with the statistics gathered for it, refit, and mark it done."""
         before = [p.clone() for p in self._pruned()]
+        recorder = self.data.recorder if self.data is not None else None
+        if recorder is not None and recorder.seen == 0 and self._targets(point):
+            logger.warning(
+                "prune: no layer inputs were recorded before the pruning point at step %d (no training "
+                "forwards in the last prune.statistics_steps steps); ranking by l2 and not refitting",
+                point,
+            )
         self._prune_to(model, point)
         refit = self.config.reconstruct if reconstruct is None else reconstruct
         if refit and self.data is not None:

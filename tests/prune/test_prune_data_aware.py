@@ -255,6 +255,11 @@ def test_prepare_calibrate_convert_without_a_training_loop(form):
     slimkit.calibrate(model, batches, num_batches=2)
     masked = outputs(model.eval(), probe)
     assert not torch.allclose(masked, outputs(before.eval(), probe))  # pruned (and refit) by calibrate alone
+    reader = "encoder.layer.0.output.dense" if form == "dict" else "conv2"
+    weight, start = model.get_submodule(reader).weight.detach(), before.get_submodule(reader).weight.detach()
+    kept = weight.flatten(2).abs().sum((0, 2)) > 0 if weight.dim() == 4 else weight.abs().sum(0) > 0
+    rows = weight.flatten(1).abs().sum(1) > 0
+    assert not torch.allclose(weight[rows][:, kept], start[rows][:, kept])  # refit from the calibration batches
     small = slimkit.convert(model)
     torch.testing.assert_close(outputs(small, probe), masked, rtol=1e-5, atol=1e-5)
     if form == "dict":
