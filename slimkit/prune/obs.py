@@ -8,7 +8,9 @@ greedily, cheapest first, each removal updating ``W`` and ``P`` of every reader,
     W <- W - W_B P_BB^-1 P_B:        P <- P - P_:B P_BB^-1 P_B:
 
 so that later choices see what the refit of earlier ones already absorbed (two copies of a
-feature: the second becomes expensive once the first is gone). The greedy order is the score:
+feature: the second becomes expensive once the first is gone). Large groups (MLP neurons) are
+removed a 64th of their units at a time, each chunk with one exact block update. The greedy
+order is the score:
 units removed earlier score lower. It needs recorded inputs with Gram matrices and is meant for
 ``reconstruct: true`` (which then does the refit for real).
 """
@@ -20,6 +22,8 @@ import torch
 from .data_aware import Consumer, PointData
 from .reconstruct import _matrix
 from .statistics import columns_of
+
+_CHUNKS = 64  # a group of n units is removed n / 64 at a time (one at a time for up to 127 units)
 
 
 class _Reader:
@@ -45,10 +49,13 @@ class _Reader:
         units = alive.nonzero().flatten()
         if self.index is not None:
             idx = self.index[units.to(self.index.device)]  # [U, b]
-            blocks = self.inverse[idx[:, :, None], idx[:, None, :]]  # [U, b, b]
-            w = self.weight[:, idx].permute(1, 2, 0)  # [U, b, out]
-            solved = torch.linalg.solve(blocks, w)
-            out[units] = (w * solved).sum((1, 2)).cpu()
+            if idx.shape[1] == 1:  # one column per unit (MLP neurons): ||W_j||^2 / P_jj
+                j = idx[:, 0]
+                out[units] = (self.weight[:, j].square().sum(0) / self.inverse[j, j]).cpu()
+                return out
+            blocks = torch.linalg.inv(self.inverse[idx[:, :, None], idx[:, None, :]])  # [U, b, b]
+            w = self.weight[:, idx]  # [out, U, b]
+            out[units] = torch.einsum("oub,ubc,ouc->u", w, blocks, w).cpu()
             return out
         for u in units.tolist():
             cols = self.columns[u]
@@ -56,13 +63,13 @@ class _Reader:
             out[u] = float((w.T * torch.linalg.solve(self.inverse[cols][:, cols], w.T)).sum())
         return out
 
-    def remove(self, unit: int) -> None:
-        cols = self.columns[unit]
+    def remove(self, units: list[int]) -> None:
+        cols = [c for u in units for c in self.columns[u]]
         if not cols:
             return
-        p_bb = self.inverse[cols][:, cols]
         p_b = self.inverse[cols]  # [b, c]
-        correction = torch.linalg.solve(p_bb, p_b)  # P_BB^-1 P_B:
+        p_bb = p_b[:, cols]
+        correction = p_b / p_bb if len(cols) == 1 else torch.linalg.solve(p_bb, p_b)  # P_BB^-1 P_B:
         self.weight -= self.weight[:, cols] @ correction
         self.inverse -= p_b.T @ correction
 
@@ -84,18 +91,22 @@ def obs_scores(data: PointData, group_id: int, pruned: torch.Tensor, damping: fl
     if not readers:
         return None
     alive = ~pruned.clone()
-    for unit in pruned.nonzero().flatten().tolist():  # earlier points' units are gone already
-        for reader in readers:
-            reader.remove(unit)
+    gone = pruned.nonzero().flatten().tolist()
+    for reader in readers:  # earlier points' units are gone already
+        reader.remove(gone)
     scores = torch.full((group.size,), float(group.size), dtype=torch.float64)
-    removable = min(int(alive.sum()) - group.min_keep, limit - int(pruned.sum()))
-    for rank in range(max(removable, 0)):
+    removable = max(min(int(alive.sum()) - group.min_keep, limit - int(pruned.sum())), 0)
+    chunk = max(1, int(alive.sum()) // _CHUNKS)
+    rank = 0
+    while rank < removable:
         costs = sum(reader.costs(alive) for reader in readers)
-        unit = int(torch.argmin(costs))
-        scores[unit] = float(rank)
-        alive[unit] = False
+        take = torch.argsort(costs, stable=True)[: min(chunk, removable - rank)].tolist()
+        for unit in take:
+            scores[unit] = float(rank)
+            rank += 1
+        alive[take] = False
         for reader in readers:
-            reader.remove(unit)
+            reader.remove(take)
     if bool(alive.any()):
         costs = sum(reader.costs(alive) for reader in readers)[alive]
         scores[alive] = float(group.size) + torch.argsort(torch.argsort(costs)).double()
