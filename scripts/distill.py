@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="keep",
         help="off: no dropout in the student (helps feature KD from a pre-trained encoder)",
     )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=16,
+        help="batches of the training split given to slimkit.calibrate when the recipe prunes with data at "
+        "step 0 (importance activation / fisher / taylor, reconstruct, global scope by sensitivity)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -244,6 +251,23 @@ class Scorer:
         return {"embedding_cosine": embedding_cosine(result["embeddings"], self._teacher_embeddings)}
 
 
+def calibrate(student: nn.Module, train_set: TensorDataset, kind: str, with_labels: bool, args) -> None:
+    """slimkit.calibrate on the first training batches (a fixed order), labels included where a
+    loss can use them (gradient-based importance)."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator)
+    batches = []
+    for batch in loader:
+        if len(batches) >= args.calibration_batches:
+            break
+        inputs, labels = as_call(batch, kind)
+        if kind == "image":
+            batches.append((inputs[0], labels))
+        else:
+            batches.append({**inputs, "labels": labels} if with_labels else inputs)
+    slimkit.calibrate(student, batches)
+
+
 def phase_ends(recipe: slimkit.Recipe) -> dict[int, str]:
     """Steps at which a training phase ends (the student is scored there): the last step before
     pruning starts, and the last step before QAT switches fake-quantization on."""
@@ -311,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator)
+    unwrapped_student = student
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
 
     steps = args.max_steps or max(1, int(args.epochs * len(loader)))
@@ -326,6 +351,10 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = latest_intact_checkpoint(out_dir / "checkpoints", report=accelerator.print) if args.resume else None
     if args.resume and checkpoint is None:
         accelerator.print(f"no intact checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+    if checkpoint is None and slimkit.needs_calibration(unwrapped_student):
+        calibrate(unwrapped_student, train_set, kind, with_labels, args)  # a resumed run has its masks already
+        if scorer is not None:
+            loop["stages"].append({"stage": "pruned at calibration", "step": 0, **scorer.score(student)})
     if checkpoint is not None:
         loop = load_checkpoint(
             checkpoint, accelerator.unwrap_model(student), optimizer, rank=accelerator.process_index, verify=False

@@ -11,6 +11,7 @@ from . import omp  # noqa: F401  first: may set OMP_WAIT_POLICY before torch loa
 
 # isort: on
 from .api import compute_loss, convert, log_values, prepare, step
+from .calibration import calibrate, needs_calibration
 from .distill import uniform_layer_map
 from .dropout import disable_dropout
 from .errors import (
@@ -22,7 +23,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hub import from_pretrained, save_pretrained
-from .quant import calibrate, export_onnx
+from .quant import export_onnx
 from .recipe import (
     ActivationQuantConfig,
     AttentionPair,
@@ -61,6 +62,7 @@ __all__ = [
     "export_onnx",
     "from_pretrained",
     "log_values",
+    "needs_calibration",
     "prepare",
     "save_pretrained",
     "step",

@@ -64,6 +64,18 @@ class Method:
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called once after each optimizer step, with the number of steps done."""
 
+    def takes_calibration(self) -> bool:
+        """Whether ``calibrate`` has a use for calibration batches now."""
+        return False
+
+    def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
+        """Learn from calibration batches (``slimkit.calibrate``), when ``takes_calibration``.
+        ``allow_degenerate`` keeps ranges a method would refuse as degenerate (quantization)."""
+
+    def nothing_to_calibrate(self) -> str:
+        """Why this method has no use for calibration batches now (for the error when none has)."""
+        return f"{self.name}: uses no calibration data"
+
     def log_values(self) -> dict[str, float]:
         """Values worth logging now (sparsity, QAT phase, ...)."""
         return {}

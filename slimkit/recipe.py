@@ -151,8 +151,36 @@ class PruneConfig(Config):
 
     channels: float = help_field(0.0, "fraction of prunable conv channels / MLP neurons to remove")
     heads: float = help_field(0.0, "fraction of attention heads to remove (never all of a layer)")
-    importance: Literal["l1", "l2", "taylor", "bn_scale"] = help_field("l2", "how units are ranked")
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "activation", "obs", "fisher"] = help_field(
+        "l2",
+        "how units are ranked: weight norms (l1, l2, bn_scale), recorded inputs (activation: |W|*||X||; obs: "
+        "what the least-squares refit cannot compensate; no labels), or gradients of the loss (taylor, fisher)",
+    )
+    reconstruct: bool = help_field(
+        False,
+        "at every pruning point, refit the layers that read the removed units by least squares on recorded "
+        "inputs (and, at slimkit.calibrate, recompute BatchNorm statistics)",
+    )
+    sequential: bool = help_field(
+        False,
+        "reconstruct inside slimkit.calibrate layer by layer on the already-pruned model's inputs, towards the "
+        "dense model's outputs (costs a model copy and a pass per layer; measured no better than the default: "
+        "every layer refit on the dense model's inputs)",
+    )
+    damping: float = help_field(
+        0.001, "reconstruct: ridge term, as a fraction of the mean diagonal of each layer's input Gram matrix"
+    )
+    statistics_steps: int = help_field(
+        16,
+        "activation / reconstruct / sensitivity during training: forwards of this many steps before each "
+        "pruning point are recorded (a point at step 0 takes its data from slimkit.calibrate)",
+    )
     scope: Literal["local", "global"] = help_field("local", "same ratio per layer, or one global threshold")
+    allocation: Literal["sensitivity", "score"] = help_field(
+        "sensitivity",
+        "global scope: spread the ratio where the measured output error is smallest (needs recorded inputs), "
+        "or by mean-normalised scores",
+    )
     max_layer_ratio: float = help_field(0.9, "global scope: the most any one layer may lose")
     round_to: int | None = help_field(None, "keep widths a multiple of this")
     schedule: ScheduleConfig = help_field(dataclasses.MISSING, "when to prune", default_factory=ScheduleConfig)
@@ -166,12 +194,13 @@ class PruneConfig(Config):
     def validate(self, path: str) -> None:
         for name in ("channels", "heads", "sparsity"):
             _ratio(self, path, name)
-        if self.importance == "taylor" and self.structured and self.schedule.last_step == 0:
+        if not 0.0 <= self.damping < 1.0:
+            self.fail(path, "damping", f"must be in [0, 1), got {self.damping}")
+        if self.statistics_steps < 1:
+            self.fail(path, "statistics_steps", f"must be >= 1, got {self.statistics_steps}")
+        if self.reconstruct and not self.structured:
             self.fail(
-                path,
-                "importance",
-                "'taylor' ranks units by gradients seen during training, but the schedule prunes "
-                "everything at step 0; set prune.schedule.start_step to at least 1",
+                path, "reconstruct", "refits the layers that read removed channels / heads; set channels or heads"
             )
         if not 0.0 < self.max_layer_ratio < 1.0:
             self.fail(path, "max_layer_ratio", f"must be in (0, 1), got {self.max_layer_ratio}")
@@ -188,6 +217,17 @@ class PruneConfig(Config):
     def structured(self) -> bool:
         """True when pruning changes shapes at convert time."""
         return self.channels > 0 or self.heads > 0
+
+    @property
+    def gradient_based(self) -> bool:
+        """Units ranked by gradients of a loss (from training or from slimkit.calibrate)."""
+        return self.structured and self.importance in ("taylor", "fisher")
+
+    @property
+    def records_inputs(self) -> bool:
+        """Whether the pruning points use recorded layer inputs."""
+        sensitivity = self.scope == "global" and self.allocation == "sensitivity"
+        return self.structured and (self.importance in ("activation", "obs") or self.reconstruct or sensitivity)
 
 
 # ----------------------------------------------------------------------------------------

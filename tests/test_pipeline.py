@@ -154,10 +154,14 @@ def test_shipped_recipes_load_and_fit_their_models(minilm_path):
     values = prepare_and_step(tiny_timm("vit", seed=2), vit_teacher, recipes["vit_pipeline"], X[:2])
     assert "distill/attention.blocks.1.attn" in values and "prune/heads" in values
 
-    from slimkit.plugins.hf import layer_subset_student
-
     teacher = slimkit.from_pretrained(minilm_path)
-    student = layer_subset_student(teacher, [1, 3, 5])
+    student = slimkit.from_pretrained(minilm_path)  # all 6 layers: the recipe prunes with calibration data
     ids = {"input_ids": torch.randint(1000, 2000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
-    values = prepare_and_step(student, teacher, recipes["minilm_pipeline"], ids)
-    assert "distill/feature.encoder.layer.2" in values and "distill/attention.encoder.layer.0.attention" in values
+    slimkit.prepare(student, recipes["minilm_pipeline"], teacher=teacher, example_inputs=ids)
+    assert slimkit.needs_calibration(student)
+    slimkit.calibrate(student, [ids])
+    student.train()
+    slimkit.compute_loss(student, student(**ids)).backward()
+    slimkit.step(student)
+    values = slimkit.log_values(student)
+    assert "distill/feature.encoder.layer.5" in values and values["prune/heads"] == 0.5

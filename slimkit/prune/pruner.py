@@ -26,72 +26,20 @@ from ..modules import get_module, match_modules, matches_any, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
 from .checks import check_round_to, nm_message
+from .data_aware import PointData, missing_data_error
 from .graph import channel_groups
 from .heads import head_group, set_head_counts
+from .obs import obs_scores
+from .oneshot import calibrate_point, reconstruct_point, sensitivity_allocation
 from .schedule import due_point, pruning_points, target_at_point
-from .selection import select
+from .selection import choose, select
 from .slicing import remove_units
 from .sparse import input_dim, magnitude_masks, nm_mask
+from .state import PruneState, UnitKind, broadcast, distributed
 from .units import UnitGroup, apply_zero_plan, zero_plan
 from .verify import find_inexact
 
 logger = logging.getLogger("slimkit")
-
-
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-
-
-def _broadcast(tensors: list[torch.Tensor]) -> None:
-    """Rank 0's masks everywhere: every process must remove the very same units."""
-    if not _distributed():
-        return
-    for tensor in tensors:
-        view = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
-        if torch.distributed.get_backend() == "nccl" and not view.is_cuda:
-            moved = view.cuda()
-            torch.distributed.broadcast(moved, src=0)
-            view.copy_(moved.cpu())
-        else:
-            torch.distributed.broadcast(view, src=0)
-
-
-class PruneState(nn.Module):
-    """The checkpointed pruning state (a child of ``controller.state``)."""
-
-    def __init__(self, channels: int, heads: int, taylor: bool, sparse: list[torch.Size]) -> None:
-        super().__init__()
-        self.register_buffer("last_point", torch.tensor(-1, dtype=torch.long))
-        self.register_buffer("channels_pruned", torch.zeros(channels, dtype=torch.bool))
-        self.register_buffer("heads_pruned", torch.zeros(heads, dtype=torch.bool))
-        if taylor:
-            self.register_buffer("channels_taylor", torch.zeros(channels))
-            self.register_buffer("heads_taylor", torch.zeros(heads))
-        for i, shape in enumerate(sparse):
-            self.register_buffer(f"keep_{i}", torch.ones(shape, dtype=torch.bool))
-
-    def forward(self, *args: Any) -> Any:  # pragma: no cover - never called
-        raise RuntimeError("the pruning state is not callable")
-
-
-class _Kind:
-    """The groups of one kind (channels or heads) and their slice of the state."""
-
-    def __init__(self, name: str, groups: list[UnitGroup], final: float, round_to: int | None) -> None:
-        self.name, self.groups, self.final, self.round_to = name, groups, final, round_to
-        self.offsets = []
-        total = 0
-        for group in groups:
-            self.offsets.append(total)
-            total += group.size
-        self.total = total
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o : o + g.size] for o, g in zip(self.offsets, self.groups)]
 
 
 class Pruner(Method):
@@ -104,13 +52,15 @@ class Pruner(Method):
         super().__init__(controller, config)
         self.example_inputs = example_inputs
         self.transposed: dict[type, tuple[str, str]] = {}
-        self.channels = _Kind("channels", [], config.channels, config.round_to)
-        self.heads = _Kind("heads", [], config.heads, None)
+        self.channels = UnitKind("channels", [], config.channels, config.round_to)
+        self.heads = UnitKind("heads", [], config.heads, None)
         self.skipped: dict[str, str] = {}  # channel group root -> why it is left whole
         self.sparse_weights: list[str] = []  # modules whose weights carry keep masks
         self.excluded: set[str] = set()
         self.state: PruneState | None = None
-        self._taylor: importance.TaylorAccumulator | None = None
+        self.data: PointData | None = None  # recorded inputs / gradients of data-aware points
+        self._deferred: int | None = None  # a point due at prepare that waits for slimkit.calibrate
+        self._deferred_hook = None
         self._plan: list | None = None
         self._sparse_tensors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._removed: float | None = None
@@ -128,9 +78,9 @@ class Pruner(Method):
         self.excluded = self._excluded(model)
         layouts = adapter.attention_heads(model) if cfg.structured else []
         if cfg.heads > 0:
-            self.heads = _Kind("heads", self._head_groups(model, layouts), cfg.heads, None)
+            self.heads = UnitKind("heads", self._head_groups(model, layouts), cfg.heads, None)
         if cfg.channels > 0:
-            self.channels = _Kind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
+            self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
         if cfg.structured and cfg.verify:
             with self.controller.suspended():
                 find_inexact(
@@ -143,15 +93,15 @@ class Pruner(Method):
                     finish=lambda probe, groups, masks: set_head_counts(probe, adapter, groups, masks),
                 )
         sparse_shapes = self._sparse_setup(model)
-        taylor = cfg.importance == "taylor" and cfg.structured
+        gradient = cfg.importance if cfg.gradient_based else None
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.state = PruneState(self.channels.total, self.heads.total, taylor, sparse_shapes).to(device)
-        self.state.register_load_state_dict_post_hook(lambda module, keys: self._invalidate())
+        self.state = PruneState(self.channels.total, self.heads.total, gradient, sparse_shapes).to(device)
+        self.state.register_load_state_dict_post_hook(lambda module, keys: self._after_load())
         self.controller.state.add_module("prune", self.state)
         self._model_ref = model
-        if taylor:
-            self._taylor = _TaylorPair(model, self.channels, self.heads, self.transposed)
-        self._advance(model, self.controller.step)
+        if cfg.records_inputs or cfg.gradient_based:
+            self.data = PointData(model, cfg, [self.channels, self.heads], self.transposed)
+        self._advance(model, self.controller.step, prepare=True)
 
     def _inputs(self, model: nn.Module) -> Any:
         """Example inputs for tracing (dict inputs get the adapter's trace kwargs)."""
@@ -265,26 +215,140 @@ class Pruner(Method):
     # training
     # ------------------------------------------------------------------------------------
     def on_step(self, model: nn.Module, step: int) -> None:
-        if not self._synced and _distributed():
+        if not self._synced and distributed():
             # prepare may have run before the process group existed (masks of step 0 computed
             # per process): from the first step on, every process holds rank 0's state.
-            _broadcast(list(self.state.buffers()))
+            broadcast(list(self.state.buffers()))
             self._invalidate()
             self._synced = True
-        if self._taylor is not None:
-            self._taylor.flush(self.state)
+        if self.data is not None and self.data.gradients is not None:
+            self.data.gradients.flush(self.state)
+        self.run_deferred(model)
         self._advance(model, step)
 
-    def _advance(self, model: nn.Module, step: int) -> None:
+    def _advance(self, model: nn.Module, step: int, prepare: bool = False) -> None:
         point = due_point(self.config.schedule, step, int(self.state.last_point))
-        if point is not None:
-            self._prune_to(model, point)
-            self.state.last_point.fill_(point)
-            self._invalidate()
-        if self._taylor is not None and int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]:
-            self._taylor.remove()  # nothing left to rank
-            self._taylor = None
+        if point is not None and prepare and self._waits_for_data(point):
+            self._defer(model, point)
+        elif point is not None:
+            self._point(model, point)
+        if self.data is not None:
+            if int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]:
+                self.data.finished()  # nothing left to rank or refit
+                self.data = None
+            else:
+                self.data.window(step, int(self.state.last_point))
         self.apply_masks(model)
+
+    # -- data-aware points -------------------------------------------------------------------
+    def _targets(self, point: int) -> bool:
+        return any(target_at_point(self.config.schedule, k.final, point) > 0 for k in (self.channels, self.heads))
+
+    def _waits_for_data(self, point: int) -> bool:
+        return self.data is not None and self._targets(point) and bool(self.data.lacking(self.state))
+
+    def _needs_calibration(self) -> bool:
+        """Whether a step-0 point cannot be done without data (not only allocated with it)."""
+        cfg = self.config
+        return cfg.importance in ("activation", "obs", "taylor", "fisher") or cfg.reconstruct
+
+    def _defer(self, model: nn.Module, point: int) -> None:
+        """Keep a point due at prepare for slimkit.calibrate. If calibrate does not come, the
+        point is done (or refused, when it cannot be done without data) at the first training
+        forward, step or convert; a point that only allocates by sensitivity is done at the
+        first forward of any kind, with normalised scores."""
+        self._deferred = point
+
+        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.controller._suspended:
+                return
+            if not self._needs_calibration() or (module.training and torch.is_grad_enabled()):
+                self.run_deferred(module)
+
+        self._deferred_hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
+
+    def _clear_deferred(self) -> None:
+        self._deferred = None
+        if self._deferred_hook is not None:
+            self._deferred_hook.remove()
+            self._deferred_hook = None
+
+    def run_deferred(self, model: nn.Module) -> None:
+        """Perform a point that waited for calibration data, with the data there is."""
+        if self._deferred is None:
+            return
+        point = self._deferred
+        missing = self.data.lacking(self.state) if self.data is not None else []
+        if missing and self._needs_calibration():
+            raise missing_data_error(self.config, point, missing)  # still pending: calibrate may come
+        self._clear_deferred()
+        self._point(model, point)
+        self.apply_masks(model)
+
+    def _point(self, model: nn.Module, point: int, reconstruct: bool | None = None) -> None:
+        """Prune to ``point`` with the statistics gathered for it, refit, and mark it done."""
+        before = [p.clone() for p in self._pruned()]
+        recorder = self.data.recorder if self.data is not None else None
+        if recorder is not None and recorder.seen == 0 and self._targets(point):
+            logger.warning(
+                "prune: no layer inputs were recorded before the pruning point at step %d (no training "
+                "forwards in the last prune.statistics_steps steps); ranking by l2 and not refitting",
+                point,
+            )
+        self._prune_to(model, point)
+        refit = self.config.reconstruct if reconstruct is None else reconstruct
+        if refit and self.data is not None:
+            self._broadcast_refit(reconstruct_point(self, before, self._pruned()))
+        self.state.last_point.fill_(point)
+        if self.data is not None:
+            self.data.after_point()
+        self._invalidate()
+
+    def _pruned(self) -> list[torch.Tensor]:
+        """The pruned mask of every group (channels, then heads), on the CPU."""
+        flat = self.channels.split(self.state.channels_pruned) + self.heads.split(self.state.heads_pruned)
+        return [p.cpu() for p in flat]
+
+    def _broadcast_refit(self, modules: list[nn.Module]) -> None:
+        tensors = [t.data for m in modules for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+        broadcast(tensors)
+
+    def takes_calibration(self) -> bool:
+        return self._deferred is not None  # (depth pruning adds its own condition here)
+
+    def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
+        """``slimkit.calibrate``: a waiting point gathers its statistics from the batches and prunes
+        (``allow_degenerate`` concerns quantization ranges only)."""
+        if self._deferred is not None:
+            calibrate_point(self, model, batches, self._deferred)
+            self._clear_deferred()
+            self._advance(model, self.controller.step)  # masks; drops the recorders if no point is left
+
+    def nothing_to_calibrate(self) -> str:
+        cfg = self.config
+        if not cfg.structured or not (cfg.records_inputs or cfg.gradient_based):
+            return f"prune: importance '{cfg.importance}' needs no data (units were ranked at prepare)"
+        return (
+            f"prune: no pruning point is due at step {self.controller.step} (schedule starts at "
+            f"{cfg.schedule.start_step}; later points record training forwards)"
+        )
+
+    def _score(self, model: nn.Module, kind: UnitKind, i: int, method: str, stat, pruned, target) -> torch.Tensor:
+        group = kind.groups[i]
+        if method in ("activation", "obs") and self.data is not None:
+            if method == "obs":
+                flat_id = i + (len(self.channels.groups) if kind is self.heads else 0)
+                cfg = self.config
+                share = cfg.max_layer_ratio if cfg.scope == "global" else target
+                score = obs_scores(self.data, flat_id, pruned, cfg.damping, int(share * group.size + 1e-9) + 1)
+            else:
+                score = importance.activation(model, group, self.transposed, self.data.stats())
+            if score is not None:
+                return score
+            logger.info("prune: no recorded input reads %s; ranking it by l2", group.describe())
+        return importance.scores(
+            model, group, "l2" if method in ("activation", "obs") else method, self.transposed, stat
+        )
 
     def _prune_to(self, model: nn.Module, point: int) -> None:
         cfg = self.config
@@ -294,10 +358,10 @@ class Pruner(Method):
             if not kind.groups:
                 continue
             flat = getattr(self.state, f"{kind.name}_pruned")
-            stats = getattr(self.state, f"{kind.name}_taylor", None)
+            stats = getattr(self.state, f"{kind.name}_{cfg.importance}", None) if cfg.gradient_based else None
             if target > 0:
                 method = cfg.importance
-                if method == "taylor" and not bool((stats > 0).any()):
+                if method in ("taylor", "fisher") and not bool((stats > 0).any()):
                     logger.warning(
                         "prune: no gradients were seen since the last pruning point; ranking %s by l2 "
                         "magnitude at step %d",
@@ -306,24 +370,39 @@ class Pruner(Method):
                     )
                     method = "l2"
                 stat_parts = kind.split(stats) if stats is not None else [None] * len(kind.groups)
+                pruned = [p.cpu() for p in kind.split(flat)]
                 scores = [
-                    importance.scores(model, g, method, self.transposed, s) for g, s in zip(kind.groups, stat_parts)
+                    self._score(model, kind, i, method, s, p, target)
+                    for i, (s, p) in enumerate(zip(stat_parts, pruned))
                 ]
-                new = select(
-                    kind.groups,
-                    scores,
-                    [p.cpu() for p in kind.split(flat)],
-                    target,
-                    scope=cfg.scope,
-                    max_layer_ratio=cfg.max_layer_ratio,
-                    round_to=kind.round_to,
-                )
+                new = self._select(kind, scores, pruned, target)
                 flat.copy_(torch.cat(new).to(flat.device))
                 changed.append(flat)
             if stats is not None:
-                stats.zero_()  # Taylor sums restart at every pruning point
+                stats.zero_()  # gradient sums restart at every pruning point
         changed += self._update_sparse(model, point)
-        _broadcast(changed)
+        broadcast(changed)
+
+    def _select(self, kind: UnitKind, scores: list, pruned: list[torch.Tensor], target: float) -> list[torch.Tensor]:
+        cfg = self.config
+        if cfg.scope == "global" and cfg.allocation == "sensitivity":
+            counts = sensitivity_allocation(self, kind, scores, pruned, target)
+            if counts is not None:
+                return [choose(g, s, p, c) for g, s, p, c in zip(kind.groups, scores, pruned, counts)]
+            logger.warning(
+                "prune: %s: no recorded inputs for allocation by sensitivity (call slimkit.calibrate, or set "
+                "prune.allocation: score); spreading the ratio by normalised scores",
+                kind.name,
+            )
+        return select(
+            kind.groups,
+            scores,
+            pruned,
+            target,
+            scope=cfg.scope,
+            max_layer_ratio=cfg.max_layer_ratio,
+            round_to=kind.round_to,
+        )
 
     def _update_sparse(self, model: nn.Module, point: int) -> list[torch.Tensor]:
         cfg = self.config
@@ -345,6 +424,12 @@ class Pruner(Method):
         for keep, new in zip(keeps, magnitude_masks(weights, keeps, target, cfg.scope)):
             keep.copy_(new)
         return keeps
+
+    def _after_load(self) -> None:
+        # A checkpoint restored the state: a point it already did no longer waits for data.
+        if self._deferred is not None and int(self.state.last_point) >= self._deferred:
+            self._clear_deferred()
+        self._invalidate()
 
     def _invalidate(self) -> None:
         self._plan = None
@@ -414,6 +499,7 @@ class Pruner(Method):
     # convert
     # ------------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
+        self.run_deferred(model)
         self.apply_masks(model)
         values = self.log_values()
         if not self.config.structured:
@@ -449,28 +535,7 @@ class Pruner(Method):
         model.__dict__["_slimkit_report"] = report
 
     def remove(self, model: nn.Module) -> None:
-        if self._taylor is not None:
-            self._taylor.remove()
-            self._taylor = None
-
-
-class _TaylorPair:
-    """Taylor accumulators for channel and head units, folded into the state each step."""
-
-    def __init__(self, model: nn.Module, channels: _Kind, heads: _Kind, transposed: dict) -> None:
-        self.parts = [
-            (
-                kind.name,
-                importance.TaylorAccumulator(model, kind.groups, kind.offsets, kind.total, transposed),
-            )
-            for kind in (channels, heads)
-            if kind.groups
-        ]
-
-    def flush(self, state: PruneState) -> None:
-        for name, acc in self.parts:
-            acc.flush(getattr(state, f"{name}_taylor"))
-
-    def remove(self) -> None:
-        for _, acc in self.parts:
-            acc.remove()
+        self._clear_deferred()
+        if self.data is not None:
+            self.data.finished()
+            self.data = None

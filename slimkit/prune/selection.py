@@ -28,7 +28,7 @@ def removable(group: UnitGroup, count: int, round_to: int | None) -> int:
     return count
 
 
-def _choose(group: UnitGroup, score: torch.Tensor, pruned: torch.Tensor, count: int) -> torch.Tensor:
+def choose(group: UnitGroup, score: torch.Tensor, pruned: torch.Tensor, count: int) -> torch.Tensor:
     """``pruned`` plus the lowest-scored other units, up to ``count`` pruned in all."""
     new = pruned.clone()
     blocks = group.blocks or [list(range(group.size))]
@@ -59,7 +59,7 @@ def select(
         counts = [
             removable(g, max(int(target * g.size + 1e-9), int(p.sum())), round_to) for g, p in zip(groups, pruned)
         ]
-        return [_choose(g, s, p, c) for g, s, p, c in zip(groups, scores, pruned, counts)]
+        return [choose(g, s, p, c) for g, s, p, c in zip(groups, scores, pruned, counts)]
 
     total = sum(g.size for g in groups)
     extra = int(target * total + 1e-9) - sum(int(p.sum()) for p in pruned)
@@ -86,4 +86,4 @@ def select(
                     counts[i] += 1
                     extra -= 1
     counts = [max(removable(g, c, round_to), int(p.sum())) for g, c, p in zip(groups, counts, pruned)]
-    return [_choose(g, s, p, c) for g, s, p, c in zip(groups, scores, pruned, counts)]
+    return [choose(g, s, p, c) for g, s, p, c in zip(groups, scores, pruned, counts)]

@@ -14,9 +14,9 @@ exporting or running ONNX. Importing it registers the ``quantization`` block of 
 
 from __future__ import annotations
 
+from ..calibration import calibrate
 from ..hub import register_block
 from . import hub_block, hub_checks
-from .calibration import calibrate
 from .compiled import compile
 from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer

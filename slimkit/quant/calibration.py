@@ -1,39 +1,23 @@
-"""Calibration (PTQ): feeding batches to a prepared model, and refusing degenerate data.
+"""Calibration checks (PTQ): refusing degenerate data.
 
-``slimkit.calibrate(model, loader, num_batches=32)`` runs the batches through the model in eval
-mode with the activation observers on (:meth:`slimkit.quant.Quantizer.calibrate`). Data whose
-ranges come out empty (an all-zero or constant set) is refused; fewer than 16 samples warn.
+``slimkit.calibrate(model, loader, num_batches=32)`` (slimkit/calibration.py) gives the batches to
+:meth:`slimkit.quant.Quantizer.calibrate`, which runs them in eval mode with the activation
+observers on and then calls :func:`check_calibration`: data whose ranges come out empty (an
+all-zero or constant set) is refused; fewer than 16 samples warn.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..controller import controller_of, unwrap
-from ..errors import CalibrationError, SlimkitError
+from ..errors import CalibrationError
 
 logger = logging.getLogger("slimkit")
-
-
-def model_inputs(batch: Any, device: torch.device) -> Any:
-    """What to call the model with for one batch: a dict (HF, without labels), the first item of
-    a tuple / list ``(inputs, targets)``, or a tensor."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    raise SlimkitError(
-        f"calibrate: cannot feed a batch of type {type(batch).__name__} to the model; the dataloader must "
-        "yield tensors, (inputs, targets) tuples or dicts of keyword tensors"
-    )
 
 
 def batch_size(inputs: Any) -> int:
@@ -93,28 +77,3 @@ def check_calibration(
         if not allow_degenerate:
             warnings.warn(message, UserWarning, stacklevel=3)
         logger.warning(message)
-
-
-def calibrate(
-    model: nn.Module, dataloader: Iterable, num_batches: int | None = None, *, allow_degenerate: bool = False
-) -> nn.Module:
-    """Static calibration (PTQ): observe activation ranges on ``num_batches`` batches.
-
-    The model must be prepared with a ``quant`` recipe section (``mode: ptq``, or ``qat`` to
-    start QAT from the calibrated ranges). Runs in eval mode under ``torch.no_grad``; returns
-    the model. Batches may be tensors, ``(inputs, targets)`` tuples or dicts of keyword tensors
-    (``labels`` is dropped).
-
-    Data too degenerate to calibrate on is refused with a :class:`slimkit.errors.CalibrationError`
-    (a layer whose input was the same value throughout, e.g. an all-zero set); fewer than 16
-    samples get a warning. ``allow_degenerate=True`` keeps such ranges (and silences the warning).
-    """
-    inner = unwrap(model)
-    quantizer = controller_of(inner).methods.get("quant")
-    if quantizer is None:
-        raise SlimkitError(
-            f"calibrate: {type(inner).__name__} was prepared without a 'quant' recipe section; "
-            "add quant: {mode: ptq} to the recipe"
-        )
-    quantizer.calibrate(inner, dataloader, num_batches, allow_degenerate)
-    return model

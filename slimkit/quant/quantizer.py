@@ -24,20 +24,20 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..adapters import call_model
+from ..batches import model_inputs
 from ..controller import Controller, Method
-from ..errors import IncompatibleError, NonFiniteError, SlimkitError, UnsupportedModelError
+from ..errors import IncompatibleError, NonFiniteError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
 from . import bias_correction, equalization, qat, runtime, sites
 from . import embeddings as qemb
-from .calibration import InputSpread, batch_size, check_calibration, model_inputs
+from .calibration import InputSpread, batch_size, check_calibration
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
 from .int8 import make_int8, require_int8_engine
@@ -293,20 +293,20 @@ class Quantizer(Method):
         }
 
     # -- calibration ---------------------------------------------------------------------------
+    def nothing_to_calibrate(self) -> str:
+        return (
+            "quant.mode is 'dynamic', which computes activation ranges per batch at inference; use mode: "
+            "ptq (or qat) for static ranges"
+        )
+
+    def takes_calibration(self) -> bool:
+        return self.config.mode != "dynamic"
+
     @torch.no_grad()
-    def calibrate(
-        self, model: nn.Module, batches: Iterable, num_batches: int | None = None, allow_degenerate: bool = False
-    ) -> int:
-        """Run ``num_batches`` batches through the model in eval mode with the observers on and
-        fake-quant off; returns the number of batches seen. Degenerate data is refused or
-        warned about (:func:`calibrate`)."""
-        if self.config.mode == "dynamic":
-            raise IncompatibleError(
-                "calibrate: quant.mode is 'dynamic', which computes activation ranges per batch at "
-                "inference; there is nothing to calibrate. Use mode: ptq (or qat) for static ranges."
-            )
-        if num_batches is not None and num_batches < 1:
-            raise SlimkitError(f"calibrate: num_batches must be >= 1, got {num_batches}")
+    def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
+        """Run the batches through the model in eval mode with the observers on and fake-quant
+        off (``slimkit.calibrate``). Degenerate data is refused or warned about
+        (:func:`slimkit.quant.calibration.check_calibration`)."""
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was_training = model.training
         model.eval()
@@ -317,7 +317,7 @@ class Quantizer(Method):
         for quantizer in self.quantizers.values():
             quantizer.fake_quant = False
             quantizer.calibrating = True
-        seen = samples = 0
+        samples = 0
         spread = InputSpread()
         correcting = (
             bias_correction.BiasCorrection(
@@ -329,11 +329,8 @@ class Quantizer(Method):
         try:
             with self.controller.suspended(), correcting:
                 for batch in batches:
-                    if num_batches is not None and seen >= num_batches:
-                        break
                     inputs = model_inputs(batch, device)
                     call_model(model, inputs)
-                    seen += 1
                     samples += batch_size(inputs)
                     spread.add(inputs)
         finally:
@@ -341,10 +338,7 @@ class Quantizer(Method):
                 quantizer.calibrating = False
             model.train(was_training)
             self.apply_phase(self.controller.step)
-        if seen == 0:
-            raise SlimkitError("calibrate: the dataloader yielded no batches")
         check_calibration(self.quantizers, samples, spread, allow_degenerate)
-        return seen
 
     # -- convert -------------------------------------------------------------------------------
     def _site_quantizer(self, name: str) -> nn.Module:

@@ -3,6 +3,8 @@ prunes the same units."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,27 @@ def test_ddp_processes_prune_the_same_units(tmp_path):
     assert sum(ranks[0]["channels_pruned"]) == len(ranks[0]["channels_pruned"]) // 2
     assert sum(ranks[0]["heads_pruned"]) == len(ranks[0]["heads_pruned"]) // 2
     assert [h["step"] for h in ranks[0]["logged"] if "loss" in h] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_ddp_processes_calibrate_and_reconstruct_alike(tmp_path):
+    """Each process calibrates on other batches; statistics are all-reduced, so both remove the
+    same units and refit to the very same weights (independent and sequential reconstruction)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    done = accelerate_launch(HERE / "ddp_calibrate.py", [str(tmp_path)], 2, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"calibrate{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    single = subprocess.run(
+        [sys.executable, str(HERE / "ddp_calibrate.py"), str(tmp_path / "single")], env=env, capture_output=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    union = json.loads((tmp_path / "single" / "single.json").read_text())
+    for mode in ("sequential=False", "sequential=True"):
+        assert ranks[0][mode]["changed"] and ranks[1][mode]["changed"], mode  # the layers were refit
+        assert ranks[0][mode]["masks"] == ranks[1][mode]["masks"], mode
+        assert ranks[0][mode]["weights"] == ranks[1][mode]["weights"], mode
+        # ... from the statistics of both processes' batches, as one process seeing all of them
+        torch.testing.assert_close(
+            torch.tensor(ranks[0][mode]["layer0_ffn_out"]), torch.tensor(union[mode]), rtol=1e-4, atol=1e-5
+        )

@@ -62,7 +62,12 @@ def test_due_point_catches_up_on_skipped_steps():
         ({"max_layer_ratio": 1.0}, "prune.max_layer_ratio: must be in (0, 1)"),
         ({"round_to": 0}, "prune.round_to: must be >= 1"),
         ({"nm": "4:2"}, "prune.nm: expected 'N:M' with 0 < N < M"),
-        ({"channels": 0.5, "importance": "taylor"}, "set prune.schedule.start_step to at least 1"),
+        ({"importance": "wanda"}, "prune.importance: 'wanda' is not one of"),
+        ({"channels": 0.5, "reconstruct": "yes"}, "prune.reconstruct: expected true or false, got 'yes'"),
+        ({"reconstruct": True}, "prune.reconstruct: refits the layers that read removed channels / heads"),
+        ({"channels": 0.5, "damping": 1.0}, "prune.damping: must be in [0, 1), got 1.0"),
+        ({"channels": 0.5, "statistics_steps": 0}, "prune.statistics_steps: must be >= 1, got 0"),
+        ({"scope": "global", "allocation": "sensitive"}, "Did you mean 'sensitivity'?"),
         ({"chanels": 0.5}, "Did you mean 'channels'?"),
     ],
 )
@@ -73,12 +78,17 @@ def test_bad_prune_sections_are_rejected_with_the_field_named(section, needle):
     assert isinstance(info.value, ValueError)
 
 
-def test_prune_config_round_trips():
+def test_prune_config_round_trips(tmp_path):
     data = {
         "channels": 0.5,
         "heads": 0.25,
-        "importance": "taylor",
+        "importance": "fisher",
+        "reconstruct": True,
+        "sequential": True,
+        "damping": 0.05,
+        "statistics_steps": 4,
         "scope": "global",
+        "allocation": "score",
         "max_layer_ratio": 0.8,
         "round_to": 8,
         "schedule": {"kind": "cubic", "start_step": 10, "end_step": 110, "every": 20, "stages": 3},
@@ -91,3 +101,14 @@ def test_prune_config_round_trips():
     assert config.to_dict() == data
     assert Recipe.from_dict({"prune": data}).to_dict() == {"prune": data}
     assert "verify" in PruneConfig.describe() and PruneConfig.describe()["verify"]
+    assert all(PruneConfig.describe()[k] for k in ("reconstruct", "sequential", "damping", "allocation"))
+    yaml_text = "prune: {heads: 0.25, importance: activation, reconstruct: true, statistics_steps: 8}\n"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml_text)
+    loaded = Recipe.from_file(path).prune
+    assert (loaded.importance, loaded.reconstruct, loaded.statistics_steps, loaded.sequential) == (
+        "activation",
+        True,
+        8,
+        False,
+    )

@@ -112,7 +112,7 @@ def test_a_non_x86_cpu_is_named(monkeypatch):
 
 
 def test_calibrate_errors():
-    with pytest.raises(SlimkitError, match="without a 'quant' recipe section"):
+    with pytest.raises(SlimkitError, match="without a 'prune' or 'quant' recipe section"):
         slimkit.calibrate(slimkit.prepare(tiny_bert(), {"distill": {}}, teacher=tiny_bert()), [])
     dynamic = slimkit.prepare(tiny_bert(), {"quant": {"mode": "dynamic"}})
     with pytest.raises(IncompatibleError, match="nothing to calibrate"):
