@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import compute_loss, convert, log_values, prepare, step
+from .api import calibrate, compute_loss, convert, log_values, prepare, step
 from .distill import uniform_layer_map
 from .errors import (
     ConfigError,
@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hub import from_pretrained, save_pretrained
-from .quant import calibrate, export_onnx
+from .quant import export_onnx
 from .recipe import (
     ActivationQuantConfig,
     AttentionPair,

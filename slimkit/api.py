@@ -128,6 +128,44 @@ def convert(model: nn.Module) -> nn.Module:
     return controller_of(model).convert(model)
 
 
+def calibrate(model: nn.Module, batches: Any, num_batches: int | None = None) -> nn.Module:
+    """Hand calibration batches to every method that uses them, then return the model.
+
+    ``batches`` is any iterable (a DataLoader) of tensors, ``(inputs, targets)`` tuples or dicts
+    of keyword tensors (tokenizer outputs; ``labels`` is dropped); the first ``num_batches`` are
+    taken (all when None). Pruning uses them first (``prune.layers`` ranks blocks on them and,
+    at step 0, prunes right away), then quantization observes activation ranges (PTQ, or the
+    start of QAT) on the same batches. Runs in eval mode under ``torch.no_grad``.
+    """
+    from .controller import Method
+
+    inner = unwrap(model)
+    controller = controller_of(inner)
+    users = [
+        m
+        for name in ("prune", "quant", *controller.methods)
+        if (m := controller.methods.get(name)) is not None and type(m).calibrate is not Method.calibrate
+    ]
+    users = list(dict.fromkeys(users))
+    if not users:
+        raise SlimkitError(
+            f"calibrate: {type(inner).__name__} was prepared without a section that uses calibration data; "
+            "add quant: {mode: ptq} (activation ranges) or prune.layers (ranks blocks on data) to the recipe"
+        )
+    if num_batches is not None and num_batches < 1:
+        raise SlimkitError(f"calibrate: num_batches must be >= 1, got {num_batches}")
+    taken = []
+    for batch in batches:
+        if num_batches is not None and len(taken) >= num_batches:
+            break
+        taken.append(batch)
+    if not taken:
+        raise SlimkitError("calibrate: the dataloader yielded no batches")
+    for method in users:
+        method.calibrate(inner, taken)
+    return model
+
+
 def teacher_of(model: nn.Module) -> nn.Module | None:
     distiller = controller_of(model).methods.get("distill")
     return None if distiller is None else distiller.teacher

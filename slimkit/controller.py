@@ -64,6 +64,9 @@ class Method:
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called once after each optimizer step, with the number of steps done."""
 
+    def calibrate(self, model: nn.Module, batches: list) -> Any:
+        """Use calibration batches (``slimkit.calibrate``: a list, at most ``num_batches``)."""
+
     def log_values(self) -> dict[str, float]:
         """Values worth logging now (sparsity, QAT phase, ...)."""
         return {}

@@ -11,7 +11,17 @@ import importlib
 
 from torch import nn
 
-from .base import HeadLayout, ModelAdapter, Task, TorchAdapter, call_model, get_logits, get_loss
+from .base import (
+    BlockStack,
+    HeadLayout,
+    ModelAdapter,
+    Task,
+    TorchAdapter,
+    batch_inputs,
+    call_model,
+    get_logits,
+    get_loss,
+)
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -58,11 +68,13 @@ def adapter_for_library(library: str) -> ModelAdapter:
 
 
 __all__ = [
+    "BlockStack",
     "HeadLayout",
     "ModelAdapter",
     "Task",
     "TorchAdapter",
     "adapter_for_library",
+    "batch_inputs",
     "call_model",
     "get_adapter",
     "get_logits",

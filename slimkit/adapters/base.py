@@ -38,6 +38,24 @@ class HeadLayout:
     unsupported: str | None = None  # why heads cannot be removed exactly here (None: they can)
 
 
+@dataclass
+class BlockStack:
+    """A run of blocks that depth pruning may remove: one ``nn.ModuleList`` / ``nn.Sequential``.
+
+    ``removable`` lists the entries whose output has their input's shape and meaning (a
+    transformer layer, a residual block without a downsample): skipping one leaves the stream as
+    it was, so it can become an identity while training and be dropped from the list at
+    ``convert``. ``channel_dim`` is the features' dimension of the stream (-1 for tokens
+    ``[B, N, C]``, 1 for CNN maps ``[B, C, H, W]``).
+    """
+
+    name: str  # the container module
+    size: int  # entries in it
+    removable: list[int]
+    channel_dim: int = -1
+    unsupported: str | None = None  # why no block of this stack can be removed (None: they can)
+
+
 class ModelAdapter:
     """Model-family knowledge: classifier, stem, attention, inputs, config.
 
@@ -87,6 +105,18 @@ class ModelAdapter:
             f"{type(model).__name__}: no adapter knows how to update attention module {layout.name!r} "
             "after head pruning"
         )
+
+    def block_stacks(self, model: nn.Module) -> list[BlockStack]:
+        """The runs of blocks depth pruning (``prune.layers``) may remove (empty: none known)."""
+        return []
+
+    def after_depth_pruning(self, model: nn.Module, kept: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Bring attributes and config fields in line after blocks were dropped from their stacks.
+
+        ``kept`` maps each stack to ``{"kept": [old indices, in order], "total": old size}``; the
+        stacks are already re-indexed. Returns the native config fields rewritten.
+        """
+        return {}
 
     def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
         """Linear-like module classes whose weight is stored [in, out] (HF GPT-2's ``Conv1D``),
@@ -155,6 +185,21 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def batch_inputs(batch: Any, device: torch.device, role: str = "calibrate") -> Any:
+    """What to call the model with for one data batch: a dict of keyword tensors (HF; ``labels``
+    dropped), the first item of an ``(inputs, targets)`` tuple / list, or a tensor."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    raise UnsupportedModelError(
+        f"{role}: cannot feed a batch of type {type(batch).__name__} to the model; batches must be tensors, "
+        "(inputs, targets) tuples or dicts of keyword tensors (tokenizer outputs)"
+    )
 
 
 def get_logits(outputs: Any) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ classifier. :func:`channel_groups` turns its groups into slimkit's plain
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -138,9 +139,13 @@ def channel_groups(
     attention: set[str],
     attention_outputs: set[str],
     excluded: set[str],
+    included: set[str] | None = None,
     forward: Callable[[nn.Module, Any], Any] = call_model,
 ) -> tuple[list[UnitGroup], dict[str, str]]:
-    """Trace ``model`` and return (prunable channel groups, {root: why another group is not})."""
+    """Trace ``model`` and return (prunable channel groups, {root: why another group is not}).
+
+    With ``included`` (``prune.include``), only groups whose outputs an included layer produces
+    are pruned."""
     tp = _import_torch_pruning()
     customized = {cls: _transposed_pruner(tp, *attrs) for cls, attrs in transposed.items()}
     was_training = model.training
@@ -171,8 +176,18 @@ def channel_groups(
         for handle in cuts:
             handle.remove()
 
-    ctx = {"transposed": transposed, "attention": attention, "excluded": excluded}
-    roots = (nn.modules.conv._ConvNd, nn.Linear, *transposed)
+    ctx = {"transposed": transposed, "attention": attention, "excluded": excluded, "included": included}
+    result = _unit_groups(graph, model, names, ctx, tp)
+    # The graph holds the traced output, and through it the autograd graph of the trace (every
+    # activation), in reference cycles: free it now rather than whenever the collector runs.
+    del graph
+    gc.collect()
+    return result
+
+
+def _unit_groups(graph: Any, model: nn.Module, names: dict, ctx: dict, tp: Any) -> tuple[list[UnitGroup], dict]:
+    """slimkit's groups from Torch-Pruning's (see :func:`channel_groups`)."""
+    roots = (nn.modules.conv._ConvNd, nn.Linear, *ctx["transposed"])
     groups: list[UnitGroup] = []
     skipped: dict[str, str] = {}
     for tp_group in graph.get_all_groups(root_module_types=roots):
@@ -208,6 +223,13 @@ def channel_groups(
                     members[key].index[unit] = sorted(set(members[key].index[unit]) | set(positions))
             else:
                 members[key] = Member(name, side, [sorted(set(p)) for p in index])
+        included = ctx["included"]
+        if (
+            reason is None
+            and included is not None
+            and not any(m.side == "out" and m.module in included for m in members.values())
+        ):
+            reason = "none of its layers is in prune.include"
         if reason is None:
             module_of = {m.module: _module(model, m.module) for m in members.values()}
             blocks, reason = _blocks(list(members.values()), module_of, size)

@@ -13,6 +13,7 @@ final shapes that ``save_pretrained`` writes.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from typing import Any
 
@@ -25,14 +26,16 @@ from ..errors import UnsupportedModelError
 from ..modules import get_module, match_modules, matches_any, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
-from .graph import channel_groups
+from .blocks import block_module, check_removal, find_blocks, remove_blocks, renamer
+from .depth import DepthPruning
+from .graph import channel_groups, output_tensors
 from .heads import head_group, set_head_counts
 from .schedule import due_point, pruning_points, target_at_point
 from .selection import select
 from .slicing import remove_units
 from .sparse import input_dim, magnitude_masks, nm_mask
 from .units import UnitGroup, apply_zero_plan, zero_plan
-from .verify import find_inexact
+from .verify import _compare, find_inexact
 
 logger = logging.getLogger("slimkit")
 
@@ -108,6 +111,8 @@ class Pruner(Method):
         self.skipped: dict[str, str] = {}  # channel group root -> why it is left whole
         self.sparse_weights: list[str] = []  # modules whose weights carry keep masks
         self.excluded: set[str] = set()
+        self.included: set[str] | None = None  # prune.include: only these modules (None: all)
+        self.depth: DepthPruning | None = None
         self.state: PruneState | None = None
         self._taylor: importance.TaylorAccumulator | None = None
         self._plan: list | None = None
@@ -125,12 +130,12 @@ class Pruner(Method):
         adapter = self.controller.adapter
         self.transposed = dict(adapter.transposed_linear_types())
         self.excluded = self._excluded(model)
-        layouts = adapter.attention_heads(model) if cfg.structured else []
+        layouts = adapter.attention_heads(model) if cfg.width else []
         if cfg.heads > 0:
             self.heads = _Kind("heads", self._head_groups(model, layouts), cfg.heads, None)
         if cfg.channels > 0:
             self.channels = _Kind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
-        if cfg.structured and cfg.verify:
+        if cfg.width and cfg.verify:
             with self.controller.suspended():
                 find_inexact(
                     model,
@@ -142,10 +147,13 @@ class Pruner(Method):
                     finish=lambda probe, groups, masks: set_head_counts(probe, adapter, groups, masks),
                 )
         sparse_shapes = self._sparse_setup(model)
-        taylor = cfg.importance == "taylor" and cfg.structured
+        taylor = cfg.importance == "taylor" and cfg.width
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.state = PruneState(self.channels.total, self.heads.total, taylor, sparse_shapes).to(device)
         self.state.register_load_state_dict_post_hook(lambda module, keys: self._invalidate())
+        if cfg.layers > 0:
+            self.depth = self._depth_setup(model)
+            self.state.add_module("depth", self.depth.state)
         self.controller.state.add_module("prune", self.state)
         self._model_ref = model
         if taylor:
@@ -161,19 +169,60 @@ class Pruner(Method):
         return inputs
 
     def _excluded(self, model: nn.Module) -> set[str]:
+        """Modules whose outputs are never pruned: ``exclude``, plus the adapter's defaults
+        (classifier, stem, ...) unless ``include`` names them. With ``include``, only the
+        included modules (and what lies inside them) are pruned: ``self.included``."""
         adapter = self.controller.adapter
-        patterns = adapter.prune_exclusions(model)
-        if type(adapter).__name__ == "TorchAdapter" and patterns:
+        cfg = self.config
+        names = [name for name, _ in user_named_modules(model) if name]
+        for pattern in cfg.include:
+            match_modules(model, pattern, role="prune.include: ")
+        for pattern in cfg.exclude:
+            match_modules(model, pattern, role="prune.exclude: ")
+        defaults = adapter.prune_exclusions(model)
+        if cfg.include:
+            self.included = {n for n in names if matches_any(n, cfg.include)}
+            defaults = [d for d in defaults if d not in self.included]
+        elif type(adapter).__name__ == "TorchAdapter" and defaults:
             logger.info(
                 "prune: no adapter knows %s; excluding %s by default (classifier and stem guesses). "
-                "Name other modules to keep in prune.exclude.",
+                "Name other modules to keep in prune.exclude, or the ones to prune in prune.include.",
                 type(model).__name__,
-                patterns,
+                defaults,
             )
-        for pattern in self.config.exclude:
-            match_modules(model, pattern, role="prune.exclude: ")
-            patterns.append(pattern)
-        return {name for name, _ in user_named_modules(model) if name and matches_any(name, patterns)}
+        patterns = [*defaults, *cfg.exclude]
+        return {n for n in names if matches_any(n, patterns)}
+
+    def _depth_setup(self, model: nn.Module) -> DepthPruning:
+        """The removable blocks (checked on a copy: skipping a block == removing it), hooked."""
+        adapter = self.controller.adapter
+        inputs = self._inputs(model)
+        exclude = list(self.config.exclude)
+
+        def excluded(name: str) -> bool:
+            return any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude)
+
+        with self.controller.suspended():
+            blocks, stacks = find_blocks(model, adapter, inputs, call_model, excluded)
+            if blocks and self.config.verify:
+                check_removal(
+                    model,
+                    blocks,
+                    stacks,
+                    adapter,
+                    inputs,
+                    call_model,
+                    memo={id(self.controller): self.controller},
+                    compare=_compare,
+                    outputs=output_tensors,
+                )
+        if len(blocks) < 2:
+            raise UnsupportedModelError(
+                f"prune.layers: {type(model).__name__} has {len(blocks)} removable block(s) "
+                f"({[b.name for b in blocks]}); depth pruning needs at least 2 (one always stays). "
+                "Set prune.layers: 0."
+            )
+        return DepthPruning(model, self.config, adapter, blocks, stacks)
 
     def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         if not layouts:
@@ -198,6 +247,8 @@ class Pruner(Method):
             projections = [m for m, _ in (*layout.query, *layout.key_value, *layout.output)]
             if any(n in self.excluded for n in (layout.name, *projections)):
                 continue
+            if self.included is not None and not any(n in self.included for n in (layout.name, *projections)):
+                continue
             if layout.unsupported:
                 raise UnsupportedModelError(
                     f"prune.heads: cannot remove heads of {layout.name!r} exactly: {layout.unsupported}. "
@@ -221,6 +272,7 @@ class Pruner(Method):
                 attention=attention,
                 attention_outputs={m for layout in layouts for m, _ in layout.output},
                 excluded=self.excluded,
+                included=self.included,
             )
         groups = [g for g in groups if g.size > g.min_keep]
         if not groups:
@@ -228,7 +280,7 @@ class Pruner(Method):
             raise UnsupportedModelError(
                 f"prune.channels: {type(model).__name__} has no channel group slimkit can prune "
                 f"exactly ({reasons or 'no conv / linear layer was traced'}). Set prune.channels: 0, "
-                "or remove modules from prune.exclude."
+                "or remove modules from prune.exclude (or name them in prune.include)."
             )
         return groups
 
@@ -239,6 +291,8 @@ class Pruner(Method):
         shapes = []
         for name, module in user_named_modules(model):
             if name in self.excluded or isinstance(module, nn.Embedding):
+                continue
+            if self.included is not None and name not in self.included:
                 continue
             is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in self.transposed
             weight = getattr(module, "weight", None)
@@ -268,6 +322,8 @@ class Pruner(Method):
             self._synced = True
         if self._taylor is not None:
             self._taylor.flush(self.state)
+        if self.depth is not None:
+            self.depth.fold()
         self._advance(model, step)
 
     def _advance(self, model: nn.Module, step: int) -> None:
@@ -279,7 +335,29 @@ class Pruner(Method):
         if self._taylor is not None and int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]:
             self._taylor.remove()  # nothing left to rank
             self._taylor = None
+        if self.depth is not None:
+            self._advance_depth(model, step)
         self.apply_masks(model)
+
+    def _advance_depth(self, model: nn.Module, step: int) -> None:
+        with self.controller.suspended():
+            changed = self.depth.advance(model, step)
+        if changed:
+            _broadcast(changed)
+            self.depth.refresh()
+            self._invalidate()
+
+    # ------------------------------------------------------------------------------------
+    # calibration
+    # ------------------------------------------------------------------------------------
+    def calibrate(self, model: nn.Module, batches: list) -> None:
+        """Statistics from calibration batches (``slimkit.calibrate``), then any pruning due
+        now that needed them (``prune.layers`` at step 0 ranks blocks on these batches)."""
+        if self.depth is None:
+            return
+        with self.controller.suspended():
+            self.depth.calibrate(model, batches)
+        self._advance_depth(model, self.controller.step)
 
     def _prune_to(self, model: nn.Module, point: int) -> None:
         cfg = self.config
@@ -377,6 +455,9 @@ class Pruner(Method):
             for weight, keep in self._sparse_tensors or []:
                 mask = removed.setdefault(id(weight), torch.zeros(weight.shape, dtype=torch.bool))
                 mask |= ~keep.cpu()
+            for block in self.depth.removed_blocks() if self.depth is not None else []:
+                for tensor in block_module(model, block).parameters():
+                    removed[id(tensor)] = torch.ones(tensor.shape, dtype=torch.bool)
             self._removed = sum(int(m.sum()) for m in removed.values()) / max(total, 1)
         return self._removed
 
@@ -392,6 +473,8 @@ class Pruner(Method):
         if self.sparse_weights:
             keeps = [getattr(self.state, f"keep_{i}") for i in range(len(self.sparse_weights))]
             out["prune/sparsity"] = sum(int((~k).sum()) for k in keeps) / sum(k.numel() for k in keeps)
+        if self.depth is not None:
+            out.update(self.depth.log_values())
         out["prune/params"] = self._removed_fraction()
         return out
 
@@ -402,6 +485,11 @@ class Pruner(Method):
             if kind.groups:
                 flat = getattr(self.state, f"{kind.name}_pruned")
                 out[kind.name] = {"pruned": int(flat.sum()), "prunable": kind.total}
+        if self.depth is not None:
+            out["layers"] = {
+                "removed": [b.name for b in self.depth.removed_blocks()],
+                "removable": [b.name for b in self.depth.blocks],
+            }
         out["skipped"] = dict(self.skipped)
         return out
 
@@ -422,9 +510,18 @@ class Pruner(Method):
         pruned = [p.cpu() for p in pruned]
         remove_units(model, groups, pruned, self.transposed)
         heads = set_head_counts(model, adapter, groups, pruned)
-        config = adapter.after_pruning(model)
+        layers, config = {}, {}
+        if self.depth is not None:
+            removed = self.depth.removed_blocks()
+            self.depth.remove()
+            layers, config = remove_blocks(model, self.depth.stacks, set(removed), adapter)
+            rename = renamer(layers)
+            heads = {rename(k): v for k, v in heads.items() if rename(k) is not None}
+        config.update(adapter.after_pruning(model))
         block = manifest.changes(before, manifest.snapshot(model))
         block.update({"format": manifest.MANIFEST_FORMAT, "heads": heads, "config": config})
+        if layers:
+            block["layers"] = layers
         previous = model.__dict__.get(manifest.MANIFEST_ATTR)
         model.__dict__[manifest.MANIFEST_ATTR] = manifest.merge(previous, block)
         self._report(model, values)
@@ -438,15 +535,21 @@ class Pruner(Method):
             "prune/heads": "attention heads removed",
             "prune/sparsity": f"weight sparsity ({self.config.nm or 'unstructured'}, dense tensors)",
             "prune/params": "parameters removed or zeroed",
+            "prune/layers": "blocks removed",
         }
         for key, value in values.items():
             report[names[key]] = f"{100 * value:.1f}%"
+        if self.depth is not None:
+            gone = [b.name for b in self.depth.removed_blocks()]
+            report[names["prune/layers"]] = f"{len(gone)} of {len(self.depth.blocks)} ({', '.join(gone) or 'none'})"
         model.__dict__["_slimkit_report"] = report
 
     def remove(self, model: nn.Module) -> None:
         if self._taylor is not None:
             self._taylor.remove()
             self._taylor = None
+        if self.depth is not None:
+            self.depth.remove()
 
 
 class _TaylorPair:
