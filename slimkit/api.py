@@ -149,18 +149,17 @@ def calibrate(model: nn.Module, batches: Any, num_batches: int | None = None) ->
     users = list(dict.fromkeys(users))
     if not users:
         raise SlimkitError(
-            f"calibrate: {type(inner).__name__} was prepared without a section that uses calibration data; "
-            "add quant: {mode: ptq} (activation ranges) or prune.layers (ranks blocks on data) to the recipe"
+            f"calibrate: {type(inner).__name__} was prepared without a 'quant' recipe section or prune.layers, "
+            "the parts that use calibration data; add quant: {mode: ptq} (activation ranges) or prune.layers "
+            "(ranks blocks on data) to the recipe"
         )
     if num_batches is not None and num_batches < 1:
         raise SlimkitError(f"calibrate: num_batches must be >= 1, got {num_batches}")
-    taken = []
+    taken = []  # read once, handed to every method (each says what it needs, empty included)
     for batch in batches:
         if num_batches is not None and len(taken) >= num_batches:
             break
         taken.append(batch)
-    if not taken:
-        raise SlimkitError("calibrate: the dataloader yielded no batches")
     for method in users:
         method.calibrate(inner, taken)
     return model

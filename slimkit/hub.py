@@ -177,8 +177,9 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as a hub-style folder at ``path`` and return the path.
 
-    HF ``PreTrainedModel``s and timm models are supported. Projectors, masks and other training
-    state that slimkit attached are never saved. A failed save leaves an existing folder as it was.
+    HF ``PreTrainedModel``s, timm models and plain ``nn.Module``s are supported (the latter load
+    with ``from_pretrained(path, model=MyNet())``). Projectors, masks and other training state
+    that slimkit attached are never saved. A failed save leaves an existing folder as it was.
     ``report`` adds metrics (e.g. ``{"accuracy": 0.97}``) to the model card and config block; the
     before -> after measurements of ``slimkit.convert`` are written automatically.
     """
@@ -293,9 +294,34 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> 
         raise FormatError(f"{file} lacks tensors the model needs: {missing[:5]}")
 
 
-def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+def _check_instance(model: nn.Module, block: dict[str, Any], config: dict[str, Any], file: Path) -> None:
+    """``model=`` must be a fresh instance of the class the folder was saved from."""
+    expected = block.get("class")
+    cls = type(model)
+    if cls.__name__ != expected:
+        where = config.get("torch_module")
+        raise FormatError(
+            f"{file} holds a {expected}{f' (module {where})' if where else ''}, but model= is a "
+            f"{cls.__module__}.{cls.__qualname__}; pass a fresh {expected}(...) built with the arguments it was "
+            "trained with"
+        )
+    if SLIMKIT_ATTR in model._modules:
+        raise FormatError(
+            f"from_pretrained(model=...): the {cls.__name__} given is prepared by slimkit; pass a fresh instance"
+        )
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Load a hub-style folder: a slimkit folder (any pruning / INT8 is rebuilt), or a plain
-    transformers or timm folder. Returns the model in eval mode."""
+    transformers or timm folder. Returns the model in eval mode.
+
+    ``model`` is a fresh instance of the saved class to load into (required for plain
+    ``nn.Module`` models, which slimkit cannot build from a config; optional otherwise): the
+    recorded pruning (and INT8) is replayed on it, then the weights are loaded with strict
+    shape checks. A model of another class is refused with a ``FormatError``.
+    """
     folder = Path(path)
     config = read_config(folder)
     file = folder / CONFIG_NAME
@@ -303,11 +329,16 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     adapter = adapter_for_library(library)
     block = config.pop("slimkit", None)
     if block is None:  # a plain folder written by transformers or timm: their own loaders
+        if model is not None:
+            raise FormatError(f"{file} was not written by slimkit; model= is only for slimkit folders")
         return adapter.load_plain(folder).to(device).eval()
     if not isinstance(block, dict):
         raise FormatError(f"{file}: 'slimkit' must be a JSON object")
     _check_version(block, file)
-    model = adapter.build(config)
+    if model is not None:
+        _check_instance(model, block, config, file)
+    else:
+        model = adapter.build(config)
     _load_method_blocks()
     for method in _blocks_in_order():
         if method.name in block:

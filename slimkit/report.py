@@ -124,7 +124,9 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
         "",
         "```python",
         "import slimkit",
-        'model = slimkit.from_pretrained("<this folder>")',
+        'model = slimkit.from_pretrained("<this folder>")'
+        if block.get("library") != "torch"
+        else f'model = slimkit.from_pretrained("<this folder>", model={block.get("class", "MyNet")}(...))',
         "```",
         "",
         "`slimkit info <this folder>` prints the same table.",

@@ -54,12 +54,17 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def adapter_for_library(library: str) -> ModelAdapter:
-    """The adapter that builds models of ``library`` ('timm' or 'transformers') from config."""
+    """The adapter that builds models of ``library`` ('timm', 'transformers', or 'torch' for a
+    plain ``nn.Module``) from config."""
+    if library == "torch":
+        return TorchAdapter()
     plugin = _PLUGIN_FOR_PACKAGE.get(library)
     if plugin is None:
         from ..errors import FormatError
 
-        raise FormatError(f"unknown model library {library!r}; slimkit folders hold timm or transformers models")
+        raise FormatError(
+            f"unknown model library {library!r}; slimkit folders hold timm, transformers or plain torch models"
+        )
     importlib.import_module(plugin)
     for cls in _ADAPTERS:
         if cls.library == library:

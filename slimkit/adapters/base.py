@@ -171,11 +171,31 @@ class ModelAdapter:
 
 
 class TorchAdapter(ModelAdapter):
-    """Fallback for a plain ``nn.Module``: knows only what the module structure shows."""
+    """Fallback for a plain ``nn.Module``: knows only what the module structure shows.
+
+    Its folders hold the weights and the manifest of final shapes, plus the class's name and
+    module in ``config.json``; no code. ``slimkit.from_pretrained(path, model=MyNet())`` rebuilds
+    the pruned shapes on the fresh instance the user passes, and loads the weights into it.
+    """
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return True
+
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        cls = type(model)
+        return {"torch_class": cls.__qualname__, "torch_module": cls.__module__}
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        name = config.get("torch_class", "?")
+        module = config.get("torch_module", "?")
+        from ..errors import FormatError
+
+        raise FormatError(
+            f"config.json holds a plain PyTorch model ({name} from module {module}); slimkit never runs code "
+            f"from a folder, so it cannot build one. Pass a fresh instance: "
+            f"slimkit.from_pretrained(path, model={name}(...))"
+        )
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapters import call_model
 from ..controller import Controller, Method
-from ..errors import UnsupportedModelError
+from ..errors import SlimkitError, UnsupportedModelError
 from ..modules import get_module, match_modules, matches_any, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
@@ -355,6 +355,8 @@ class Pruner(Method):
         now that needed them (``prune.layers`` at step 0 ranks blocks on these batches)."""
         if self.depth is None:
             return
+        if not batches:
+            raise SlimkitError("calibrate: the dataloader yielded no batches")
         with self.controller.suspended():
             self.depth.calibrate(model, batches)
         self._advance_depth(model, self.controller.step)
