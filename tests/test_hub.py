@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import save_file
 
 import slimkit
-from slimkit import FormatError, UnsupportedModelError
+from slimkit import FormatError
 from slimkit.hub import FORMAT_VERSION
 from tests.models import tiny_hf, tiny_timm
 

@@ -6,7 +6,7 @@ the core only knows this interface and the fallback for plain ``nn.Module``s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,9 @@ class HeadLayout:
     key_value: list[tuple[str, int]]  # projections whose outputs hold the key and value heads
     output: list[tuple[str, int]]  # projections whose inputs hold the per-head attention outputs
     unsupported: str | None = None  # why heads cannot be removed exactly here (None: they can)
+    # Modules outside the attention whose outputs hold one value per head at ``offset + h``, read by
+    # every layout that lists them (MPNet's relative position bias): those layouts lose the same heads.
+    shared: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from ..hub import register_block
 from . import manifest
-from .metrics import count_macs, count_parameters
 from .depth import rank_blocks
+from .metrics import count_macs, count_parameters
 from .pruner import Pruner
 from .schedule import pruning_points, target_at, target_at_point
 from .units import Member, UnitGroup

@@ -29,7 +29,7 @@ from . import importance, manifest
 from .blocks import block_module, check_removal, find_blocks, remove_blocks, renamer
 from .depth import DepthPruning
 from .graph import channel_groups, output_tensors
-from .heads import head_group, set_head_counts
+from .heads import head_group, set_head_counts, tie_groups
 from .schedule import due_point, pruning_points, target_at_point
 from .selection import select
 from .slicing import remove_units
@@ -243,11 +243,18 @@ class Pruner(Method):
                 + "set prune.heads: 0 (MLP neurons and channels are still pruned with prune.channels)."
             )
         groups = []
-        for layout in layouts:
+
+        def left_whole(layout) -> bool:
             projections = [m for m, _ in (*layout.query, *layout.key_value, *layout.output)]
             if any(n in self.excluded for n in (layout.name, *projections)):
-                continue
-            if self.included is not None and not any(n in self.included for n in (layout.name, *projections)):
+                return True
+            return self.included is not None and not any(n in self.included for n in (layout.name, *projections))
+
+        # Layers that share per-head modules (MPNet's position bias) lose the same heads, so
+        # leaving one of them whole leaves them all whole.
+        whole = {s for layout in layouts if left_whole(layout) for s in layout.shared}
+        for layout in layouts:
+            if left_whole(layout) or whole.intersection(layout.shared):
                 continue
             if layout.unsupported:
                 raise UnsupportedModelError(
@@ -256,7 +263,7 @@ class Pruner(Method):
                 )
             if layout.num_kv_heads > 1:
                 groups.append(head_group(layout))
-        return groups
+        return tie_groups(groups)
 
     def _channel_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         attention = {m for layout in layouts for m, _ in (*layout.query, *layout.key_value, *layout.output)}

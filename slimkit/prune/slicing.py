@@ -67,6 +67,8 @@ def _out_size(module: nn.Module, transposed: dict[type, tuple[str, str]]) -> int
         return module.num_features
     if isinstance(module, nn.PReLU):
         return module.num_parameters
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     raise IncompatibleError(f"cannot slice a {type(module).__name__}")
 
 
@@ -134,6 +136,10 @@ def slice_module(module: nn.Module, side: Side, remove: list[int], transposed: d
         elif isinstance(module, nn.PReLU):
             _index(module, "weight", 0, keep)
             module.num_parameters = len(keep)
+        elif isinstance(module, nn.Embedding):  # columns: one per head of a per-head table
+            _index(module, "weight", 1, keep)
+            module.embedding_dim = len(keep)
+            return
         _slice_extra(module, old, keep, handled)
         return
 
