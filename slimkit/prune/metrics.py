@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
+
 from ..report import count_macs as report_count_macs
 from ..report import count_parameters
 
