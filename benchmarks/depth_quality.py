@@ -95,14 +95,9 @@ def quality(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------
 def recover(student: nn.Module, teacher: nn.Module, kept: list[int], batches: list[dict], steps: int) -> nn.Module:
     """Per-layer feature KD (student layer j <- teacher layer kept[j]), AdamW 1e-4."""
-    recipe = {
-        "distill": {
-            "alpha": 0.0,
-            "features": [
-                {"student": "encoder.layer.*", "teacher": "encoder.layer.*", "map": [[j, k] for j, k in enumerate(kept)]}
-            ],
-        }
-    }
+    pairs = [[j, k] for j, k in enumerate(kept)]
+    features = [{"student": "encoder.layer.*", "teacher": "encoder.layer.*", "map": pairs}]
+    recipe = {"distill": {"alpha": 0.0, "features": features}}
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=batches[0], measure=False)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     student.train()

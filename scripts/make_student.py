@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 
 import slimkit
-from slimkit.prune import rank_blocks
 from slimkit.errors import SlimkitError
 from slimkit.plugins.hf import layer_subset_student
+from slimkit.prune import rank_blocks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 

@@ -201,9 +201,8 @@ def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_student
 
-    out = make_student.main(
-        ["--teacher", str(minilm_path), "--num-layers", "5", "--calibration-sentences", "8", "--output-dir", str(tmp_path / "s")]
-    )
+    args = ["--teacher", str(minilm_path), "--num-layers", "5", "--calibration-sentences", "8"]
+    out = make_student.main([*args, "--output-dir", str(tmp_path / "s")])
     student = slimkit.from_pretrained(out)
     teacher = slimkit.from_pretrained(minilm_path)
     batch = make_student.calibration_batches(str(minilm_path), "stdlib-docs", 8, 32, 128)[0]
