@@ -76,7 +76,10 @@ def format_info(info: dict[str, Any]) -> str:
     if isinstance(pruning, dict):
         text = f"{len(pruning.get('tensors', {}))} tensors resized"
         if pruning.get("heads"):
-            text += f", heads per layer {sorted(set(pruning['heads'].values()))}"
+            counts = sorted({tuple(v) if isinstance(v, list) else (v,) for v in pruning["heads"].values()})
+            text += f", heads per layer (query, key/value) {', '.join(str(list(c)) for c in counts)}"
+        for stack, entry in (pruning.get("layers") or {}).items():
+            text += f", {stack}: {len(entry['kept'])} of {entry['total']} blocks kept"
         if pruning.get("config"):
             text += f", config rewritten: {', '.join(sorted(pruning['config']))}"
         rows.append(("pruning", text))

@@ -112,6 +112,8 @@ class BlockHooks:
             if i in self.gated:
                 return skipped(output, x)
             if self.calibrating or (self.measure and module.training and torch.is_grad_enabled()):
+                if self.sums.device != x.device:  # the model moved after prepare (Trainer, .to())
+                    self.sums, self.counts = self.sums.to(x.device), self.counts.to(x.device)
                 with torch.no_grad():
                     total, count = _distance(x, hidden_output(output), self.blocks[i].channel_dim, self._mask)
                     self.sums[i] += total
