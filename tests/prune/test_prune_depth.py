@@ -222,3 +222,23 @@ def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path
     assert student.config.num_hidden_layers == 5 and (out / "tokenizer.json").exists()
     kept_weights = [layer.output.dense.weight for layer in student.encoder.layer]
     assert all(torch.equal(w, teacher.encoder.layer[k].output.dense.weight) for w, k in zip(kept_weights, best))
+
+
+def test_timm_blocks_leave_their_stages_and_load_back(tmp_path):
+    """timm configs cannot express depth: the manifest removes the same blocks from a fresh model."""
+    model = tiny_timm("resnet", layers=(2, 2, 2, 2), zero_init_last=False)
+    images = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    slimkit.prepare(model, {"prune": {"layers": 2, "channels": 0.25}}, example_inputs=images[0])
+    assert slimkit.prune.summary(model)["layers"]["removable"] == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    slimkit.calibrate(model, images)
+    model.eval()
+    with torch.no_grad():
+        masked = model(images[1])
+    small = slimkit.convert(model)
+    assert sum(len(getattr(small, f"layer{i}")) for i in range(1, 5)) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(small(images[1]), masked, rtol=1e-5, atol=1e-5)
+    slimkit.save_pretrained(small, tmp_path / "resnet")
+    again = slimkit.from_pretrained(tmp_path / "resnet")
+    with torch.no_grad():
+        torch.testing.assert_close(again(images[1]), small(images[1]), rtol=0, atol=0)
