@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.plugins.data import stdlib_docs  # noqa: E402
-from slimkit.prune import rank_blocks  # noqa: E402
+from slimkit.prune import block_scores, rank_blocks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLIND_KEEP = (1, 3, 5)  # make_student.py --layers 1,3,5
@@ -111,11 +111,40 @@ def recover(student: nn.Module, teacher: nn.Module, kept: list[int], batches: li
     return slimkit.convert(student).eval()
 
 
+def ranking_agreement(teacher: nn.Module, calibration: list, n: int, score_kept) -> dict:
+    """How well each ranking's per-layer scores (on the calibration batches) order the layers by
+    what removing each one alone really costs on the held-out set (1 - Spearman of the pairwise
+    similarities): the Spearman correlation between the two, over the n layers."""
+    held_out_cost = {}
+    for layer in range(n):
+        kept = [i for i in range(n) if i != layer]
+        held_out_cost[f"encoder.layer.{layer}"] = round(1.0 - score_kept(kept)["spearman"], 4)
+    out = {"held_out_cost_of_removing_each_layer": held_out_cost}
+    names = list(held_out_cost)
+    truth = torch.tensor([held_out_cost[k] for k in names], dtype=torch.float64)
+    for importance in ("output_cosine", "block_influence"):
+        scores = block_scores(teacher, calibration, importance=importance)
+        mine = torch.tensor([scores[k] for k in names], dtype=torch.float64)
+        agreement = float(torch.corrcoef(torch.stack([_ranks(mine), _ranks(truth)]))[0, 1])
+        out[importance] = {
+            "scores": {k: round(scores[k], 5) for k in names},
+            "spearman_with_held_out": round(agreement, 4),
+        }
+        print(f"  {importance}: per-layer scores vs held-out cost of removal, Spearman {agreement:.3f}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recovery-steps", type=int, default=200)
     parser.add_argument("--calibration-sentences", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="few sentences and steps, to try the script")
+    parser.add_argument(
+        "--ranking-only",
+        action="store_true",
+        help="only compare each ranking's per-layer scores with the held-out cost of removing that layer alone "
+        "(adds 'ranking' to the existing JSON)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -156,6 +185,14 @@ def main() -> None:
 
         return quality(embeddings(layer_subset_student(teacher, kept), evaluation), reference)
 
+    out = RESULTS / ("depth_quality_quick.json" if args.quick else "depth_quality.json")
+    if args.ranking_only:
+        report = json.loads(out.read_text()) if out.exists() else report
+        report["ranking"] = ranking_agreement(teacher, calibration, n, score_kept)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
+
     for remove in (1, 2, 3):
         choices: dict[str, list[int]] = {}
         timings = {}
@@ -191,7 +228,7 @@ def main() -> None:
                 f"spearman {row['after_kd']['spearman']:.4f}"
             )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("depth_quality_quick.json" if args.quick else "depth_quality.json")
+    report["ranking"] = ranking_agreement(teacher, calibration, n, score_kept)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -34,6 +34,8 @@ from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, Task, registe
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
 
+from . import hf_depth
+
 CAPTURE_IMPL = "slimkit_capture"
 _STORE_ATTR = "_slimkit_attention_store"
 _FALLBACK_ATTR = "_slimkit_attention_fallback"
@@ -362,53 +364,12 @@ class HFAdapter(ModelAdapter):
     def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
         return {Conv1D: ("nf", "nx")}
 
-    # -- depth pruning ----------------------------------------------------------------------------
+    # -- depth pruning (plugins/hf_depth.py) -------------------------------------------------------
     def block_stacks(self, model: nn.Module) -> list[BlockStack]:
-        """The transformer layers: the one ``ModuleList`` of ``config.num_hidden_layers`` entries."""
-        config = model.config
-        n = getattr(config, "num_hidden_layers", None)
-        if getattr(config, "num_hidden_groups", None) is not None:  # ALBERT
-            name = next((k for k, m in user_named_modules(model) if k.endswith("albert_layer_groups")), "encoder")
-            return [
-                BlockStack(
-                    name,
-                    0,
-                    [],
-                    unsupported=f"it runs one shared layer group {n} times, so no layer can be removed on its own; "
-                    "run fewer passes by lowering config.num_hidden_layers instead",
-                )
-            ]
-        found = [(k, m) for k, m in user_named_modules(model) if isinstance(m, nn.ModuleList) and n and len(m) == n]
-        if len(found) != 1:
-            return []
-        name, layers = found[0]
-        removable = list(range(n))
-        parent = get_module(model, name.rpartition(".")[0])
-        if getattr(parent, "conv", None) is not None:  # DeBERTa-v2: a conv runs after layer 0 only
-            removable.remove(0)
-        return [BlockStack(name, n, removable, channel_dim=-1)]
+        return hf_depth.block_stacks(model)
 
     def after_depth_pruning(self, model: nn.Module, kept: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """``num_hidden_layers`` and per-layer list fields (``layer_types``, ``*_layer_types``,
-        ``*_per_layer``) follow the kept layers, and each kept layer's ``layer_idx`` (what the
-        key/value cache is indexed by) becomes its new index, so that plain
-        ``AutoModel...from_pretrained`` builds the shallower model from the config."""
-        config = model.config
-        changed: dict[str, Any] = {}
-        for name, entry in kept.items():
-            indices, total = entry["kept"], entry["total"]
-            changed["num_hidden_layers"] = len(indices)
-            for field, value in list(vars(config).items()):
-                per_layer = field == "layer_types" or field.endswith(("_layer_types", "_per_layer"))
-                if per_layer and isinstance(value, (list, tuple)) and len(value) == total:
-                    changed[field] = [value[i] for i in indices]
-            for new, layer in enumerate(get_module(model, name).children()):
-                for module in layer.modules():
-                    if isinstance(getattr(module, "layer_idx", None), int):
-                        module.layer_idx = new
-        for field, value in changed.items():
-            setattr(config, field, value)
-        return changed
+        return hf_depth.after_depth_pruning(model, kept)
 
     def trace_kwargs(self, model: nn.Module) -> dict[str, Any]:
         accepts_cache = "use_cache" in inspect.signature(model.forward).parameters

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..hub import register_block
 from . import manifest
-from .depth import rank_blocks
+from .depth import block_scores, rank_blocks
 from .metrics import count_macs, count_parameters
 from .pruner import Pruner
 from .schedule import pruning_points, target_at, target_at_point
@@ -40,6 +40,7 @@ def summary(model) -> dict:
 __all__ = [
     "Member",
     "Pruner",
+    "block_scores",
     "UnitGroup",
     "count_macs",
     "count_parameters",

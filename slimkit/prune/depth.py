@@ -20,6 +20,7 @@ and the benchmarks).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from collections.abc import Callable
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import ModelAdapter, batch_inputs, call_model, get_adapter
-from ..errors import ConfigError, SlimkitError
+from ..errors import ConfigError, SlimkitError, UnsupportedModelError
 from ..recipe import PruneConfig
-from .blocks import Block, block_module, find_blocks, hidden_input, hidden_output, skipped
+from .blocks import Block, block_module, check_removal, find_blocks, hidden_input, hidden_output, skipped
 from .schedule import due_point, pruning_points, target_at_point
 
 logger = logging.getLogger("slimkit")
@@ -309,6 +310,28 @@ class DepthPruning:
         self.hooks.remove()
 
 
+def setup_depth(model: nn.Module, config: PruneConfig, adapter: ModelAdapter, inputs: Any, memo: dict) -> DepthPruning:
+    """``prune.layers`` at prepare: the removable blocks (``exclude`` names blocks to keep),
+    checked on copies of the model (skipping a block == removing it) when ``verify``, hooked."""
+    from .graph import output_tensors
+    from .verify import compare_outputs
+
+    def excluded(name: str) -> bool:
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+    blocks, stacks = find_blocks(model, adapter, inputs, call_model, excluded)
+    if blocks and config.verify:
+        check_removal(
+            model, blocks, stacks, adapter, inputs, call_model, memo, compare=compare_outputs, outputs=output_tensors
+        )
+    if len(blocks) < 2:
+        raise UnsupportedModelError(
+            f"prune.layers: {type(model).__name__} has {len(blocks)} removable block(s) "
+            f"({[b.name for b in blocks]}); depth pruning needs at least 2 (one always stays). Set prune.layers: 0."
+        )
+    return DepthPruning(model, config, adapter, blocks, stacks)
+
+
 def rank_blocks(
     model: nn.Module,
     batches: list,
@@ -318,26 +341,42 @@ def rank_blocks(
 ) -> list[str]:
     """The ``count`` blocks of ``model`` to remove first, by ``importance`` measured on ``batches``
     (the ranking ``prune.layers`` uses), as module names; the model is left unchanged."""
+    return _rank(model, batches, count, importance, forward)[0]
+
+
+def block_scores(
+    model: nn.Module, batches: list, importance: str = "output_cosine", forward: Callable = call_model
+) -> dict[str, float]:
+    """Every removable block's cost on ``batches``: the output's ``1 - cos`` when it alone is
+    skipped (``output_cosine``), or its block influence (``block_influence``); low = removable."""
+    return _rank(model, batches, 1, importance, forward, check_count=False)[1]
+
+
+def _rank(
+    model: nn.Module, batches: list, count: int, importance: str, forward: Callable, check_count: bool = True
+) -> tuple[list[str], dict[str, float]]:
     if not batches:
         raise SlimkitError("rank_blocks: give at least one batch of data to rank the blocks on")
     adapter = get_adapter(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = batch_inputs(batches[0], device, role="rank_blocks")
     blocks, _ = find_blocks(model, adapter, example, forward, lambda name: False)
-    final_count(count, len(blocks), type(model).__name__)
+    if check_count:
+        final_count(count, len(blocks), type(model).__name__)
     hooks = BlockHooks(model, blocks)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if importance == "output_cosine":
-                chosen, _ = greedy_output_cosine(model, hooks, list(range(len(blocks))), count, batches, forward)
+                chosen, first = greedy_output_cosine(model, hooks, list(range(len(blocks))), count, batches, forward)
+                scores = [first[i] for i in range(len(blocks))]
             elif importance == "block_influence":
                 hooks.calibrating = True
                 for batch in batches:
                     forward(model, batch_inputs(batch, device, role="rank_blocks"))
-                influence = (hooks.sums / hooks.counts.clamp_min(1)).tolist()
-                chosen = sorted(range(len(blocks)), key=lambda i: influence[i])[:count]
+                scores = (hooks.sums / hooks.counts.clamp_min(1)).tolist()
+                chosen = sorted(range(len(blocks)), key=lambda i: scores[i])[:count]
             else:
                 raise ConfigError(
                     f"rank_blocks: importance must be 'output_cosine' or 'block_influence', got {importance!r}"
@@ -345,4 +384,4 @@ def rank_blocks(
     finally:
         hooks.remove()
         model.train(was_training)
-    return [blocks[i].name for i in chosen]
+    return [blocks[i].name for i in chosen], {b.name: float(v) for b, v in zip(blocks, scores)}

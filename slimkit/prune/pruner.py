@@ -13,7 +13,6 @@ final shapes that ``save_pretrained`` writes.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Any
 
@@ -23,19 +22,20 @@ from torch import nn
 from ..adapters import call_model
 from ..controller import Controller, Method
 from ..errors import SlimkitError, UnsupportedModelError
-from ..modules import get_module, match_modules, matches_any, user_named_modules
+from ..modules import get_module, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
-from .blocks import block_module, check_removal, find_blocks, remove_blocks, renamer
-from .depth import DepthPruning
-from .graph import channel_groups, output_tensors
+from .blocks import block_module, remove_blocks, renamer
+from .depth import DepthPruning, setup_depth
+from .graph import channel_groups
 from .heads import head_group, set_head_counts, tie_groups
 from .schedule import due_point, pruning_points, target_at_point
+from .scope import pruned_scope
 from .selection import select
 from .slicing import remove_units
 from .sparse import input_dim, magnitude_masks, nm_mask
 from .units import UnitGroup, apply_zero_plan, zero_plan
-from .verify import _compare, find_inexact
+from .verify import find_inexact
 
 logger = logging.getLogger("slimkit")
 
@@ -169,60 +169,14 @@ class Pruner(Method):
         return inputs
 
     def _excluded(self, model: nn.Module) -> set[str]:
-        """Modules whose outputs are never pruned: ``exclude``, plus the adapter's defaults
-        (classifier, stem, ...) unless ``include`` names them. With ``include``, only the
-        included modules (and what lies inside them) are pruned: ``self.included``."""
-        adapter = self.controller.adapter
-        cfg = self.config
-        names = [name for name, _ in user_named_modules(model) if name]
-        for pattern in cfg.include:
-            match_modules(model, pattern, role="prune.include: ")
-        for pattern in cfg.exclude:
-            match_modules(model, pattern, role="prune.exclude: ")
-        defaults = adapter.prune_exclusions(model)
-        if cfg.include:
-            self.included = {n for n in names if matches_any(n, cfg.include)}
-            defaults = [d for d in defaults if d not in self.included]
-        elif type(adapter).__name__ == "TorchAdapter" and defaults:
-            logger.info(
-                "prune: no adapter knows %s; excluding %s by default (classifier and stem guesses). "
-                "Name other modules to keep in prune.exclude, or the ones to prune in prune.include.",
-                type(model).__name__,
-                defaults,
-            )
-        patterns = [*defaults, *cfg.exclude]
-        return {n for n in names if matches_any(n, patterns)}
+        excluded, self.included = pruned_scope(model, self.controller.adapter, self.config)
+        return excluded
 
     def _depth_setup(self, model: nn.Module) -> DepthPruning:
-        """The removable blocks (checked on a copy: skipping a block == removing it), hooked."""
-        adapter = self.controller.adapter
-        inputs = self._inputs(model)
-        exclude = list(self.config.exclude)
-
-        def excluded(name: str) -> bool:
-            return any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude)
-
         with self.controller.suspended():
-            blocks, stacks = find_blocks(model, adapter, inputs, call_model, excluded)
-            if blocks and self.config.verify:
-                check_removal(
-                    model,
-                    blocks,
-                    stacks,
-                    adapter,
-                    inputs,
-                    call_model,
-                    memo={id(self.controller): self.controller},
-                    compare=_compare,
-                    outputs=output_tensors,
-                )
-        if len(blocks) < 2:
-            raise UnsupportedModelError(
-                f"prune.layers: {type(model).__name__} has {len(blocks)} removable block(s) "
-                f"({[b.name for b in blocks]}); depth pruning needs at least 2 (one always stays). "
-                "Set prune.layers: 0."
+            return setup_depth(
+                model, self.config, self.controller.adapter, self._inputs(model), {id(self.controller): self.controller}
             )
-        return DepthPruning(model, self.config, adapter, blocks, stacks)
 
     def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         if not layouts:
