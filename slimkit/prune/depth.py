@@ -4,10 +4,10 @@ least influential while training, remove them at ``convert``.
 Two rankings, both measured on data, never on weights:
 
 * ``output_cosine`` (default): on calibration batches, the drop of the model output's cosine
-  to its unpruned output when a block is skipped, ``1 - cos(out_without_block, out)`` averaged
-  over tokens (padding left out) or samples. Blocks are chosen greedily: each next block is the
-  one whose skipping, together with those already chosen, costs least. It needs the batches
-  given to ``slimkit.calibrate`` (one forward per candidate per batch per block removed).
+  to its unpruned output when blocks are skipped, ``1 - cos(out_without_blocks, out)`` averaged
+  over tokens (padding left out) or samples. The set of blocks that costs least is chosen:
+  every set when there are few (``EXHAUSTIVE_SETS``), else greedily, one block at a time. It
+  needs the batches given to ``slimkit.calibrate``.
 * ``block_influence`` (ShortGPT, Men et al. 2024): ``BI = 1 - cos(block input, block output)``
   averaged over tokens, measured by forward hooks on calibration batches and on every training
   forward since the last pruning point; the blocks with the lowest BI go.
@@ -21,6 +21,7 @@ and the benchmarks).
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -145,35 +146,46 @@ def _forward_batches(model: nn.Module, batches: list, forward: Callable) -> list
     return out
 
 
+EXHAUSTIVE_SETS = 64  # up to this many candidate sets of blocks, every set is scored; greedy beyond
+
+
 @torch.no_grad()
-def greedy_output_cosine(
+def choose_output_cosine(
     model: nn.Module, hooks: BlockHooks, candidates: list[int], count: int, batches: list, forward: Callable
 ) -> tuple[list[int], dict[int, float]]:
-    """Choose ``count`` blocks one at a time, each the one whose skipping (with those chosen so
-    far) moves the output least; returns them in order and the first round's cost per block."""
+    """The ``count`` blocks whose skipping together moves the output least on ``batches``.
+
+    When there are at most ``EXHAUSTIVE_SETS`` sets of ``count`` candidates, every set is scored
+    (MiniLM: 15 pairs of its 6 layers); beyond, blocks are chosen greedily, each next one the
+    cheapest to skip together with those chosen so far. Returns the blocks (cheapest alone
+    first) and each candidate's cost when skipped alone."""
     base = set(hooks.gated)
     references = _forward_batches(model, batches, forward)
-    chosen: list[int] = []
-    first: dict[int, float] = {}
+
+    def cost(chosen: tuple[int, ...]) -> float:
+        hooks.gated = base | set(chosen)
+        total = torch.zeros(2, dtype=torch.float64)
+        for reference, inputs in references:
+            out = _first_output(forward(model, inputs))
+            value, n = _distance(out, reference, 1 if out.dim() == 4 else -1, _mask_of(inputs))
+            total += torch.tensor([float(value), float(n)], dtype=torch.float64)
+        total = _all_reduce(total)  # every process scores the same sets in the same order
+        return float(total[0] / total[1].clamp_min(1))
+
     try:
-        for _ in range(count):
-            left = [c for c in candidates if c not in chosen]
-            sums = torch.zeros(len(left), dtype=torch.float64)
-            counts = torch.zeros(len(left), dtype=torch.float64)
-            for j, c in enumerate(left):
-                hooks.gated = base | set(chosen) | {c}
-                for reference, inputs in references:
-                    out = _first_output(forward(model, inputs))
-                    total, n = _distance(out, reference, 1 if out.dim() == 4 else -1, _mask_of(inputs))
-                    sums[j] += float(total)
-                    counts[j] += n
-            cost = _all_reduce(sums) / _all_reduce(counts).clamp_min(1)
-            if not first:
-                first = {c: float(v) for c, v in zip(left, cost)}
-            chosen.append(left[int(torch.argmin(cost))])
+        alone = {c: cost((c,)) for c in candidates}
+        if count == 1:
+            chosen = [min(candidates, key=alone.get)]
+        elif math.comb(len(candidates), count) <= EXHAUSTIVE_SETS:
+            chosen = list(min(itertools.combinations(candidates, count), key=cost))
+        else:
+            chosen = [min(candidates, key=alone.get)]
+            while len(chosen) < count:
+                left = [c for c in candidates if c not in chosen]
+                chosen.append(min(left, key=lambda c: cost((*chosen, c))))
     finally:
         hooks.gated = base
-    return chosen, first
+    return sorted(chosen, key=alone.get), alone
 
 
 class DepthState(nn.Module):
@@ -264,7 +276,7 @@ class DepthPruning:
         seen = bool((self.state.positions[candidates] > 0).all())
         if self.config.layer_importance == "output_cosine" and self.batches:
             return self._with_model_state(
-                model, lambda: greedy_output_cosine(model, self.hooks, candidates, new, self.batches, forward)[0]
+                model, lambda: choose_output_cosine(model, self.hooks, candidates, new, self.batches, forward)[0]
             )
         if not seen:
             return None  # wait for data: slimkit.calibrate, or the next training step's batches
@@ -369,7 +381,7 @@ def _rank(
     try:
         with torch.no_grad():
             if importance == "output_cosine":
-                chosen, first = greedy_output_cosine(model, hooks, list(range(len(blocks))), count, batches, forward)
+                chosen, first = choose_output_cosine(model, hooks, list(range(len(blocks))), count, batches, forward)
                 scores = [first[i] for i in range(len(blocks))]
             elif importance == "block_influence":
                 hooks.calibrating = True

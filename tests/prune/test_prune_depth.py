@@ -195,8 +195,9 @@ def test_depth_errors_name_the_fix():
 
 
 def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path):
-    """``make_student.py --num-layers`` drops the layer whose removal moves MiniLM's outputs least
-    on stdlib-docs sentences (checked against every 5-layer student scored the same way)."""
+    """``make_student.py --num-layers`` drops the two layers whose removal moves MiniLM's outputs
+    least on stdlib-docs sentences (checked against every 4-layer student scored the same way)."""
+    import itertools
     import sys
 
     from slimkit.plugins.hf import layer_subset_student
@@ -205,7 +206,7 @@ def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_student
 
-    args = ["--teacher", str(minilm_path), "--num-layers", "5", "--calibration-sentences", "8"]
+    args = ["--teacher", str(minilm_path), "--num-layers", "4", "--calibration-sentences", "8"]
     out = make_student.main([*args, "--output-dir", str(tmp_path / "s")])
     student = slimkit.from_pretrained(out)
     teacher = slimkit.from_pretrained(minilm_path)
@@ -218,8 +219,8 @@ def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path
             b = teacher(**batch).last_hidden_state
         return float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1))[mask].mean())
 
-    best = min(([i for i in range(6) if i != drop] for drop in range(6)), key=cost)
-    assert student.config.num_hidden_layers == 5 and (out / "tokenizer.json").exists()
+    best = min(([i for i in range(6) if i not in gone] for gone in itertools.combinations(range(6), 2)), key=cost)
+    assert student.config.num_hidden_layers == 4 and (out / "tokenizer.json").exists()
     kept_weights = [layer.output.dense.weight for layer in student.encoder.layer]
     assert all(torch.equal(w, teacher.encoder.layer[k].output.dense.weight) for w, k in zip(kept_weights, best))
 
