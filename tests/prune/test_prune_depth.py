@@ -243,3 +243,39 @@ def test_timm_blocks_leave_their_stages_and_load_back(tmp_path):
     again = slimkit.from_pretrained(tmp_path / "resnet")
     with torch.no_grad():
         torch.testing.assert_close(again(images[1]), small(images[1]), rtol=0, atol=0)
+
+
+DEPTH_FAMILIES = [
+    "hf_bert",
+    "hf_gpt2",
+    "hf_llama_gqa",
+    "hf_vit",
+    "hf_distilbert",
+    "hf_deberta_v2",
+    "hf_mpnet",
+    "timm_vit",
+    "timm_convnext",
+    "timm_mobilenetv3",
+]
+
+
+@pytest.mark.parametrize("name", DEPTH_FAMILIES)
+def test_one_block_leaves_every_family(name, tmp_path):
+    """Each family loses one block: skipped == removed, and the folder loads back (HF: natively too)."""
+    from prune_helpers import CASES, logits
+
+    case = CASES[name]
+    model, inputs = case.build(), case.inputs()
+    slimkit.prepare(model, {"prune": {"layers": 1}}, example_inputs=inputs, measure=False)
+    slimkit.calibrate(model, [inputs])
+    assert len(slimkit.prune.summary(model)["layers"]["removed"]) == 1
+    masked = logits(model, inputs)
+    small = slimkit.convert(model)
+    torch.testing.assert_close(logits(small, inputs), masked, rtol=1e-5, atol=1e-5)
+    slimkit.save_pretrained(small, tmp_path / name)
+    torch.testing.assert_close(logits(slimkit.from_pretrained(tmp_path / name), inputs), logits(small, inputs))
+    if name.startswith("hf_"):
+        config = transformers.AutoConfig.from_pretrained(tmp_path / name)
+        plain = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path / name)
+        assert config.num_hidden_layers == 1
+        torch.testing.assert_close(logits(plain, inputs), logits(small, inputs))
