@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.adapters import HeadLayout, ModelAdapter, Task, register_adapter
+from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
 from slimkit.quiet import quiet_imports
@@ -38,6 +38,8 @@ with quiet_imports():  # transformers' modeling code imports torchao, which logs
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.pytorch_utils import Conv1D
+
+from . import hf_depth
 
 CAPTURE_IMPL = "slimkit_capture"
 _STORE_ATTR = "_slimkit_attention_store"
@@ -106,6 +108,21 @@ def _attention_classes(model: PreTrainedModel) -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _head_classes(model: PreTrainedModel) -> tuple[type, ...]:
+    """The self-attention classes whose heads can be pruned: those the model declares, else
+    (families that predate ``_can_record_outputs``: DeBERTa-v2, MPNet) every ``...SelfAttention``
+    module with query / key / value projections slimkit knows."""
+    declared = _attention_classes(model)
+    if declared:
+        return declared
+    found = {
+        type(m)
+        for _, m in user_named_modules(model)
+        if type(m).__name__.endswith("SelfAttention") and any(all(hasattr(m, c) for c in n) for n in _QKV_NAMES)
+    }
+    return tuple(sorted(found, key=lambda c: c.__name__))
+
+
 def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -115,13 +132,28 @@ def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
-# Head pruning: the projection names transformers' attention modules use.
-_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+# Head pruning: the projection names transformers' attention modules use (DeBERTa-v2:
+# query_proj...; DistilBERT: q_lin...; MPNet: q, k, v, o).
+_QKV_NAMES = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query_proj", "key_proj", "value_proj"),
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q", "k", "v"),
+)
 _FUSED_QKV = "c_attn"  # GPT-2 family: one Conv1D producing [q; k; v]
-_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "o", "dense")
+_OUT_NAMES = ("o_proj", "out_proj", "out_lin", "c_proj", "o", "dense")
+# DeBERTa-v2 without share_att_key: relative-position projections laid out like the queries / keys.
+_POSITION_PROJECTIONS = (("pos_query_proj", "query"), ("pos_key_proj", "key"))
+# Norms inside an attention module that run after its output projection, on the residual
+# stream (ALBERT's AlbertAttention ends in LayerNorm(x + dense(heads))): they see no head.
+_POST_OUTPUT_NORMS = {"AlbertAttention": ("LayerNorm",)}
+# Per-head tensors outside the attention modules, read by every layer: MPNet's relative position
+# bias (an Embedding of num_heads columns). Its layers' heads are pruned together, the same everywhere.
+_SHARED_HEAD_TENSORS = {"mpnet": ("encoder.relative_attention_bias",)}
 # MLP hidden layers per family, and the config fields that size them.
-_FFN_LAYERS = ("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc")
-_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+_FFN_LAYERS = ("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc", "ffn.lin1", ".ffn")
+_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim")
 
 
 def _width(module: nn.Module | None, side: str) -> int | None:
@@ -131,6 +163,25 @@ def _width(module: nn.Module | None, side: str) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features if side == "out" else module.in_features
     return None
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return bool(name)
+
+
+def _shared_head_modules(model: nn.Module) -> list[tuple[str, int]]:
+    """The family's per-head modules shared by every layer (``_SHARED_HEAD_TENSORS``), by name."""
+    found = []
+    for tensor in _SHARED_HEAD_TENSORS.get(getattr(model.config, "model_type", ""), ()):
+        prefix = getattr(model, "base_model_prefix", "")
+        name = next((c for c in (f"{prefix}.{tensor}", tensor) if _has_module(model, c)), None)
+        if name is not None:
+            found.append((name, 0))
+    return found
 
 
 def _tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -257,6 +308,9 @@ class HFAdapter(ModelAdapter):
             width, kv_width = _width(q, "out"), _width(k, "out")
             query = [(f"{name}.{names[0]}", 0)]
             key_value = [(f"{name}.{names[1]}", 0), (f"{name}.{names[2]}", 0)]
+            for child, like in _POSITION_PROJECTIONS:
+                if _width(getattr(attn, child, None), "out") is not None:
+                    (query if like == "query" else key_value).append((f"{name}.{child}", 0))
             if width is None or kv_width is None or kv_width != _width(v, "out"):
                 problem = "its q / k / v projections are not linear layers of matching widths"
         output = self._output_projection(model, name, attn, width or 0)
@@ -268,10 +322,12 @@ class HFAdapter(ModelAdapter):
         own = [n for n, _ in attn.named_parameters(recurse=False)]
         if own:
             problem = problem or f"it has per-head parameters ({', '.join(own)}) slimkit does not slice"
+        post_output = _POST_OUTPUT_NORMS.get(type(attn).__name__, ())
         for child_name, child in attn.named_children():
             shape = getattr(child, "normalized_shape", None) or getattr(getattr(child, "weight", None), "shape", None)
             last = tuple(shape)[-1] if shape else None
-            if "norm" in child_name.lower() and last != head_dim and last in (width, kv_width):
+            over_heads = last != head_dim and last in (width, kv_width) and child_name not in post_output
+            if "norm" in child_name.lower() and over_heads:
                 problem = problem or f"{child_name} normalises over all heads"
         return HeadLayout(
             name=name,
@@ -282,6 +338,7 @@ class HFAdapter(ModelAdapter):
             key_value=key_value,
             output=[(output, 0)] if output else [],
             unsupported=problem,
+            shared=_shared_head_modules(model),
         )
 
     def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
@@ -289,7 +346,7 @@ class HFAdapter(ModelAdapter):
         q/k/v projections (BERT, ViT, Llama/Mistral grouped-query attention) or GPT-2's fused
         Conv1D ``c_attn``, and the output projection over the heads (``o_proj``, ``c_proj`` or
         BERT's ``attention.output.dense``)."""
-        classes = _attention_classes(model)
+        classes = _head_classes(model)
         return [
             self._layout(model, name, m)
             for name, m in user_named_modules(model)
@@ -301,6 +358,7 @@ class HFAdapter(ModelAdapter):
         for attr, value in (
             ("num_attention_heads", num_heads),
             ("num_heads", num_heads),
+            ("n_heads", num_heads),
             ("num_key_value_heads", num_kv_heads),
             ("all_head_size", num_heads * layout.head_dim),
             ("split_size", num_heads * layout.head_dim),
@@ -310,6 +368,13 @@ class HFAdapter(ModelAdapter):
 
     def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
         return {Conv1D: ("nf", "nx")}
+
+    # -- depth pruning (plugins/hf_depth.py) -------------------------------------------------------
+    def block_stacks(self, model: nn.Module) -> list[BlockStack]:
+        return hf_depth.block_stacks(model)
+
+    def after_depth_pruning(self, model: nn.Module, kept: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return hf_depth.after_depth_pruning(model, kept)
 
     def trace_kwargs(self, model: nn.Module) -> dict[str, Any]:
         accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
@@ -323,9 +388,10 @@ class HFAdapter(ModelAdapter):
         can express truthfully and the saved manifest carries the rest."""
         config = model.config
         ffn = {}
-        widths = {_width(m, "out") for n, m in user_named_modules(model) if any(n.endswith(s) for s in _FFN_LAYERS)}
+        widths = {_width(m, "out") for n, m in user_named_modules(model) if n.endswith(_FFN_LAYERS)}
+        widths.discard(None)  # containers named like a layer (DistilBERT's ffn holds lin1 / lin2)
         field = next((f for f in _FFN_FIELDS if hasattr(config, f)), None)
-        if len(widths) == 1 and None not in widths and field is not None:
+        if len(widths) == 1 and field is not None:
             width = widths.pop()
             if getattr(config, field) != width:
                 ffn[field] = width

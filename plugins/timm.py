@@ -23,7 +23,7 @@ from timm.models import _hub as timm_hub
 from timm.models import _input as timm_input
 from torch import nn
 
-from slimkit.adapters import HeadLayout, ModelAdapter, register_adapter
+from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
 from slimkit.quiet import quiet_logs
@@ -39,6 +39,23 @@ def _names(model: nn.Module, value: Any) -> list[str]:
     values = [value] if isinstance(value, str) else list(value or [])
     present = {n for n, _ in user_named_modules(model)}
     return [v for v in values if v in present]
+
+
+def _is_transformer_block(module: nn.Module) -> bool:
+    """A ViT-style block: ``x + attn(...)``, then ``x + mlp(...)`` (timm ``Block`` and its kin)."""
+    return hasattr(module, "attn") and hasattr(module, "mlp")
+
+
+def _has_identity_shortcut(module: nn.Module) -> bool:
+    """A residual block whose shortcut is the identity: ResNet blocks without a downsample,
+    ConvNeXt / GhostNet blocks with an identity (or empty) shortcut, EfficientNet / MobileNet
+    blocks with a skip."""
+    if hasattr(module, "downsample") and hasattr(module, "conv1"):
+        return module.downsample is None
+    shortcut = getattr(module, "shortcut", None)
+    if isinstance(shortcut, nn.Identity) or (isinstance(shortcut, nn.Sequential) and len(shortcut) == 0):
+        return True
+    return getattr(module, "has_skip", None) is True
 
 
 def is_timm_attention(module: nn.Module) -> bool:
@@ -123,6 +140,23 @@ class TimmAdapter(ModelAdapter):
         attn.num_heads = num_heads
         if hasattr(attn, "attn_dim"):
             attn.attn_dim = num_heads * layout.head_dim
+
+    def block_stacks(self, model: nn.Module) -> list[BlockStack]:
+        """Every ``Sequential`` / ``ModuleList`` of residual blocks: ViT-style blocks (all of them)
+        and CNN blocks whose shortcut is the identity (a ResNet stage without its first,
+        downsampling block; ConvNeXt, EfficientNet, GhostNet blocks that keep their width)."""
+        stacks = []
+        for name, container in user_named_modules(model):
+            if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+                continue
+            children = list(container.children())
+            tokens = [i for i, c in enumerate(children) if _is_transformer_block(c)]
+            convs = [i for i, c in enumerate(children) if not _is_transformer_block(c) and _has_identity_shortcut(c)]
+            if tokens:
+                stacks.append(BlockStack(name, len(children), tokens, channel_dim=-1))
+            elif convs:
+                stacks.append(BlockStack(name, len(children), convs, channel_dim=1))
+        return stacks
 
     def after_pruning(self, model: nn.Module) -> dict[str, Any]:
         """Refresh ``num_features`` / ``head_hidden_size`` (what reset_classifier and feature

@@ -1,11 +1,18 @@
 #!/usr/bin/env python
 """Make a shallower student from a Hugging Face teacher by keeping some of its layers.
 
-    python scripts/make_student.py --teacher T --layers 1,3,5 --output-dir S
+    python scripts/make_student.py --teacher T --num-layers 3 --output-dir S     # layers chosen on data
+    python scripts/make_student.py --teacher T --layers 1,3,5 --output-dir S     # layers you list
 
 The student has the teacher's config with ``num_hidden_layers = len(layers)``; its embeddings,
 heads and the kept layers are copied from the teacher (the DistilBERT-style initialisation),
 and the tokenizer files are copied along, so ``S`` is ready for ``scripts/distill.py``.
+
+With ``--num-layers K`` the layers to keep are chosen by measurement, as ``prune.layers`` does:
+the teacher runs on calibration sentences (``--calibration``: ``stdlib-docs`` by default, or a
+local data set with a ``text`` column) and the layers whose skipping moves its output least
+(``--layer-importance output_cosine``, or ShortGPT's ``block_influence``) are dropped, one at a
+time, until K are left.
 """
 
 from __future__ import annotations
@@ -15,24 +22,67 @@ import shutil
 from pathlib import Path
 
 import slimkit
+from slimkit.errors import SlimkitError
 from slimkit.plugins.hf import layer_subset_student
+from slimkit.prune import rank_blocks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def calibration_batches(teacher_dir: str, source: str, sentences: int, batch_size: int, max_length: int) -> list:
+    """Tokenized calibration batches from the training split of ``source`` (``stdlib-docs`` or a
+    local data set with a ``text`` column)."""
+    from transformers import AutoTokenizer
+
+    from slimkit.plugins.data import load_task_data
+
+    texts = list(load_task_data(source, kind="text").train.inputs)[:sentences]
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def choose_layers(teacher, batches: list, keep: int, importance: str) -> tuple[list[int], list[str]]:
+    """The teacher layer indices to keep (ascending) and the names removed, in removal order."""
+    total = teacher.config.num_hidden_layers
+    if not 0 < keep < total:
+        raise SlimkitError(f"--num-layers {keep}: the teacher has {total} layers; keep between 1 and {total - 1}")
+    removed = rank_blocks(teacher, batches, total - keep, importance=importance)
+    gone = {int(name.rsplit(".", 1)[1]) for name in removed}
+    return [i for i in range(total) if i not in gone], removed
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="a hub-style folder of a transformers model")
-    p.add_argument("--layers", required=True, help="comma-separated teacher layer indices to keep, e.g. 1,3,5")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", help="comma-separated teacher layer indices to keep, e.g. 1,3,5")
+    which.add_argument("--num-layers", type=int, help="how many layers to keep, chosen on calibration data")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--calibration", default="stdlib-docs", help="stdlib-docs (default) or a local text data set")
+    p.add_argument("--calibration-sentences", type=int, default=128, help="sentences the layers are ranked on")
+    p.add_argument("--layer-importance", default="output_cosine", choices=("output_cosine", "block_influence"))
+    p.add_argument("--max-length", type=int, default=128)
     args = p.parse_args(argv)
     teacher = slimkit.from_pretrained(args.teacher)
-    student = layer_subset_student(teacher, [int(i) for i in args.layers.split(",")])
+    if args.layers:
+        layers = [int(i) for i in args.layers.split(",")]
+    else:
+        batches = calibration_batches(args.teacher, args.calibration, args.calibration_sentences, 32, args.max_length)
+        layers, removed = choose_layers(teacher, batches, args.num_layers, args.layer_importance)
+        print(f"removed (least influential first, {args.layer_importance}): {', '.join(removed)}")
+    student = layer_subset_student(teacher, layers)
     out = slimkit.save_pretrained(student, args.output_dir)
     for name in TOKENIZER_FILES:
         if (Path(args.teacher) / name).exists():
             shutil.copy(Path(args.teacher) / name, out / name)
-    print(f"{out}: {student.config.num_hidden_layers} of {teacher.config.num_hidden_layers} layers")
+    print(f"{out}: layers {layers} of the teacher's {teacher.config.num_hidden_layers}")
     return out
 
 

@@ -99,6 +99,8 @@ def format_info(info: dict[str, Any]) -> str:
         if pruning.get("heads"):  # {attention module: [query heads, key/value heads]}
             counts = sorted({tuple(v) if isinstance(v, list) else (v,) for v in pruning["heads"].values()})
             text += ", heads per layer " + ", ".join("/".join(map(str, c)) for c in counts)
+        for stack, entry in (pruning.get("layers") or {}).items():
+            text += f", {stack}: {len(entry['kept'])} of {entry['total']} blocks kept"
         if pruning.get("config"):
             text += f", config rewritten: {', '.join(sorted(pruning['config']))}"
         rows.append(("pruning", text))

@@ -69,8 +69,9 @@ class Method:
         return False
 
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
-        """Learn from calibration batches (``slimkit.calibrate``), when ``takes_calibration``.
-        ``allow_degenerate`` keeps ranges a method would refuse as degenerate (quantization)."""
+        """Learn from calibration batches (``slimkit.calibrate``: a list, at most ``num_batches``),
+        when ``takes_calibration``. ``allow_degenerate`` keeps ranges a method would refuse as
+        degenerate (quantization)."""
 
     def nothing_to_calibrate(self) -> str:
         """Why this method has no use for calibration batches now (for the error when none has)."""

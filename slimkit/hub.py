@@ -216,8 +216,9 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as a hub-style folder at ``path`` and return the path.
 
-    HF ``PreTrainedModel``s and timm models are supported. Projectors, masks and other training
-    state that slimkit attached are never saved. A failed save leaves an existing folder as it was.
+    HF ``PreTrainedModel``s, timm models and plain ``nn.Module``s are supported (the latter load
+    with ``from_pretrained(path, model=MyNet())``). Projectors, masks and other training state
+    that slimkit attached are never saved. A failed save leaves an existing folder as it was.
     ``report`` adds metrics (e.g. ``{"accuracy": 0.97}``) to the model card and config block; the
     before -> after measurements of ``slimkit.convert`` are written automatically.
     ``files_from`` is a folder whose sentence-transformers files (``modules.json``, pooling) are
@@ -322,9 +323,45 @@ def _build_checked(adapter: Any, config: dict[str, Any], block: dict[str, Any], 
     return model
 
 
-def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+def _load_into_instance(model: nn.Module, block: dict[str, Any], header: Header) -> nn.Module:
+    """A user's fresh instance (``from_pretrained(path, model=...)``): the recorded changes
+    replayed on it, its shapes checked against the weights file's header before loading."""
+    model = _replay(block)(model)
+    check_against_header(model, header)
+    model.load_state_dict(load_file(str(header.file)), strict=False)
+    for method in _blocks_in_order():
+        if method.name in block and method.check is not None:
+            method.check(model, header.file)
+    return model
+
+
+def _check_instance(model: nn.Module, block: dict[str, Any], config: dict[str, Any], file: Path) -> None:
+    """``model=`` must be a fresh instance of the class the folder was saved from."""
+    expected = block.get("class")
+    cls = type(model)
+    if cls.__name__ != expected:
+        where = config.get("torch_module")
+        raise FormatError(
+            f"{file} holds a {expected}{f' (module {where})' if where else ''}, but model= is a "
+            f"{cls.__module__}.{cls.__qualname__}; pass a fresh {expected}(...) built with the arguments it was "
+            "trained with"
+        )
+    if SLIMKIT_ATTR in model._modules:
+        raise FormatError(
+            f"from_pretrained(model=...): the {cls.__name__} given is prepared by slimkit; pass a fresh instance"
+        )
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Load a hub-style folder: a slimkit folder (any pruning / INT8 is rebuilt), or a plain
     transformers or timm folder. Returns the model in eval mode.
+
+    ``model`` is a fresh instance of the saved class to load into (required for plain
+    ``nn.Module`` models, which slimkit cannot build from a config; optional otherwise): the
+    recorded pruning (and INT8) is replayed on it, then the weights are loaded with strict
+    shape checks. A model of another class is refused with a ``FormatError``.
 
     Nothing in the folder can run code, nothing is unpickled, and no tensor is allocated before
     the declared architecture was checked against the weights file's header (docs/security.md)."""
@@ -335,6 +372,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     block = config.pop("slimkit", None)
     adapter.check_config(config, file)
     if block is None:  # a plain folder written by transformers or timm: their own loaders, sizes checked first
+        if model is not None:
+            raise FormatError(f"{file} was not written by slimkit; model= is only for slimkit folders")
         header = read_header(folder / WEIGHTS_NAME) if (folder / WEIGHTS_NAME).is_file() else None
         if header is not None:
             meta, _ = build_on_meta(lambda: adapter.build(config), lambda m: m, header, file)
@@ -347,7 +386,11 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))
     header = read_header(folder / WEIGHTS_NAME)
     _load_method_blocks()
-    model = _build_checked(adapter, config, block, header)
+    if model is not None:
+        _check_instance(model, block, config, file)
+        model = _load_into_instance(model, block, header)
+    else:
+        model = _build_checked(adapter, config, block, header)
     info = _LoadedInfo(folder=str(folder), block=block)
     object.__setattr__(model, "_slimkit_info", info)
     return model.to(device).eval()

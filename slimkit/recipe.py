@@ -108,14 +108,16 @@ class DistillConfig(Config):
 
 @dataclasses.dataclass
 class ScheduleConfig(Config):
-    """When units are removed: all at once, in stages, or gradually (Zhu & Gupta cubic)."""
+    """When units are removed: all at once, in stages, or gradually (linear, exponential, cubic)."""
 
     section: ClassVar[str] = "prune.schedule"
 
-    kind: Literal["one_shot", "iterative", "cubic"] = help_field("one_shot", "one_shot | iterative | cubic")
+    kind: Literal["one_shot", "iterative", "linear", "exponential", "cubic"] = help_field(
+        "one_shot", "one_shot | iterative | linear | exponential | cubic"
+    )
     start_step: int = help_field(0, "first pruning step")
-    end_step: int | None = help_field(None, "step at which the final ratio is reached (iterative, cubic)")
-    every: int = help_field(100, "cubic: re-rank and prune every this many steps")
+    end_step: int | None = help_field(None, "step at which the final ratio is reached (all but one_shot)")
+    every: int = help_field(100, "linear / exponential / cubic: re-rank and prune every this many steps")
     stages: int = help_field(3, "iterative: number of stages between start_step and end_step")
 
     def validate(self, path: str) -> None:
@@ -185,6 +187,20 @@ class PruneConfig(Config):
     round_to: int | None = help_field(None, "keep widths a multiple of this")
     schedule: ScheduleConfig = help_field(dataclasses.MISSING, "when to prune", default_factory=ScheduleConfig)
     exclude: list[str] = help_field([], "module names or fnmatch patterns never pruned (classifier and stem are)")
+    include: list[str] = help_field(
+        [],
+        "if given, prune only these modules (names or fnmatch patterns), even those the adapter excludes by "
+        "default (stem, classifier); exclude still wins",
+    )
+    layers: float = help_field(
+        0.0,
+        "depth pruning: a whole number >= 1 of blocks (transformer layers, residual blocks) or a fraction in (0, 1)",
+    )
+    layer_importance: Literal["block_influence", "output_cosine"] = help_field(
+        "output_cosine",
+        "how blocks are ranked: output_cosine (the output's cosine drop when a block is skipped, on calibration "
+        "batches) | block_influence (1 - cos(block input, output), ShortGPT)",
+    )
     sparsity: float = help_field(0.0, "unstructured magnitude sparsity of weights (masks only)")
     nm: str | None = help_field(None, "semi-structured N:M mask such as '2:4' (masks only)")
     verify: bool = help_field(
@@ -194,11 +210,17 @@ class PruneConfig(Config):
     def validate(self, path: str) -> None:
         for name in ("channels", "heads", "sparsity"):
             _ratio(self, path, name)
+        if self.layers < 0 or (self.layers >= 1 and not float(self.layers).is_integer()):
+            self.fail(
+                path,
+                "layers",
+                f"must be a whole number of blocks (>= 1) or a fraction in (0, 1), got {self.layers}",
+            )
         if not 0.0 <= self.damping < 1.0:
             self.fail(path, "damping", f"must be in [0, 1), got {self.damping}")
         if self.statistics_steps < 1:
             self.fail(path, "statistics_steps", f"must be >= 1, got {self.statistics_steps}")
-        if self.reconstruct and not self.structured:
+        if self.reconstruct and not self.width:
             self.fail(
                 path, "reconstruct", "refits the layers that read removed channels / heads; set channels or heads"
             )
@@ -216,18 +238,23 @@ class PruneConfig(Config):
     @property
     def structured(self) -> bool:
         """True when pruning changes shapes at convert time."""
+        return self.width or self.layers > 0
+
+    @property
+    def width(self) -> bool:
+        """True when channels / MLP neurons or heads are pruned (units inside layers)."""
         return self.channels > 0 or self.heads > 0
 
     @property
     def gradient_based(self) -> bool:
         """Units ranked by gradients of a loss (from training or from slimkit.calibrate)."""
-        return self.structured and self.importance in ("taylor", "fisher")
+        return self.width and self.importance in ("taylor", "fisher")
 
     @property
     def records_inputs(self) -> bool:
         """Whether the pruning points use recorded layer inputs."""
         sensitivity = self.scope == "global" and self.allocation == "sensitivity"
-        return self.structured and (self.importance in ("activation", "obs") or self.reconstruct or sensitivity)
+        return self.width and (self.importance in ("activation", "obs") or self.reconstruct or sensitivity)
 
 
 # ----------------------------------------------------------------------------------------

@@ -195,7 +195,9 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
         "",
         "```python",
         "import slimkit",
-        'model = slimkit.from_pretrained("<this folder>")',
+        'model = slimkit.from_pretrained("<this folder>")'
+        if block.get("library") != "torch"
+        else f'model = slimkit.from_pretrained("<this folder>", model={block.get("class", "MyNet")}(...))',
         "```",
         *_sentence_transformers_lines(block),
         "",
@@ -313,9 +315,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
     from .adapters import call_model
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        call_model(model, example_inputs)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
+    except AssertionError:
+        # torch's module tracker cannot hook a parameter passed as a module's input under no_grad
+        # (DeBERTa-v2 feeds its relative embedding table to its position projections)
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
     return counter.get_total_flops() // 2
 
 

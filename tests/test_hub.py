@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import save_file
 
 import slimkit
-from slimkit import FormatError, UnsupportedModelError
+from slimkit import FormatError
 from slimkit.hub import FORMAT_VERSION
 from tests.models import tiny_hf, tiny_timm
 
@@ -188,9 +188,3 @@ def test_no_pickle_and_no_remote_code(tmp_path):
     torch.save({}, timm_folder / "pytorch_model.bin")
     with pytest.raises(FormatError, match="never pickle"):
         slimkit.from_pretrained(timm_folder)
-
-
-def test_plain_torch_models_cannot_be_saved_with_a_clear_error(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="neither a Hugging Face PreTrainedModel nor a timm model"):
-        slimkit.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
-    assert not (tmp_path / "x").exists()

@@ -66,7 +66,7 @@ def test_sections_are_optional_and_to_dict_drops_missing():
         ({"prune": {"channels": 1.0}}, "prune.channels: must be in [0, 1), got 1.0"),
         ({"prune": {"heads": -0.1}}, "prune.heads: must be in [0, 1)"),
         ({"prune": {"importance": "l3"}}, "prune.importance: 'l3' is not one of"),
-        ({"prune": {"schedule": {"kind": "linear"}}}, "prune.schedule.kind: 'linear' is not one of"),
+        ({"prune": {"schedule": {"kind": "quadratic"}}}, "prune.schedule.kind: 'quadratic' is not one of"),
         ({"prune": {"schedule": {"kind": "cubic"}}}, "prune.schedule.end_step: is required for kind='cubic'"),
         ({"prune": {"nm": "4:2"}}, "prune.nm: expected 'N:M' with 0 < N < M"),
         ({"quant": {"weights": {"bits": 4}}}, "quant.weights.bits: only 8-bit quantization is supported, got 4"),

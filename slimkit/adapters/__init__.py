@@ -11,7 +11,17 @@ import importlib
 
 from torch import nn
 
-from .base import HeadLayout, ModelAdapter, Task, TorchAdapter, call_model, get_logits, get_loss
+from .base import (
+    BlockStack,
+    HeadLayout,
+    ModelAdapter,
+    Task,
+    TorchAdapter,
+    batch_inputs,
+    call_model,
+    get_logits,
+    get_loss,
+)
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -44,12 +54,17 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def adapter_for_library(library: str) -> ModelAdapter:
-    """The adapter that builds models of ``library`` ('timm' or 'transformers') from config."""
+    """The adapter that builds models of ``library`` ('timm', 'transformers', or 'torch' for a
+    plain ``nn.Module``) from config."""
+    if library == "torch":
+        return TorchAdapter()
     plugin = _PLUGIN_FOR_PACKAGE.get(library)
     if plugin is None:
         from ..errors import FormatError
 
-        raise FormatError(f"unknown model library {library!r}; slimkit folders hold timm or transformers models")
+        raise FormatError(
+            f"unknown model library {library!r}; slimkit folders hold timm, transformers or plain torch models"
+        )
     importlib.import_module(plugin)
     for cls in _ADAPTERS:
         if cls.library == library:
@@ -58,11 +73,13 @@ def adapter_for_library(library: str) -> ModelAdapter:
 
 
 __all__ = [
+    "BlockStack",
     "HeadLayout",
     "ModelAdapter",
     "Task",
     "TorchAdapter",
     "adapter_for_library",
+    "batch_inputs",
     "call_model",
     "get_adapter",
     "get_logits",

@@ -6,7 +6,7 @@ the core only knows this interface and the fallback for plain ``nn.Module``s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,27 @@ class HeadLayout:
     key_value: list[tuple[str, int]]  # projections whose outputs hold the key and value heads
     output: list[tuple[str, int]]  # projections whose inputs hold the per-head attention outputs
     unsupported: str | None = None  # why heads cannot be removed exactly here (None: they can)
+    # Modules outside the attention whose outputs hold one value per head at ``offset + h``, read by
+    # every layout that lists them (MPNet's relative position bias): those layouts lose the same heads.
+    shared: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class BlockStack:
+    """A run of blocks that depth pruning may remove: one ``nn.ModuleList`` / ``nn.Sequential``.
+
+    ``removable`` lists the entries whose output has their input's shape and meaning (a
+    transformer layer, a residual block without a downsample): skipping one leaves the stream as
+    it was, so it can become an identity while training and be dropped from the list at
+    ``convert``. ``channel_dim`` is the features' dimension of the stream (-1 for tokens
+    ``[B, N, C]``, 1 for CNN maps ``[B, C, H, W]``).
+    """
+
+    name: str  # the container module
+    size: int  # entries in it
+    removable: list[int]
+    channel_dim: int = -1
+    unsupported: str | None = None  # why no block of this stack can be removed (None: they can)
 
 
 class ModelAdapter:
@@ -87,6 +108,18 @@ class ModelAdapter:
             f"{type(model).__name__}: no adapter knows how to update attention module {layout.name!r} "
             "after head pruning"
         )
+
+    def block_stacks(self, model: nn.Module) -> list[BlockStack]:
+        """The runs of blocks depth pruning (``prune.layers``) may remove (empty: none known)."""
+        return []
+
+    def after_depth_pruning(self, model: nn.Module, kept: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Bring attributes and config fields in line after blocks were dropped from their stacks.
+
+        ``kept`` maps each stack to ``{"kept": [old indices, in order], "total": old size}``; the
+        stacks are already re-indexed. Returns the native config fields rewritten.
+        """
+        return {}
 
     def transposed_linear_types(self) -> dict[type, tuple[str, str]]:
         """Linear-like module classes whose weight is stored [in, out] (HF GPT-2's ``Conv1D``),
@@ -155,11 +188,31 @@ class ModelAdapter:
 
 
 class TorchAdapter(ModelAdapter):
-    """Fallback for a plain ``nn.Module``: knows only what the module structure shows."""
+    """Fallback for a plain ``nn.Module``: knows only what the module structure shows.
+
+    Its folders hold the weights and the manifest of final shapes, plus the class's name and
+    module in ``config.json``; no code. ``slimkit.from_pretrained(path, model=MyNet())`` rebuilds
+    the pruned shapes on the fresh instance the user passes, and loads the weights into it.
+    """
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return True
+
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        cls = type(model)
+        return {"torch_class": cls.__qualname__, "torch_module": cls.__module__}
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        name = config.get("torch_class", "?")
+        module = config.get("torch_module", "?")
+        from ..errors import FormatError
+
+        raise FormatError(
+            f"config.json holds a plain PyTorch model ({name} from module {module}); slimkit never runs code "
+            f"from a folder, so it cannot build one. Pass a fresh instance: "
+            f"slimkit.from_pretrained(path, model={name}(...))"
+        )
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -169,6 +222,21 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def batch_inputs(batch: Any, device: torch.device, role: str = "calibrate") -> Any:
+    """What to call the model with for one data batch: a dict of keyword tensors (HF; ``labels``
+    dropped), the first item of an ``(inputs, targets)`` tuple / list, or a tensor."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    raise UnsupportedModelError(
+        f"{role}: cannot feed a batch of type {type(batch).__name__} to the model; batches must be tensors, "
+        "(inputs, targets) tuples or dicts of keyword tensors (tokenizer outputs)"
+    )
 
 
 def get_logits(outputs: Any) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..hub import register_block
 from . import manifest
+from .depth import block_scores, rank_blocks
 from .metrics import count_macs, count_parameters
 from .pruner import Pruner
 from .schedule import pruning_points, target_at, target_at_point
@@ -21,12 +22,30 @@ from .units import Member, UnitGroup
 
 register_block("pruning", manifest.describe, manifest.rebuild)
 
+
+def summary(model) -> dict:
+    """What pruning has done to a prepared model so far: units pruned / prunable per kind
+    (``channels``, ``heads``), ``layers`` (the blocks removed and the removable ones), and the
+    channel groups left whole with the reason (``skipped``)."""
+    from ..controller import controller_of, unwrap
+
+    pruner = controller_of(unwrap(model)).methods.get("prune")
+    if pruner is None:
+        from ..errors import SlimkitError
+
+        raise SlimkitError(f"{type(unwrap(model)).__name__} was prepared without a 'prune' recipe section")
+    return pruner.summary()
+
+
 __all__ = [
     "Member",
     "Pruner",
+    "block_scores",
     "UnitGroup",
     "count_macs",
     "count_parameters",
+    "rank_blocks",
+    "summary",
     "pruning_points",
     "target_at",
     "target_at_point",

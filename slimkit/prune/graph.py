@@ -22,6 +22,7 @@ classifier. :func:`channel_groups` turns its groups into slimkit's plain
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +104,65 @@ def _skip_reason(module: Any, name: str, is_out: bool, tp, ctx: dict) -> str | N
     return None
 
 
+def depthwise_aliases(graph: Any, tp: Any, names: dict, members: dict) -> list[tuple[str, str]]:
+    """(depthwise conv, producer) pairs of one group whose output channels are the same channels.
+
+    A depthwise conv's channel j reads only its input's channel j; when that input comes from a
+    conv / linear of the same group through element-wise ops only (BatchNorm, activations), the
+    two layers' output positions name the same channels."""
+    kinds = tp.ops.OPTYPE
+    passing = (kinds.BN, kinds.ELEMENTWISE, kinds.PRELU)
+    producing = (kinds.CONV, kinds.LINEAR, kinds.DEPTHWISE_CONV)
+    pairs = []
+    for (name, side), _ in members.items():
+        module = next((m for m, n in names.items() if n == name), None)
+        if side != "out" or not is_depthwise(module) or module not in graph.module2node:
+            continue
+        node = graph.module2node[module]
+        while len(node.inputs) == 1 and node.inputs[0].type in passing:
+            node = node.inputs[0]
+        if len(node.inputs) != 1 or node.inputs[0].type not in producing:
+            continue
+        producer = names.get(node.inputs[0].module)
+        if producer is not None and (producer, "out") in members:
+            pairs.append((name, producer))
+    return pairs
+
+
+def merge_shared_units(members: list[Member], size: int) -> tuple[list[Member], int]:
+    """Units that occupy a common position of some layer become one unit (union-find), so that
+    they are kept or removed together: removing one would remove that position, and with it
+    the other."""
+    parent = list(range(size))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for member in members:
+        owner: dict[int, int] = {}
+        for unit, positions in enumerate(member.index):
+            for position in positions:
+                if position in owner:
+                    a, b = find(owner[position]), find(unit)
+                    parent[max(a, b)] = min(a, b)
+                else:
+                    owner[position] = unit
+    roots = sorted({find(u) for u in range(size)})
+    if len(roots) == size:
+        return members, size
+    number = {root: i for i, root in enumerate(roots)}
+    merged = []
+    for member in members:
+        index: list[set[int]] = [set() for _ in roots]
+        for unit, positions in enumerate(member.index):
+            index[number[find(unit)]].update(positions)
+        merged.append(Member(member.module, member.side, [sorted(p) for p in index]))
+    return merged, len(roots)
+
+
 def _blocks(members: list[Member], modules: dict[str, nn.Module], size: int) -> tuple[list | None, str | None]:
     """Grouped convs: the partition of units into conv groups (each must lose as many units)."""
     partition = None
@@ -138,9 +198,13 @@ def channel_groups(
     attention: set[str],
     attention_outputs: set[str],
     excluded: set[str],
+    included: set[str] | None = None,
     forward: Callable[[nn.Module, Any], Any] = call_model,
 ) -> tuple[list[UnitGroup], dict[str, str]]:
-    """Trace ``model`` and return (prunable channel groups, {root: why another group is not})."""
+    """Trace ``model`` and return (prunable channel groups, {root: why another group is not}).
+
+    With ``included`` (``prune.include``), only groups whose outputs an included layer produces
+    are pruned."""
     tp = _import_torch_pruning()
     customized = {cls: _transposed_pruner(tp, *attrs) for cls, attrs in transposed.items()}
     was_training = model.training
@@ -171,51 +235,98 @@ def channel_groups(
         for handle in cuts:
             handle.remove()
 
-    ctx = {"transposed": transposed, "attention": attention, "excluded": excluded}
-    roots = (nn.modules.conv._ConvNd, nn.Linear, *transposed)
+    ctx = {"transposed": transposed, "attention": attention, "excluded": excluded, "included": included}
+    result = _unit_groups(graph, model, names, ctx, tp)
+    # The graph holds the traced output, and through it the autograd graph of the trace (every
+    # activation), in reference cycles: free it now rather than whenever the collector runs.
+    del graph
+    gc.collect()
+    return result
+
+
+def _unit_groups(graph: Any, model: nn.Module, names: dict, ctx: dict, tp: Any) -> tuple[list[UnitGroup], dict]:
+    """slimkit's groups from Torch-Pruning's (see :func:`channel_groups`)."""
+    roots = (nn.modules.conv._ConvNd, nn.Linear, *ctx["transposed"])
     groups: list[UnitGroup] = []
     skipped: dict[str, str] = {}
     for tp_group in graph.get_all_groups(root_module_types=roots):
-        root_module = tp_group[0].dep.target.module
-        root = names.get(root_module, "?")
-        size = len(tp_group[0].idxs)
-        members: dict[tuple[str, str], Member] = {}
-        ops: list[str] = []
-        reason = None
-        for item in tp_group:
-            target = item.dep.target
-            module = target.module
-            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            name = names.get(module) if isinstance(module, nn.Module) else None
-            if name is None:
-                name = graph._param_to_name.get(module, target.name) if isinstance(module, nn.Parameter) else None
-            reason = reason or _skip_reason(module, name or target.name, is_out, tp, ctx)
-            if type(module).__module__.startswith("torch_pruning"):
-                ops.append(target.name)
-                continue
-            if reason is not None or name is None:
-                continue
-            if any(r is None for r in item.root_idxs):
-                reason = f"Torch-Pruning cannot map {name!r}'s channels back to {root!r}"
-                continue
-            index: list[list[int]] = [[] for _ in range(size)]
-            for position, unit in zip(item.idxs, item.root_idxs):
-                index[unit].append(int(position))
-            side = "out" if is_out else "in"
-            key = (name, side)
-            if key in members:  # the same layer reached twice: merge the positions
-                for unit, positions in enumerate(index):
-                    members[key].index[unit] = sorted(set(members[key].index[unit]) | set(positions))
-            else:
-                members[key] = Member(name, side, [sorted(set(p)) for p in index])
-        if reason is None:
-            module_of = {m.module: _module(model, m.module) for m in members.values()}
-            blocks, reason = _blocks(list(members.values()), module_of, size)
-        if reason is not None:
+        group, root, reason = _unit_group(tp_group, graph, model, names, ctx, tp)
+        producer = _reroot(group, graph, names, tp) if group is not None else None
+        if producer is not None:
+            # Torch-Pruning keeps one index mapping per layer: a layer reached both directly and
+            # through a depthwise conv (GhostNet: cat([x1, cheap(x1)])) keeps only one of them.
+            # Traced from that layer, every path starts at its own channels and none is lost.
+            pruner = graph.get_pruner_of_module(producer)
+            regrouped = graph.get_pruning_group(
+                producer, pruner.prune_out_channels, idxs=list(range(pruner.get_out_channels(producer)))
+            )
+            group, root, reason = _unit_group(regrouped, graph, model, names, ctx, tp)
+        if group is None:
             skipped[root] = reason
             continue
-        groups.append(UnitGroup("channels", root, size, list(members.values()), blocks=blocks, ops=ops))
+        groups.append(group)
     return groups, skipped
+
+
+def _reroot(group: UnitGroup, graph: Any, names: dict, tp: Any) -> nn.Module | None:
+    """The producer to trace ``group`` from again, when one of its depthwise convs reads another
+    producer of the group (see :func:`depthwise_aliases`); None when the group is fine."""
+    members = {(m.module, m.side): m for m in group.members}
+    pairs = depthwise_aliases(graph, tp, names, members)
+    if not pairs or group.root in {producer for _, producer in pairs}:
+        return None
+    producer = pairs[0][1]
+    return next(m for m, n in names.items() if n == producer)
+
+
+def _unit_group(
+    tp_group: Any, graph: Any, model: nn.Module, names: dict, ctx: dict, tp: Any
+) -> tuple[UnitGroup | None, str, str | None]:
+    """One Torch-Pruning group as a slimkit group: (group or None, root name, why not)."""
+    root_module = tp_group[0].dep.target.module
+    root = names.get(root_module, "?")
+    size = len(tp_group[0].idxs)
+    members: dict[tuple[str, str], Member] = {}
+    ops: list[str] = []
+    reason = None
+    for item in tp_group:
+        target = item.dep.target
+        module = target.module
+        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        name = names.get(module) if isinstance(module, nn.Module) else None
+        if name is None:
+            name = graph._param_to_name.get(module, target.name) if isinstance(module, nn.Parameter) else None
+        reason = reason or _skip_reason(module, name or target.name, is_out, tp, ctx)
+        if type(module).__module__.startswith("torch_pruning"):
+            ops.append(target.name)
+            continue
+        if reason is not None or name is None:
+            continue
+        if any(r is None for r in item.root_idxs):
+            reason = f"Torch-Pruning cannot map {name!r}'s channels back to {root!r}"
+            continue
+        index: list[list[int]] = [[] for _ in range(size)]
+        for position, unit in zip(item.idxs, item.root_idxs):
+            index[unit].append(int(position))
+        side = "out" if is_out else "in"
+        key = (name, side)
+        if key in members:  # the same layer reached twice: merge the positions
+            for unit, positions in enumerate(index):
+                members[key].index[unit] = sorted(set(members[key].index[unit]) | set(positions))
+        else:
+            members[key] = Member(name, side, [sorted(set(p)) for p in index])
+    included = ctx["included"]
+    produced = any(m.side == "out" and m.module in (included or ()) for m in members.values())
+    if reason is None and included is not None and not produced:
+        reason = "none of its layers is in prune.include"
+    if reason is not None:
+        return None, root, reason
+    merged, size = merge_shared_units(list(members.values()), size)
+    module_of = {m.module: _module(model, m.module) for m in merged}
+    blocks, reason = _blocks(merged, module_of, size)
+    if reason is not None:
+        return None, root, reason
+    return UnitGroup("channels", root, size, merged, blocks=blocks, ops=ops), root, None
 
 
 def _detach_inputs(module: nn.Module, args: tuple) -> tuple:

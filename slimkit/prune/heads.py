@@ -40,7 +40,30 @@ def head_group(layout: HeadLayout) -> UnitGroup:
         add(module, "out", [_positions(offset, [u], layout.head_dim) for u in units])
     for module, offset in layout.output:
         add(module, "in", [_positions(offset, q, layout.head_dim) for q in query_heads])
+    for module, offset in layout.shared:  # one value per query head
+        add(module, "out", [_positions(offset, q, 1) for q in query_heads])
     return UnitGroup("heads", layout.name, layout.num_kv_heads, list(members.values()), layout=layout)
+
+
+def tie_groups(groups: list[UnitGroup]) -> list[UnitGroup]:
+    """Head groups whose layouts share per-head modules (``HeadLayout.shared``) become one group:
+    the same heads leave every layer, and the shared module's columns with them."""
+    out: list[UnitGroup] = []
+    by_shared: dict[tuple, UnitGroup] = {}
+    for group in groups:
+        key = tuple(sorted(group.layout.shared))
+        first = by_shared.get(key) if key else None
+        if first is None or first.size != group.size:
+            out.append(group)
+            if key:
+                by_shared.setdefault(key, group)
+            continue
+        members = {(m.module, m.side): m for m in first.members}
+        for member in group.members:
+            if (member.module, member.side) not in members:  # a shared module is listed once
+                first.members.append(member)
+        first.tied.append(group.layout)
+    return out
 
 
 def set_head_counts(
@@ -54,9 +77,9 @@ def set_head_counts(
     for group, mask in zip(groups, pruned):
         if group.kind != "heads":
             continue
-        layout = group.layout
-        kv = layout.num_kv_heads - int(mask.sum())
-        query = kv * (layout.num_heads // layout.num_kv_heads)
-        adapter.set_attention_heads(model, layout, query, kv)
-        heads[layout.name] = [query, kv]
+        for layout in (group.layout, *group.tied):
+            kv = layout.num_kv_heads - int(mask.sum())
+            query = kv * (layout.num_heads // layout.num_kv_heads)
+            adapter.set_attention_heads(model, layout, query, kv)
+            heads[layout.name] = [query, kv]
     return heads

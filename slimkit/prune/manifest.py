@@ -4,9 +4,11 @@
 whose shape changed (its final shape) and every size attribute of a module that changed
 (``out_features``, ``groups``, ``num_heads``, ``all_head_size``, timm's ``num_features``, ...).
 ``from_pretrained`` builds the base architecture from ``config.json``, then replays the
-manifest: each listed tensor is replaced by an empty one of the recorded shape and each
-attribute is set, before the compact weights are loaded with strict shape checks. Like timm's
-pruned models, the structure comes from a manifest of shapes, never from pickled objects.
+manifest: blocks removed by depth pruning leave their stacks (``layers``: the kept indices of
+each stack, unless the rewritten config already built the shallower model), each listed tensor
+is replaced by an empty one of the recorded shape and each attribute is set, before the compact
+weights are loaded with strict shape checks. Like timm's pruned models, the structure comes
+from a manifest of shapes, never from pickled objects.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ def merge(previous: dict | None, new: dict) -> dict:
         attributes.setdefault(module, {}).update(attrs)
     out["attributes"] = attributes
     out["config"] = {**previous.get("config", {}), **new.get("config", {})}
+    layers = {k: dict(v) for k, v in previous.get("layers", {}).items()}
+    for stack, entry in new.get("layers", {}).items():
+        if stack in layers:  # removed again: the new indices point into the earlier kept list
+            earlier = layers[stack]["kept"]
+            layers[stack] = {"kept": [earlier[i] for i in entry["kept"]], "total": layers[stack]["total"]}
+        else:
+            layers[stack] = dict(entry)
+    if layers:
+        out["layers"] = layers
     return out
 
 
@@ -95,6 +106,11 @@ def _split(name: str) -> tuple[str, str]:
 def rebuild(model: nn.Module, block: dict) -> nn.Module:
     """Give a freshly built base model the pruned structure recorded in ``block``."""
     block = manifest_checks.check_block(block, MANIFEST_FORMAT)  # types; FormatError naming the field
+    if block.get("layers"):  # blocks first: the tensor names below are those after re-indexing
+        from ..adapters import get_adapter
+        from .blocks import replay_removal
+
+        replay_removal(model, block["layers"], get_adapter(model))
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in block.get("tensors", {}).items():
         module_name, attr = _split(name)

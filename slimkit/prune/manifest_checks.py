@@ -47,8 +47,31 @@ def check_block(block: Any, newest: int) -> dict:
                 f"slimkit.pruning.heads[{short_repr(module)}]",
                 f"must be [query heads, key/value heads] >= 1, got {short_repr(counts)}",
             )
+    for stack, entry in expect_mapping(block.get("layers", {}), WHERE, "slimkit.pruning.layers").items():
+        _check_layers(stack, entry)
     expect_mapping(block.get("config", {}), WHERE, "slimkit.pruning.config")
     return block
+
+
+def _check_layers(stack: Any, entry: Any) -> None:
+    """A depth-pruned stack: ``{"kept": [distinct block indices], "total": blocks before}``."""
+    field = f"slimkit.pruning.layers[{short_repr(stack)}]"
+    entry = expect_mapping(entry, WHERE, field)
+    total, kept = entry.get("total"), entry.get("kept")
+    if not is_count(total, 1):
+        raise fail(WHERE, f"{field}.total", f"must be a whole number >= 1, got {short_repr(total)}")
+    if not (
+        isinstance(kept, list)
+        and kept
+        and all(is_count(i) and i < total for i in kept)
+        and len(set(kept)) == len(kept)
+        and kept == sorted(kept)
+    ):
+        raise fail(
+            WHERE,
+            f"{field}.kept",
+            f"must be a non-empty ascending list of distinct block indices below {total}, got {short_repr(kept)}",
+        )
 
 
 def check_shape(name: str, current: torch.Tensor, shape: list[int]) -> None:

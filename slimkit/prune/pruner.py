@@ -22,16 +22,19 @@ from torch import nn
 from ..adapters import call_model
 from ..controller import Controller, Method
 from ..errors import ConfigError, UnsupportedModelError
-from ..modules import get_module, match_modules, matches_any, user_named_modules
+from ..modules import get_module, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
+from .blocks import block_module, remove_blocks, renamer
 from .checks import check_round_to, nm_message
 from .data_aware import PointData, missing_data_error
+from .depth import DepthPruning, setup_depth
 from .graph import channel_groups
-from .heads import head_group, set_head_counts
+from .heads import head_group, set_head_counts, tie_groups
 from .obs import obs_scores
 from .oneshot import calibrate_point, reconstruct_point, sensitivity_allocation
 from .schedule import due_point, pruning_points, target_at_point
+from .scope import pruned_scope
 from .selection import choose, select
 from .slicing import remove_units
 from .sparse import input_dim, magnitude_masks, nm_mask
@@ -57,6 +60,8 @@ class Pruner(Method):
         self.skipped: dict[str, str] = {}  # channel group root -> why it is left whole
         self.sparse_weights: list[str] = []  # modules whose weights carry keep masks
         self.excluded: set[str] = set()
+        self.included: set[str] | None = None  # prune.include: only these modules (None: all)
+        self.depth: DepthPruning | None = None
         self.state: PruneState | None = None
         self.data: PointData | None = None  # recorded inputs / gradients of data-aware points
         self._deferred: int | None = None  # a point due at prepare that waits for slimkit.calibrate
@@ -76,12 +81,12 @@ class Pruner(Method):
         adapter = self.controller.adapter
         self.transposed = dict(adapter.transposed_linear_types())
         self.excluded = self._excluded(model)
-        layouts = adapter.attention_heads(model) if cfg.structured else []
+        layouts = adapter.attention_heads(model) if cfg.width else []
         if cfg.heads > 0:
             self.heads = UnitKind("heads", self._head_groups(model, layouts), cfg.heads, None)
         if cfg.channels > 0:
             self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
-        if cfg.structured and cfg.verify:
+        if cfg.width and cfg.verify:
             with self.controller.suspended():
                 find_inexact(
                     model,
@@ -97,6 +102,9 @@ class Pruner(Method):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.state = PruneState(self.channels.total, self.heads.total, gradient, sparse_shapes).to(device)
         self.state.register_load_state_dict_post_hook(lambda module, keys: self._after_load())
+        if cfg.layers > 0:
+            self.depth = self._depth_setup(model)
+            self.state.add_module("depth", self.depth.state)
         self.controller.state.add_module("prune", self.state)
         self._model_ref = model
         if cfg.records_inputs or cfg.gradient_based:
@@ -112,19 +120,14 @@ class Pruner(Method):
         return inputs
 
     def _excluded(self, model: nn.Module) -> set[str]:
-        adapter = self.controller.adapter
-        patterns = adapter.prune_exclusions(model)
-        if type(adapter).__name__ == "TorchAdapter" and patterns:
-            logger.info(
-                "prune: no adapter knows %s; excluding %s by default (classifier and stem guesses). "
-                "Name other modules to keep in prune.exclude.",
-                type(model).__name__,
-                patterns,
+        excluded, self.included = pruned_scope(model, self.controller.adapter, self.config)
+        return excluded
+
+    def _depth_setup(self, model: nn.Module) -> DepthPruning:
+        with self.controller.suspended():
+            return setup_depth(
+                model, self.config, self.controller.adapter, self._inputs(model), {id(self.controller): self.controller}
             )
-        for pattern in self.config.exclude:
-            match_modules(model, pattern, role="prune.exclude: ")
-            patterns.append(pattern)
-        return {name for name, _ in user_named_modules(model) if name and matches_any(name, patterns)}
 
     def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         if not layouts:
@@ -145,9 +148,18 @@ class Pruner(Method):
                 + "set prune.heads: 0 (MLP neurons and channels are still pruned with prune.channels)."
             )
         groups = []
-        for layout in layouts:
+
+        def left_whole(layout) -> bool:
             projections = [m for m, _ in (*layout.query, *layout.key_value, *layout.output)]
             if any(n in self.excluded for n in (layout.name, *projections)):
+                return True
+            return self.included is not None and not any(n in self.included for n in (layout.name, *projections))
+
+        # Layers that share per-head modules (MPNet's position bias) lose the same heads, so
+        # leaving one of them whole leaves them all whole.
+        whole = {s for layout in layouts if left_whole(layout) for s in layout.shared}
+        for layout in layouts:
+            if left_whole(layout) or whole.intersection(layout.shared):
                 continue
             if layout.unsupported:
                 raise UnsupportedModelError(
@@ -156,7 +168,7 @@ class Pruner(Method):
                 )
             if layout.num_kv_heads > 1:
                 groups.append(head_group(layout))
-        return groups
+        return tie_groups(groups)
 
     def _channel_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         attention = {m for layout in layouts for m, _ in (*layout.query, *layout.key_value, *layout.output)}
@@ -172,6 +184,7 @@ class Pruner(Method):
                 attention=attention,
                 attention_outputs={m for layout in layouts for m, _ in layout.output},
                 excluded=self.excluded,
+                included=self.included,
             )
         groups = [g for g in groups if g.size > g.min_keep]
         if not groups:
@@ -179,7 +192,7 @@ class Pruner(Method):
             raise UnsupportedModelError(
                 f"prune.channels: {type(model).__name__} has no channel group slimkit can prune "
                 f"exactly ({reasons or 'no conv / linear layer was traced'}). Set prune.channels: 0, "
-                "or remove modules from prune.exclude."
+                "or remove modules from prune.exclude (or name them in prune.include)."
             )
         check_round_to(groups, self.config.round_to)
         return groups
@@ -191,6 +204,8 @@ class Pruner(Method):
         shapes, widths = [], set()
         for name, module in user_named_modules(model):
             if name in self.excluded or isinstance(module, nn.Embedding):
+                continue
+            if self.included is not None and name not in self.included:
                 continue
             is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in self.transposed
             weight = getattr(module, "weight", None)
@@ -223,6 +238,8 @@ class Pruner(Method):
             self._synced = True
         if self.data is not None and self.data.gradients is not None:
             self.data.gradients.flush(self.state)
+        if self.depth is not None:
+            self.depth.fold()
         self.run_deferred(model)
         self._advance(model, step)
 
@@ -238,7 +255,17 @@ class Pruner(Method):
                 self.data = None
             else:
                 self.data.window(step, int(self.state.last_point))
+        if self.depth is not None:
+            self._advance_depth(model, step)
         self.apply_masks(model)
+
+    def _advance_depth(self, model: nn.Module, step: int) -> None:
+        with self.controller.suspended():
+            changed = self.depth.advance(model, step)
+        if changed:
+            broadcast(changed)
+            self.depth.refresh()
+            self._invalidate()
 
     # -- data-aware points -------------------------------------------------------------------
     def _targets(self, point: int) -> bool:
@@ -314,15 +341,20 @@ class Pruner(Method):
         broadcast(tensors)
 
     def takes_calibration(self) -> bool:
-        return self._deferred is not None  # (depth pruning adds its own condition here)
+        return self._deferred is not None or self.depth is not None
 
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
-        """``slimkit.calibrate``: a waiting point gathers its statistics from the batches and prunes
-        (``allow_degenerate`` concerns quantization ranges only)."""
+        """``slimkit.calibrate``: a waiting point gathers its statistics from the batches and prunes;
+        ``prune.layers`` ranks blocks on them (and removes them now when due at this step).
+        ``allow_degenerate`` concerns quantization ranges only."""
         if self._deferred is not None:
             calibrate_point(self, model, batches, self._deferred)
             self._clear_deferred()
             self._advance(model, self.controller.step)  # masks; drops the recorders if no point is left
+        if self.depth is not None:
+            with self.controller.suspended():
+                self.depth.calibrate(model, batches)
+            self._advance_depth(model, self.controller.step)
 
     def nothing_to_calibrate(self) -> str:
         cfg = self.config
@@ -467,6 +499,9 @@ class Pruner(Method):
             for weight, keep in self._sparse_tensors or []:
                 mask = removed.setdefault(id(weight), torch.zeros(weight.shape, dtype=torch.bool))
                 mask |= ~keep.cpu()
+            for block in self.depth.removed_blocks() if self.depth is not None else []:
+                for tensor in block_module(model, block).parameters():
+                    removed[id(tensor)] = torch.ones(tensor.shape, dtype=torch.bool)
             self._removed = sum(int(m.sum()) for m in removed.values()) / max(total, 1)
         return self._removed
 
@@ -482,6 +517,8 @@ class Pruner(Method):
         if self.sparse_weights:
             keeps = [getattr(self.state, f"keep_{i}") for i in range(len(self.sparse_weights))]
             out["prune/sparsity"] = sum(int((~k).sum()) for k in keeps) / sum(k.numel() for k in keeps)
+        if self.depth is not None:
+            out.update(self.depth.log_values())
         out["prune/params"] = self._removed_fraction()
         return out
 
@@ -492,6 +529,11 @@ class Pruner(Method):
             if kind.groups:
                 flat = getattr(self.state, f"{kind.name}_pruned")
                 out[kind.name] = {"pruned": int(flat.sum()), "prunable": kind.total}
+        if self.depth is not None:
+            out["layers"] = {
+                "removed": [b.name for b in self.depth.removed_blocks()],
+                "removable": [b.name for b in self.depth.blocks],
+            }
         out["skipped"] = dict(self.skipped)
         return out
 
@@ -513,9 +555,18 @@ class Pruner(Method):
         pruned = [p.cpu() for p in pruned]
         remove_units(model, groups, pruned, self.transposed)
         heads = set_head_counts(model, adapter, groups, pruned)
-        config = adapter.after_pruning(model)
+        layers, config = {}, {}
+        if self.depth is not None:
+            removed = self.depth.removed_blocks()
+            self.depth.remove()
+            layers, config = remove_blocks(model, self.depth.stacks, set(removed), adapter)
+            rename = renamer(layers)
+            heads = {rename(k): v for k, v in heads.items() if rename(k) is not None}
+        config.update(adapter.after_pruning(model))
         block = manifest.changes(before, manifest.snapshot(model))
         block.update({"format": manifest.MANIFEST_FORMAT, "heads": heads, "config": config})
+        if layers:
+            block["layers"] = layers
         previous = model.__dict__.get(manifest.MANIFEST_ATTR)
         model.__dict__[manifest.MANIFEST_ATTR] = manifest.merge(previous, block)
         self._report(model, values)
@@ -529,9 +580,13 @@ class Pruner(Method):
             "prune/heads": "attention heads removed",
             "prune/sparsity": f"weight sparsity ({self.config.nm or 'unstructured'}, dense tensors)",
             "prune/params": "parameters removed or zeroed",
+            "prune/layers": "blocks removed",
         }
         for key, value in values.items():
             report[names[key]] = f"{100 * value:.1f}%"
+        if self.depth is not None:
+            gone = [b.name for b in self.depth.removed_blocks()]
+            report[names["prune/layers"]] = f"{len(gone)} of {len(self.depth.blocks)} ({', '.join(gone) or 'none'})"
         model.__dict__["_slimkit_report"] = report
 
     def remove(self, model: nn.Module) -> None:
@@ -539,3 +594,5 @@ class Pruner(Method):
         if self.data is not None:
             self.data.finished()
             self.data = None
+        if self.depth is not None:
+            self.depth.remove()

@@ -4,10 +4,16 @@
 * ``iterative``: ``stages`` points, the k-th at ``start_step + k (end_step - start_step) / stages``;
   each removes ``1 - (1 - p)^(1/stages)`` of what is left, so after k stages
   ``1 - (1 - p)^(k / stages)`` is gone and the last stage (at ``end_step``) reaches ``p``.
-* ``cubic`` (Zhu & Gupta, 2017): a point every ``every`` steps from ``start_step``, plus
-  ``end_step``; at step t the target is ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3`` with
-  ``s_i = 0``, ``s_f = p``, ``t0 = start_step`` and ``n dt = end_step - start_step``: fast early,
-  gentle at the end, when fewer units are left to lose.
+* ``linear``, ``exponential`` and ``cubic``: a point every ``every`` steps from ``start_step``,
+  plus ``end_step``, with ``x = (t - start_step) / (end_step - start_step)`` the progress at point t:
+
+  - ``linear``: ``s_t = p x``, the same number of units at every point;
+  - ``exponential``: ``s_t = 1 - (1 - p)^x``: the kept fraction decays geometrically, each
+    point removing the same share of what is left (the continuous form of ``iterative``);
+  - ``cubic`` (Zhu & Gupta, 2017, the polynomial schedule):
+    ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3`` with ``s_i = 0``, ``s_f = p``,
+    ``t0 = start_step`` and ``n dt = end_step - start_step``: fast early, gentle at the end,
+    when fewer units are left to lose.
 
 A step number is the number of optimizer steps done (0 = before training). Between points the
 target stays at the last point's value; a unit pruned at one point stays pruned.
@@ -48,6 +54,10 @@ def target_at_point(schedule: ScheduleConfig, final: float, point: int) -> float
         done = sum(1 for p in points if p <= point)
         return 1.0 - (1.0 - final) ** (done / schedule.stages)
     progress = (point - start) / (end - start)
+    if schedule.kind == "linear":
+        return final * progress
+    if schedule.kind == "exponential":
+        return 1.0 - (1.0 - final) ** progress
     return final + (0.0 - final) * (1.0 - progress) ** 3
 
 

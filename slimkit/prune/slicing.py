@@ -1,10 +1,12 @@
 """Physical removal: slice positions out of one side of one module.
 
-Parameters keep their identity (``param.data`` is replaced), so anything that holds a
-reference to a module or parameter (QAT wrappers, tied weights, hooks) still sees the
-pruned tensors. When a module's outputs are sliced, every other parameter or buffer of that
-module whose leading dimension equals the old output size is sliced too: per-output-channel
-state that other methods keep on the module (QAT scales, zero points) follows the weights.
+Parameters keep their identity (``param.data`` is replaced), so anything that holds a reference
+to a module or parameter (QAT wrappers, tied weights, hooks) still sees the pruned tensors. A
+resized parameter also gets a fresh gradient accumulator (see :func:`_resize_parameter`), so
+the converted model trains. When a module's outputs are sliced, every other parameter or buffer
+of that module whose leading dimension equals the old output size is sliced too: per-output-
+channel state that other methods keep on the module (QAT scales, zero points) follows the
+weights.
 """
 
 from __future__ import annotations
@@ -21,11 +23,29 @@ def _keep(size: int, remove: list[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
 
 
+def _resize_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give ``param`` the (smaller) ``value`` in place, with a gradient accumulator of its new shape.
+
+    Autograd caches one AccumulateGrad node per leaf tensor for as long as any graph holds it,
+    and that node checks every incoming gradient against the shape the leaf had when the node
+    was made. Graphs from before ``convert`` are often still alive: the last training step's
+    ``loss``, or the graph Torch-Pruning traced at prepare (freed only by the cyclic garbage
+    collector). Assigning ``.data`` of a new shape keeps that stale node, and the first backward
+    after convert then fails with "returned an invalid gradient ... got [128, 45, 3, 3] but
+    expected [128, 64, 3, 3]". torch drops the cached node when ``.data`` changes dtype or
+    device (``VariableHooks::set_data``), so a passing assignment of another dtype resets it;
+    the parameter object, its hooks and attributes stay the same.
+    """
+    if tuple(value.shape) != tuple(param.shape):
+        other = torch.float64 if param.dtype != torch.float64 else torch.float32
+        param.data = torch.empty(0, dtype=other, device=param.device)
+    param.data = value.contiguous()
+    param.grad = None
+
+
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
-        param = module._parameters[name]
-        param.data = value.contiguous()
-        param.grad = None
+        _resize_parameter(module._parameters[name], value)
     else:
         module._buffers[name] = value.contiguous()
 
@@ -47,6 +67,8 @@ def _out_size(module: nn.Module, transposed: dict[type, tuple[str, str]]) -> int
         return module.num_features
     if isinstance(module, nn.PReLU):
         return module.num_parameters
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     raise IncompatibleError(f"cannot slice a {type(module).__name__}")
 
 
@@ -114,6 +136,10 @@ def slice_module(module: nn.Module, side: Side, remove: list[int], transposed: d
         elif isinstance(module, nn.PReLU):
             _index(module, "weight", 0, keep)
             module.num_parameters = len(keep)
+        elif isinstance(module, nn.Embedding):  # columns: one per head of a per-head table
+            _index(module, "weight", 1, keep)
+            module.embedding_dim = len(keep)
+            return
         _slice_extra(module, old, keep, handled)
         return
 

@@ -49,6 +49,7 @@ class UnitGroup:
     # Grouped convolutions: every block of units must lose the same number of units.
     blocks: list[list[int]] | None = None
     layout: HeadLayout | None = None  # heads only
+    tied: list[HeadLayout] = field(default_factory=list)  # heads of other layers pruned with these
     ops: list[str] = field(default_factory=list)  # traced ops between the layers (for errors)
 
     @property
@@ -85,6 +86,8 @@ def tensor_roles(module: nn.Module, side: Side, transposed: dict[type, tuple[str
             roles = [("weight", in_dim)]
     elif isinstance(module, _NORMS) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
         roles = [("weight", 0), ("bias", 0)]
+    elif isinstance(module, nn.Embedding) and side == "out":  # per-head tables (MPNet's position bias)
+        roles = [("weight", 1)]
     return [(name, dim) for name, dim in roles if getattr(module, name, None) is not None]
 
 

@@ -44,7 +44,7 @@ def probe_masks(groups: list[UnitGroup]) -> list[torch.Tensor]:
     return masks
 
 
-def _compare(masked: list[torch.Tensor], pruned: list[torch.Tensor]) -> str | None:
+def compare_outputs(masked: list[torch.Tensor], pruned: list[torch.Tensor]) -> str | None:
     if len(masked) != len(pruned):
         return f"the pruned model returns {len(pruned)} tensors instead of {len(masked)}"
     for i, (a, b) in enumerate(zip(masked, pruned)):
@@ -83,7 +83,7 @@ def _trial(
             pruned = output_tensors(forward(probe, inputs))
         except Exception as exc:  # any failure of the pruned model is the finding
             return f"the pruned model fails: {type(exc).__name__}: {exc}"
-    return _compare(masked, pruned)
+    return compare_outputs(masked, pruned)
 
 
 def find_inexact(

@@ -1,8 +1,9 @@
 """Run by tests/prune/test_prune_distributed.py under ``accelerate launch --multi_gpu --num_processes 2``.
 
-Trains a tiny BERT with a stock Trainer, Taylor importance and a cubic schedule. Each process
-sees different batches (so its local gradients differ) and writes what it pruned to
-``<out>/rank<k>.json``; the test checks that both processes pruned the very same units.
+Trains a tiny BERT with a stock Trainer, Taylor importance, depth pruning by block influence and
+a cubic schedule. Each process sees different batches (so its local gradients and block
+influences differ) and writes what it pruned to ``<out>/rank<k>.json``; the test checks that
+both processes pruned the very same units and blocks.
 """
 
 import json
@@ -18,15 +19,18 @@ from slimkit.plugins.hf import slim_callbacks
 
 
 class LocalStatistics(transformers.TrainerCallback):
-    """Records this process's own Taylor sums of step 1, before slimkit all-reduces them."""
+    """Records this process's own Taylor sums and block influences of step 1, before slimkit
+    all-reduces them."""
 
     def __init__(self, model):
         self.pruner = model._slimkit.methods["prune"]
         self.local = None
+        self.influence = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             self.local = self.pruner._taylor.parts[0][1].pending.tolist()
+            self.influence = self.pruner.depth.hooks.sums.tolist()
 
 
 def main(out: Path) -> None:
@@ -44,6 +48,8 @@ def main(out: Path) -> None:
             "heads": 0.5,
             "importance": "taylor",
             "scope": "global",
+            "layers": 1,
+            "layer_importance": "block_influence",
             "schedule": {"kind": "cubic", "start_step": 0, "end_step": 6, "every": 2},
         }
     }
@@ -59,6 +65,8 @@ def main(out: Path) -> None:
         "channels_pruned": state.channels_pruned.int().tolist(),
         "heads_pruned": state.heads_pruned.int().tolist(),
         "local_taylor_step1": probe.local,
+        "local_influence_step1": probe.influence,
+        "layers_removed": state.depth.removed.int().tolist(),
         "synced_taylor": state.channels_taylor.tolist(),
         "fc1_rows_zero": (model.bert.encoder.layer[0].intermediate.dense.weight.abs().sum(1) == 0).int().tolist(),
         "logged": [h for h in trainer.state.log_history if "prune/channels" in h],

@@ -64,7 +64,48 @@ def hf_model(kind: str) -> nn.Module:
     if kind == "llama":
         config = T.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **common)
         return T.LlamaForCausalLM(config)
+    encoder = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_labels=3, **common)
+    if kind == "distilbert":
+        config = T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3)
+        return T.DistilBertForSequenceClassification(config)
+    if kind == "albert":  # one layer shared by both passes
+        return T.AlbertForSequenceClassification(T.AlbertConfig(embedding_size=16, **encoder))
+    if kind == "deberta_v2":  # DeBERTa-v3's layout: relative attention both ways, shared key projections
+        config = T.DebertaV2Config(
+            **encoder,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=8,
+            max_relative_positions=16,
+            share_att_key=True,
+            norm_rel_ebd="layer_norm",
+        )
+        return T.DebertaV2ForSequenceClassification(config)
+    if kind == "deberta_v2_pos_proj":  # separate position projections (share_att_key false)
+        config = T.DebertaV2Config(**encoder, relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=False)
+        return T.DebertaV2ForSequenceClassification(config)
+    if kind == "electra":
+        return T.ElectraForSequenceClassification(T.ElectraConfig(embedding_size=16, **encoder))
+    if kind == "mpnet":
+        return T.MPNetForSequenceClassification(T.MPNetConfig(**encoder))
+    if kind == "xlm_roberta":
+        return T.XLMRobertaForSequenceClassification(T.XLMRobertaConfig(pad_token_id=1, **encoder))
     raise KeyError(kind)
+
+
+def ghostnet() -> nn.Module:
+    """timm's ghostnet_050 (GhostModules: a conv's output concatenated with a depthwise conv of
+    it), its BatchNorm statistics set from a few random batches so that random weights stay sane."""
+    model = timm_model("ghostnet_050")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.momentum = None  # a plain average of the batches below
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    for bn in norms:
+        bn.momentum = 0.1
+    return model
 
 
 def training_args(folder: Path, **overrides: Any):
@@ -103,6 +144,7 @@ class Case:
     min_macs_ratio: float
     task: str = "classification"  # or "causal_lm"
     native_load: bool = False  # a plain transformers from_pretrained loads the pruned folder
+    measure: bool = True  # measure the model at prepare (latency rounds: slow for the larger CNNs)
 
 
 def _expect_resnet(m: nn.Module) -> None:
@@ -161,6 +203,27 @@ def _expect_llama(m: nn.Module) -> None:
     assert m.model.layers[1].mlp.gate_proj.out_features == m.model.layers[1].mlp.up_proj.out_features == 32
 
 
+def _expect_encoder(layer: Callable[[nn.Module], nn.Module], attn: str, ffn: str, heads: str = "num_attention_heads"):
+    """Heads 4 -> 2 (q rows 32 -> 16, output columns 32 -> 16) and FFN 64 -> 32 in every layer."""
+
+    def expect(m: nn.Module) -> None:
+        for block in layer(m):
+            attention = block.get_submodule(attn)
+            assert getattr(attention, heads) == 2
+            q = next(getattr(attention, n) for n in ("query", "q_lin", "q", "query_proj") if hasattr(attention, n))
+            assert q.out_features == 16
+            assert block.get_submodule(ffn).out_features == 32
+
+    return expect
+
+
+def _expect_ghostnet(m: nn.Module) -> None:
+    ghost = m.blocks[1][0].ghost1  # cat([primary(x), cheap(primary(x))]): both halves lose the same channels
+    primary, cheap = ghost.primary_conv[0], ghost.cheap_operation[0]
+    assert primary.out_channels == cheap.in_channels == cheap.out_channels == cheap.groups < 24
+    assert m.blocks[1][0].conv_dw.in_channels == 2 * primary.out_channels
+
+
 CHANNELS = {"channels": 0.5}
 BOTH = {"channels": 0.5, "heads": 0.5}
 
@@ -210,6 +273,71 @@ CASES = {
             native_load=True,
         ),
         Case("hf_gpt2", lambda: hf_model("gpt2"), token_batch, BOTH, _expect_gpt2, 1.4, task="causal_lm"),
+        Case(
+            "timm_ghostnet",
+            ghostnet,
+            lambda: torch.randn(2, 3, 64, 64),
+            CHANNELS,
+            _expect_ghostnet,
+            1.5,
+            measure=False,
+        ),
+        Case(
+            "hf_distilbert",
+            lambda: hf_model("distilbert"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.distilbert.transformer.layer, "attention", "ffn.lin1", heads="n_heads"),
+            1.4,
+        ),
+        Case(
+            "hf_albert_shared",
+            lambda: hf_model("albert"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.albert.encoder.albert_layer_groups[0].albert_layers, "attention", "ffn"),
+            1.4,
+        ),
+        Case(
+            "hf_deberta_v2",
+            lambda: hf_model("deberta_v2"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.deberta.encoder.layer, "attention.self", "intermediate.dense"),
+            1.4,
+        ),
+        Case(
+            "hf_deberta_v2_pos_proj",
+            lambda: hf_model("deberta_v2_pos_proj"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.deberta.encoder.layer, "attention.self", "intermediate.dense"),
+            1.4,
+        ),
+        Case(
+            "hf_electra",
+            lambda: hf_model("electra"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.electra.encoder.layer, "attention.self", "intermediate.dense"),
+            1.4,
+        ),
+        Case(
+            "hf_mpnet",
+            lambda: hf_model("mpnet"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.mpnet.encoder.layer, "attention.attn", "intermediate.dense"),
+            1.4,
+        ),
+        Case(
+            "hf_xlm_roberta",
+            lambda: hf_model("xlm_roberta"),
+            token_batch,
+            BOTH,
+            _expect_encoder(lambda m: m.roberta.encoder.layer, "attention.self", "intermediate.dense"),
+            1.4,
+        ),
         Case(
             "hf_llama_gqa",
             lambda: hf_model("llama"),
@@ -266,7 +394,7 @@ def run_case(case: Case, folder: Path) -> dict[str, Any]:
     model = case.build()
     inputs = case.inputs()
     params_before, macs_before = count_parameters(model), count_macs(model, inputs)
-    slimkit.prepare(model, {"prune": case.prune}, example_inputs=inputs)
+    slimkit.prepare(model, {"prune": case.prune}, example_inputs=inputs, measure=case.measure)
     pruner = model._slimkit.methods["prune"]
     assert count_parameters(model) == params_before  # masks only while training
 

@@ -72,8 +72,10 @@ def test_ddp_processes_prune_the_same_units(tmp_path):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     # each process saw other batches, so its own Taylor sums differ ...
     assert ranks[0]["local_taylor_step1"] != ranks[1]["local_taylor_step1"]
-    # ... but they are all-reduced, and both processes removed exactly the same units
-    for key in ("channels_pruned", "heads_pruned", "fc1_rows_zero", "synced_taylor"):
+    assert ranks[0]["local_influence_step1"] != ranks[1]["local_influence_step1"]
+    # ... but they are all-reduced, and both processes removed exactly the same units and blocks
+    assert sum(ranks[0]["layers_removed"]) == 1
+    for key in ("channels_pruned", "heads_pruned", "fc1_rows_zero", "synced_taylor", "layers_removed"):
         assert ranks[0][key] == ranks[1][key], key
     assert sum(ranks[0]["channels_pruned"]) == len(ranks[0]["channels_pruned"]) // 2
     assert sum(ranks[0]["heads_pruned"]) == len(ranks[0]["heads_pruned"]) // 2

@@ -42,6 +42,25 @@ def test_cubic_reaches_the_final_ratio_at_end_step_when_every_does_not_divide():
     assert target_at(s, 0.5, 10) == 0.5 and target_at(s, 0.5, 9) < 0.5
 
 
+def test_linear_removes_the_same_amount_at_every_point():
+    s = ScheduleConfig(kind="linear", start_step=10, end_step=50, every=10)
+    assert pruning_points(s) == [10, 20, 30, 40, 50]
+    values = [target_at_point(s, 0.6, t) for t in pruning_points(s)]
+    assert values == pytest.approx([0.0, 0.15, 0.3, 0.45, 0.6])
+    assert target_at(s, 0.6, 35) == pytest.approx(0.3) and target_at(s, 0.6, 9) == 0.0
+
+
+def test_exponential_decays_the_kept_fraction_geometrically():
+    s = ScheduleConfig(kind="exponential", start_step=0, end_step=40, every=10)
+    p = 1 - 0.5**4  # half of what is left goes every 10 steps
+    kept = [1 - target_at_point(s, p, t) for t in pruning_points(s)]
+    assert kept == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.0625])
+    assert target_at(s, p, 40) == pytest.approx(p) and target_at(s, p, 1000) == pytest.approx(p)
+    # ahead of linear early on, as iterative is
+    linear = ScheduleConfig(kind="linear", start_step=0, end_step=40, every=10)
+    assert target_at(s, p, 10) > target_at(linear, p, 10)
+
+
 def test_due_point_catches_up_on_skipped_steps():
     s = ScheduleConfig(kind="cubic", start_step=0, end_step=10, every=2)
     assert due_point(s, 5, last_done=0) == 4
@@ -69,6 +88,11 @@ def test_due_point_catches_up_on_skipped_steps():
         ({"channels": 0.5, "statistics_steps": 0}, "prune.statistics_steps: must be >= 1, got 0"),
         ({"scope": "global", "allocation": "sensitive"}, "Did you mean 'sensitivity'?"),
         ({"chanels": 0.5}, "Did you mean 'channels'?"),
+        ({"layers": 1.5}, "prune.layers: must be a whole number of blocks (>= 1) or a fraction in (0, 1), got 1.5"),
+        ({"layers": -1}, "prune.layers: must be a whole number"),
+        ({"layer_importance": "bi"}, "prune.layer_importance: 'bi' is not one of 'block_influence', 'output_cosine'"),
+        ({"schedule": {"kind": "exponentail", "end_step": 10}}, "Did you mean 'exponential'?"),
+        ({"schedule": {"kind": "linear"}}, "prune.schedule.end_step: is required for kind='linear'"),
     ],
 )
 def test_bad_prune_sections_are_rejected_with_the_field_named(section, needle):
@@ -93,6 +117,9 @@ def test_prune_config_round_trips(tmp_path):
         "round_to": 8,
         "schedule": {"kind": "cubic", "start_step": 10, "end_step": 110, "every": 20, "stages": 3},
         "exclude": ["blocks.0.*"],
+        "include": ["blocks.*"],
+        "layers": 2.0,
+        "layer_importance": "block_influence",
         "sparsity": 0.0,
         "nm": None,
         "verify": False,

@@ -89,3 +89,22 @@ def test_plain_loop_with_a_timm_model_follows_the_schedule():
         seen.append(slimkit.log_values(model)["prune/channels"])
     assert seen[0] == 0.0 < seen[1] == seen[2] < seen[3] == seen[4] < seen[5] == 0.5  # points 0, 2, 4, 6
     assert masked_tensors_are_zero(model)
+
+
+def test_trainer_removes_layers_on_a_linear_schedule(tmp_path):
+    """Depth pruning through a stock Trainer: blocks ranked on the training batches (block
+    influence), one removed at step 3 and one at 6, logged, and removed at convert."""
+    model = hf_model("llama")
+    model.config.num_hidden_layers = 3
+    model = transformers.LlamaForCausalLM(model.config)
+    schedule = {"kind": "linear", "start_step": 0, "end_step": 6, "every": 3}
+    recipe = {"prune": {"layers": 2, "layer_importance": "block_influence", "schedule": schedule}}
+    trainer = _train(model, "llama", slim_callbacks(model, recipe), tmp_path)
+    logged = [h["prune/layers"] for h in trainer.state.log_history if "prune/layers" in h and "loss" in h]
+    assert logged == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]  # logged at steps 2, 4, 6
+    assert len(slimkit.prune.summary(model)["layers"]["removed"]) == 2
+    inputs = CASES["hf_llama_gqa"].inputs()
+    masked = logits(model, inputs)
+    small = slimkit.convert(model)
+    assert len(small.model.layers) == 1 and small.config.num_hidden_layers == 1
+    torch.testing.assert_close(logits(small, inputs), masked, rtol=1e-5, atol=1e-5)
