@@ -96,7 +96,7 @@ def check_slimkit_block(block: Any, file: Path | str) -> dict[str, Any]:
     if "version" in block and not isinstance(block["version"], str):
         raise fail(file, "slimkit.version", f"must be a string, got {short_repr(block['version'])}")
     if "library" in block:
-        expect_str(block["library"], file, "slimkit.library", ("timm", "transformers"))
+        expect_str(block["library"], file, "slimkit.library", ("timm", "transformers", "torch"))
     if "class" in block:
         expect_str(block["class"], file, "slimkit.class")
     sha = block.get("weights_sha256")
@@ -112,7 +112,7 @@ def library_of(config: dict[str, Any], file: Path | str) -> str:
     """Which library's config this is: the slimkit block says, else transformers' / timm's keys."""
     block = config.get("slimkit")
     if isinstance(block, dict) and "library" in block:
-        return expect_str(block["library"], file, "slimkit.library", ("timm", "transformers"))
+        return expect_str(block["library"], file, "slimkit.library", ("timm", "transformers", "torch"))
     if "model_type" in config:
         return "transformers"
     if "architecture" in config:

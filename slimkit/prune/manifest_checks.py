@@ -62,7 +62,6 @@ def _check_layers(stack: Any, entry: Any) -> None:
         raise fail(WHERE, f"{field}.total", f"must be a whole number >= 1, got {short_repr(total)}")
     if not (
         isinstance(kept, list)
-        and kept
         and all(is_count(i) and i < total for i in kept)
         and len(set(kept)) == len(kept)
         and kept == sorted(kept)
@@ -70,7 +69,7 @@ def _check_layers(stack: Any, entry: Any) -> None:
         raise fail(
             WHERE,
             f"{field}.kept",
-            f"must be a non-empty ascending list of distinct block indices below {total}, got {short_repr(kept)}",
+            f"must be an ascending list of distinct block indices below {total}, got {short_repr(kept)}",
         )
 
 

@@ -90,7 +90,7 @@ def test_depth_and_width_together_round_trip_through_slimkit(tmp_path):
     from slimkit.cli import folder_info, format_info
 
     info = format_info(folder_info(tmp_path / "bert"))
-    assert "bert.encoder.layer: 2 of 3 blocks kept" in info and "heads per layer (query, key/value) [2, 2]" in info
+    assert "bert.encoder.layer: 2 of 3 blocks kept" in info and "heads per layer 2/2" in info
 
 
 def test_per_layer_config_fields_follow_the_kept_layers(tmp_path):
