@@ -29,7 +29,7 @@ class LocalStatistics(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
-            self.local = self.pruner._taylor.parts[0][1].pending.tolist()
+            self.local = self.pruner.data.gradients.parts[0][1].pending.tolist()
             self.influence = self.pruner.depth.hooks.sums.tolist()
 
 
