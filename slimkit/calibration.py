@@ -55,9 +55,11 @@ def calibrate(
 
 
 def needs_calibration(model: nn.Module) -> bool:
-    """Whether a prepared method waits for ``slimkit.calibrate`` now (a data-aware pruning point
-    due at step 0, or PTQ / QAT ranges to observe)."""
+    """Whether a prepared method cannot go on without ``slimkit.calibrate``: a data-aware
+    pruning point due now, depth pruning ranked by output cosine with no batches yet, or PTQ
+    ranges not observed yet. (QAT observes its ranges in training: calibrating first is
+    optional, so it does not count here.)"""
     controller = controller_of(unwrap(model), required=False)
     if controller is None:
         return False
-    return any(controller.methods[n].takes_calibration() for n in _ORDER if n in controller.methods)
+    return any(controller.methods[n].waits_for_calibration() for n in _ORDER if n in controller.methods)

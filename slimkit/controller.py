@@ -68,6 +68,11 @@ class Method:
         """Whether ``calibrate`` has a use for calibration batches now."""
         return False
 
+    def waits_for_calibration(self) -> bool:
+        """Whether the method cannot go on without ``slimkit.calibrate`` (a training script
+        calls it then, before the first step); implies ``takes_calibration``."""
+        return False
+
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
         """Learn from calibration batches (``slimkit.calibrate``: a list, at most ``num_batches``),
         when ``takes_calibration``. ``allow_degenerate`` keeps ranges a method would refuse as

@@ -343,6 +343,12 @@ class Pruner(Method):
     def takes_calibration(self) -> bool:
         return self._deferred is not None or self.depth is not None
 
+    def waits_for_calibration(self) -> bool:
+        depth_waits = (
+            self.depth is not None and self.config.layer_importance == "output_cosine" and not self.depth.batches
+        )
+        return self._deferred is not None or depth_waits
+
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
         """``slimkit.calibrate``: a waiting point gathers its statistics from the batches and prunes;
         ``prune.layers`` ranks blocks on them (and removes them now when due at this step).

@@ -302,6 +302,9 @@ class Quantizer(Method):
     def takes_calibration(self) -> bool:
         return self.config.mode != "dynamic"
 
+    def waits_for_calibration(self) -> bool:
+        return self.config.mode == "ptq" and not self.calibrated
+
     @torch.no_grad()
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
         """Run the batches through the model in eval mode with the observers on and fake-quant

@@ -130,3 +130,17 @@ def test_bias_correction_state_survives_a_checkpoint_and_is_refused_in_dynamic_m
         slimkit.Recipe.from_dict({"quant": {"mode": "dynamic", "bias_correction": True}})
     with pytest.raises(ConfigError, match="equalization"):
         slimkit.Recipe.from_dict({"prune": {"channels": 0.5}, "quant": {"equalization": True, "start_step": 5}})
+
+
+def test_needs_calibration_is_true_only_where_a_method_cannot_go_on_without_it():
+    """PTQ waits for calibrate until its ranges are observed; QAT observes them while training,
+    so a training script must not calibrate it at step 0 (its ranges would come from the model
+    before training)."""
+    data = _data(3)
+    ptq = slimkit.prepare(DepthwiseNet(), {"quant": {"mode": "ptq"}}, example_inputs=data[0])
+    assert slimkit.needs_calibration(ptq)
+    slimkit.calibrate(ptq, data)
+    assert not slimkit.needs_calibration(ptq)
+    qat = slimkit.prepare(DepthwiseNet(), {"quant": {"start_step": 10}}, example_inputs=data[0])
+    assert not slimkit.needs_calibration(qat)
+    slimkit.calibrate(qat, data)  # still allowed: QAT may start from calibrated ranges
