@@ -233,6 +233,16 @@ def minilm_configs(quick: bool) -> list[tuple[str, dict, bool]]:
     return rows[:3] + rows[5:6] if quick else rows
 
 
+def selected(rows: list, names: list[str] | None) -> list:
+    """The rows whose name is one of ``names`` (all when None)."""
+    if names is None:
+        return rows
+    unknown = set(names) - {row[0] for row in rows}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {[row[0] for row in rows]}")
+    return [row for row in rows if row[0] in names]
+
+
 def depth_rows(dense, data, counts: list[int]) -> list[dict]:
     """Removed-layer rows: depth pruning (``prune.layers``) lands from another branch; once the
     recipe has the field, each count here is measured like the width rows."""
@@ -255,7 +265,7 @@ def minilm_experiment(args) -> dict:
     out: dict = {"data": data["sizes"], "recovery": {"steps": args.recovery_steps, "lr": args.lr, "kd": KD}}
     rows, models = [], {}
     for ratio in args.minilm_ratios:
-        for name, section, recover in minilm_configs(args.quick):
+        for name, section, recover in selected(minilm_configs(args.quick), args.rows):
             one_shot, recovered, seconds = slimkit_minilm(
                 dense, data, ratio, section, args.recovery_steps if recover else 0, args.lr
             )
@@ -508,9 +518,11 @@ def main() -> None:
     p.add_argument("--cnn-recovery-steps", type=int, default=100)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="a smoke run: few rows, few steps (numbers not meaningful)")
+    p.add_argument("--rows", nargs="+", help="MiniLM: only these slimkit rows (names as printed, e.g. 'l2')")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5], help="MiniLM heads + FFN ratios")
     p.add_argument("--output", type=Path, default=RESULTS / "prune_quality.json")
     args = p.parse_args()
-    args.minilm_ratios = (0.25, 0.5)
+    args.minilm_ratios = tuple(args.ratios)
     if args.quick:
         args.calibration, args.recovery_steps, args.cnn_steps, args.cnn_recovery_steps, args.rounds = 64, 4, 60, 5, 2
         args.minilm_ratios, args.layers = (0.25,), [1]
