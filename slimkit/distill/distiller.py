@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapters import call_model, get_adapter, get_logits, get_loss
 from ..controller import Controller, Method
+from ..distributed import reshard_
 from ..errors import IncompatibleError, SlimkitError
 from ..recipe import DistillConfig
 from .capture import FeatureCapture
@@ -75,6 +76,7 @@ class Distiller(Method):
         self._owns_task_loss = False
         self._held_labels: torch.Tensor | None = None
         self._pre_hook: Any = None
+        self._grad_hooks: list[Any] = []
 
     # -- prepare -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -103,9 +105,24 @@ class Distiller(Method):
         self.causal = s_adapter.task(model) == "causal_lm"
         self._probe(model)
         self.controller.state.add_module("projectors", self.projectors)
+        self._share_projectors(model)
         self._owns_task_loss = self._use_logits and s_adapter.loss_is_token_cross_entropy(model)
         if self._owns_task_loss:
             self._pre_hook = model.register_forward_pre_hook(self._hold_labels, with_kwargs=True)
+
+    def _share_projectors(self, model: nn.Module) -> None:
+        """Every process starts from rank 0's projectors (FSDP2, unlike DDP, broadcasts nothing).
+        On a student already sharded by fully_shard the projectors are outside its FSDP groups:
+        they stay whole and their gradients are averaged over processes, as DDP would."""
+        from ..distributed import broadcast_, is_distributed, is_sharded, replicate_gradients
+
+        params = list(self.projectors.parameters())
+        if not params or not is_distributed():
+            return
+        if is_sharded(model):
+            self._grad_hooks = replicate_gradients(params)
+        else:
+            broadcast_([p.data for p in params])
 
     def _hold_labels(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Training forward of a causal LM: take ``labels`` out of the model's kwargs (it then
@@ -184,6 +201,9 @@ class Distiller(Method):
         with torch.no_grad():
             t_out = self.teacher(*args, **teacher_kwargs)
         self.teacher_logits = get_logits(t_out)
+        # FSDP2 keeps a root module's parameters gathered after forward, for the backward it
+        # expects; the frozen teacher has none, so its gathered parameters are freed now.
+        reshard_(self.teacher)
 
     def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         self._run_teacher(model, args, kwargs)
@@ -308,6 +328,9 @@ class Distiller(Method):
         if self._pre_hook is not None:
             self._pre_hook.remove()
             self._pre_hook = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
         for capture in self._captures:
             capture.remove()
         for handle in self._attention_handles:

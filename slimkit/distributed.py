@@ -1,0 +1,270 @@
+"""What slimkit needs of ``torch.distributed``, in one place: DDP and FSDP2 (``fully_shard``).
+
+Every method calls these instead of ``torch.distributed`` directly:
+
+* :func:`is_distributed`, :func:`rank`, :func:`is_main_process`;
+* :func:`broadcast_` (rank 0's tensors everywhere: masks, projector initialisation) and
+  :func:`all_reduce_` (statistics), both also for CPU tensors on an NCCL process group;
+* :func:`is_sharded`, :func:`full_tensor`, :func:`local_like` for FSDP2's ``DTensor`` parameters;
+* :func:`gather_full_model_`: an FSDP2 model made a plain module again, with full parameters on
+  every process (what ``slimkit.convert`` does first, so that it converts one whole model);
+* :func:`sync_buffers_like_ddp`: FSDP2 shards parameters but leaves buffers (BatchNorm statistics,
+  fake-quant observers) to each process; DDP broadcasts rank 0's buffers before every forward.
+  slimkit does the same under FSDP2, so that both give the same model and every process
+  quantizes with the same ranges.
+
+Only :func:`gather_full_model_` touches FSDP2 internals (the hooks it registers and the class it
+swaps in); it is pinned by tests/test_fsdp.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------
+# process group
+# ----------------------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def _on_comm_device(tensor: torch.Tensor, fn) -> None:
+    """Run the collective ``fn`` on ``tensor``, through a CUDA copy when NCCL holds CPU tensors."""
+    view = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+    if torch.distributed.get_backend() == "nccl" and not view.is_cuda:
+        moved = view.cuda()
+        fn(moved)
+        view.copy_(moved.cpu())
+    else:
+        fn(view)
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values into ``tensors`` on every process (in place; no-op alone)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        _on_comm_device(local_tensor(tensor), lambda t: torch.distributed.broadcast(t, src=src))
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (``op="sum"``), ``"max"``, ``"min"`` or ``"mean"`` of ``tensor`` over processes, in place."""
+    if not is_distributed():
+        return tensor
+    reduce_op = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}[op]
+    _on_comm_device(
+        tensor, lambda t: torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, reduce_op))
+    )
+    if op == "mean":
+        tensor /= world_size()
+    return tensor
+
+
+def average_values(values: dict[str, float]) -> dict[str, float]:
+    """The mean over processes of each logged value (every process must pass the same keys)."""
+    if not values or not is_distributed():
+        return values
+    keys = sorted(values)
+    t = all_reduce_(torch.tensor([values[k] for k in keys], dtype=torch.float64), "mean")
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------------------
+# FSDP2 parameters (DTensors)
+# ----------------------------------------------------------------------------------------
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(tensor: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True if ``model`` (or a submodule) is wrapped by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(is_dtensor(p) for p in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process for a DTensor (a collective), else itself."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every process) cut like ``like``: a DTensor with ``like``'s mesh and
+    placements when ``like`` is one (no communication), else ``full`` itself."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+# ----------------------------------------------------------------------------------------
+# FSDP2 models
+# ----------------------------------------------------------------------------------------
+
+_FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _from_fsdp(hook: Any) -> bool:
+    hook = getattr(hook, "hook", hook)  # load_state_dict pre-hooks are wrapped
+    hook = getattr(hook, "func", hook)  # functools.partial
+    owner = getattr(hook, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(hook, "__module__", "")
+    return str(module).startswith(_FSDP_MODULES)
+
+
+def _strip_fsdp(module: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for attr in _HOOK_DICTS:
+        hooks = getattr(module, attr, None)
+        if not hooks:
+            continue
+        for key in [k for k, h in hooks.items() if _from_fsdp(h)]:
+            del hooks[key]
+            for extra in (
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+            ):
+                getattr(module, extra, {}).pop(key, None)
+    if isinstance(module, FSDPModule):
+        module.__class__ = type(module).__mro__[type(module)._orig_cls_mro_index]
+    for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+        module.__dict__.pop(attr, None)
+    # fully_shard's per-module state and registry (torch.distributed._composable.contract)
+    for key in [k for k in module.__dict__ if isinstance(k, str) and k.startswith("__composable_api_state_key")]:
+        del module.__dict__[key]
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` wrapped."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward of a root module (it expects a
+    backward). After slimkit's own forwards (probes, measurements, the frozen teacher) the
+    registered parameters are the sharded ones again, which the optimizer must hold."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
+def gather_full_model_(model: nn.Module) -> nn.Module:
+    """Make an FSDP2-sharded ``model`` a plain module again, in place, and return it.
+
+    A collective: call it on every process. Each ``DTensor`` parameter is gathered into a
+    full ``nn.Parameter`` (tied parameters stay tied), FSDP's hooks are removed and each
+    module gets its own class back, so the model runs, converts and saves like one that was
+    never sharded. Training it further needs ``fully_shard`` again. A model that is not
+    sharded is returned as it is.
+    """
+    if not is_sharded(model):
+        return model
+    reshard_(model)  # the registered parameters are the sharded DTensors again
+    gathered: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in model.modules():  # the same order on every process: collectives match
+            for name, param in list(module._parameters.items()):
+                if param is None or not is_dtensor(param):
+                    continue
+                if id(param) not in gathered:
+                    gathered[id(param)] = nn.Parameter(param.full_tensor().clone(), requires_grad=param.requires_grad)
+                module._parameters[name] = gathered[id(param)]
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and is_dtensor(buf):
+                    module._buffers[name] = buf.full_tensor().clone()
+    for module in model.modules():
+        _strip_fsdp(module)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# buffers under FSDP2, like DDP
+# ----------------------------------------------------------------------------------------
+
+
+def sync_buffers_like_ddp(model: nn.Module) -> Any:
+    """A forward pre-hook on ``model`` that, when it runs sharded by FSDP2 in a process group,
+    broadcasts rank 0's buffers before each training forward, as DDP does (``broadcast_buffers``).
+
+    Registered by ``slimkit.prepare``; a no-op for plain and DDP-wrapped models (DDP syncs
+    them itself, and its inner module's parameters are not DTensors). Returns the handle.
+    """
+    state = {"sharded": None}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if not module.training or not is_distributed():
+            return
+        if state["sharded"] is None:
+            state["sharded"] = is_sharded(module)
+        if state["sharded"]:
+            broadcast_([b for b in module.buffers() if b is not None and b.numel() > 0])
+
+    return model.register_forward_pre_hook(hook, prepend=True)
+
+
+def replicate_gradients(params: list[nn.Parameter]) -> list[Any]:
+    """For parameters slimkit adds to an already-sharded model (KD projectors): rank 0's initial
+    values everywhere, and gradients averaged over processes as DDP would (hook handles)."""
+    if not is_distributed():
+        return []
+    broadcast_([p.data for p in params])
+
+    def average(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            all_reduce_(param.grad, "mean")
+
+    return [p.register_post_accumulate_grad_hook(average) for p in params]
