@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_split import shuffled_digits  # noqa: E402
 from int8_common import (  # noqa: E402
     EVAL_SENTENCES,
+    RESULTS,
     machine_info,
     mean_pool,
     minilm,
@@ -47,6 +49,7 @@ from int8_common import (  # noqa: E402
     training_sentences,
     write_json,
 )
+from int8_ptq_tools import bench_bn_freeze, bench_ptq_tools  # noqa: E402
 
 import slimkit  # noqa: E402
 
@@ -150,7 +153,7 @@ def _cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     return {"mean": round(cos.mean().item(), 5), "min": round(cos.min().item(), 5)}
 
 
-def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float) -> tuple:
+def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float, embeddings: bool = False) -> tuple:
     recipe = {
         "distill": {
             "features": [
@@ -162,7 +165,7 @@ def _qat_kd(student, teacher, tokenizer, mode: str, steps: int, lr: float) -> tu
             ]
         },
         # static ranges come from calibration and stay fixed: the training text is templated
-        "quant": {"mode": mode, "freeze_observers_step": 0},
+        "quant": {"mode": mode, "freeze_observers_step": 0, "embeddings": embeddings},
     }
     texts = training_sentences(16 * steps, seed=1)
     batches = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, len(texts), 16)]
@@ -232,31 +235,77 @@ def bench_minilm(steps: int, lr: float) -> dict:
     return result
 
 
+def bench_minilm_embeddings(steps: int, lr: float) -> dict:
+    """QAT + KD (static) of the real MiniLM with and without INT8 embeddings, in one run: the
+    decision whether ``quant.embeddings`` may be on by default for transformers (goal: cosine
+    within 0.002 of the default)."""
+    tokenizer, fp32 = minilm()
+    batch = dict(tokenizer(EVAL_SENTENCES, padding=True, return_tensors="pt"))
+    reference = _embed(fp32, batch)
+    result: dict = {"steps": steps, "cosine_vs_fp32": {}, "int8_file_ratio": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_dir = slimkit.save_pretrained(fp32, Path(tmp) / "fp32", model_card=False)
+        fp32_bytes = (fp32_dir / "model.safetensors").stat().st_size
+        for embeddings in (False, True):
+            name = "qat_kd_static_int8" + ("_int8_embeddings" if embeddings else "")
+            student, _ = _qat_kd(copy.deepcopy(fp32), fp32, tokenizer, "qat", steps, lr, embeddings=embeddings)
+            int8 = slimkit.convert(student)
+            result["cosine_vs_fp32"][name] = _cosine(reference, _embed(int8, batch))
+            folder = slimkit.save_pretrained(int8, Path(tmp) / name, model_card=False)
+            result["int8_file_ratio"][name] = round((folder / "model.safetensors").stat().st_size / fp32_bytes, 4)
+            print(f"minilm {name}: cosine {result['cosine_vs_fp32'][name]}, file {result['int8_file_ratio'][name]}")
+    cos = result["cosine_vs_fp32"]
+    gap = cos["qat_kd_static_int8"]["mean"] - cos["qat_kd_static_int8_int8_embeddings"]["mean"]
+    result["goal_within_0.002_of_default"] = {"mean_cosine_loss": round(gap, 5), "met": gap <= 0.002}
+    return result
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+SECTIONS = ("digits", "minilm", "minilm_embeddings", "ptq_tools", "bn_freeze")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run")
     parser.add_argument("--epochs", type=int, default=20, help="digits FP32 training epochs")
     parser.add_argument("--qat-epochs", type=int, default=6, help="digits QAT epochs")
     parser.add_argument("--minilm-steps", type=int, default=60, help="MiniLM QAT+KD steps (batch 16)")
     parser.add_argument("--minilm-lr", type=float, default=5e-6)
-    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--tools-train-steps", type=int, default=600, help="ptq_tools / bn_freeze FP32 steps")
+    parser.add_argument("--tools-qat-steps", type=int, default=100, help="ptq_tools QAT steps")
+    parser.add_argument("--bn-qat-steps", nargs="+", type=int, default=[60, 600], help="bn_freeze QAT lengths")
+    parser.add_argument("--bn-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output", default="int8_accuracy.json")
     args = parser.parse_args()
     setup_machine()
-    report = {"machine": machine_info(), "settings": vars(args)}
-    report["digits"] = bench_digits(args.epochs, args.qat_epochs)
-    write_json(args.output, report)
-    if not args.skip_minilm:
+    path = RESULTS / args.output
+    # sections not run this time keep their earlier results
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report.update({"machine": machine_info(), "settings": vars(args)})
+    if "digits" in args.sections:
+        report["digits"] = bench_digits(args.epochs, args.qat_epochs)
+        write_json(args.output, report)
+    if "minilm" in args.sections:
         report["minilm"] = bench_minilm(args.minilm_steps, args.minilm_lr)
-    goals = {
-        "digits_qat_int8_within_0.5_points_of_fp32": {
+        write_json(args.output, report)
+    if "minilm_embeddings" in args.sections:
+        report["minilm_embeddings"] = bench_minilm_embeddings(args.minilm_steps, args.minilm_lr)
+        write_json(args.output, report)
+    if "ptq_tools" in args.sections:
+        report["ptq_tools"] = bench_ptq_tools(args.tools_train_steps, args.tools_qat_steps)
+        write_json(args.output, report)
+    if "bn_freeze" in args.sections:
+        report["bn_freeze"] = bench_bn_freeze(args.tools_train_steps, args.bn_qat_steps, args.bn_seeds)
+        write_json(args.output, report)
+    goals = {}
+    if "digits" in report:
+        goals["digits_qat_int8_within_0.5_points_of_fp32"] = {
             "value": report["digits"]["qat_int8_minus_fp32_points"],
             "met": report["digits"]["qat_int8_minus_fp32_points"] >= -0.5,
         }
-    }
     if "minilm" in report:
         cos = report["minilm"]["cosine_vs_fp32"]
         best = max((n for n in cos if "qat_kd" in n), key=lambda n: cos[n]["mean"])
@@ -265,6 +314,14 @@ def main() -> None:
             "value": cos[best]["mean"],
             "met": cos[best]["mean"] >= 0.99,
         }
+    if "minilm_embeddings" in report:
+        goals["minilm_int8_embeddings_qat_kd_within_0.002_cosine"] = report["minilm_embeddings"][
+            "goal_within_0.002_of_default"
+        ]
+    for name, row in report.get("ptq_tools", {}).items():
+        goals[f"{name}_equalization+bias_correction_recover_half_of_per_tensor_ptq_drop"] = row[
+            "goal_eq_bc_recover_half_of_per_tensor_drop"
+        ]
     report["goals"] = goals
     path = write_json(args.output, report)
     for goal, value in goals.items():

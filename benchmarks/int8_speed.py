@@ -6,16 +6,21 @@
 Per model and batch size, timed interleaved in one process (2 threads, denormals flushed):
 
 * ``fp32_eager``: the PyTorch model as built;
-* ``slimkit_int8_eager``: ``slimkit.convert`` (PTQ-calibrated; oneDNN int8 kernels per layer);
-* ``slimkit_int8_compiled``: the same model after ``slimkit.quant.compile`` (Inductor, fused);
+* ``slimkit_int8_eager``: ``slimkit.convert`` (PTQ-calibrated) with ``quant.compile: never``
+  (oneDNN int8 kernels per layer);
+* ``slimkit_int8_compiled``: the same model compiled (Inductor, fused), which is what
+  ``slimkit.convert`` returns for models with INT8 convolutions (``quant.compile: auto``;
+  ``convert_returns`` in the JSON says which path the default takes);
 * ``slimkit_onnx_ort``: ``slimkit.export_onnx`` of that model (QDQ) on onnxruntime;
 * peers on the same weights: ``ort_fp32``, ``ort_static_int8`` (``quantize_static``: QDQ,
   per-channel), ``ort_dynamic_int8`` (``quantize_dynamic``), ``torch_dynamic_int8``
   (``torch.ao.quantization.quantize_dynamic`` of the Linear layers).
 
-MiniLM (the real all-MiniLM-L6-v2) runs at batch 32 x 128 tokens, with slimkit's static (PTQ)
-and dynamic modes. Also measured: the saved INT8 / FP32 file size, and the time of a QAT
-training step against a plain one. Prints ratios and writes ``benchmarks/results/int8_speed.json``.
+Models: the demo's digits CNN and the tutorial's SmallCNN at 32x32 (``small_models.py``),
+timm models at 224x224 with random weights. MiniLM (the real all-MiniLM-L6-v2) runs at batch
+32 x 128 tokens, with slimkit's static (PTQ) and dynamic modes. Also measured: the saved
+INT8 / FP32 file size, and the time of a QAT training step against a plain one.
+Prints ratios and writes ``benchmarks/results/int8_speed.json``.
 """
 
 from __future__ import annotations
@@ -60,8 +65,13 @@ TIMM_MODELS = {
     "resnet18": "resnet18",
     "resnet50": "resnet50",
     "mobilenetv3": "mobilenetv3_large_100",
+    "mobilenetv2_050": "mobilenetv2_050",
+    "mobilenetv2_100": "mobilenetv2_100",
+    "efficientnet_b0": "efficientnet_b0",
     "vit_s": "vit_small_patch16_224",
 }
+# the small CNNs of the issue, at 32x32 (benchmarks/small_models.py)
+SMALL_MODELS = {"digits_cnn": (1, 32), "tutorial_smallcnn": (3, 32)}
 PEERS = ("ort_static_int8", "ort_dynamic_int8", "torch_dynamic_int8")
 
 
@@ -108,8 +118,10 @@ class Candidates:
                 slimkit.calibrate(prepared, calibration)
             self.fake_quant[mode] = prepared
             int8 = slimkit.convert(copy.deepcopy(prepared))
-            self.models[f"slimkit_int8{tag}_eager"] = int8
+            # what convert returns runs compiled (models with INT8 convs) or eager: time both paths
+            self.info[f"convert_returns{tag}"] = "compiled" if int8.forward.compiles else "eager"
             self.models[f"slimkit_int8{tag}_compiled"] = slimkit.quant.compile(copy.deepcopy(int8))
+            self.models[f"slimkit_int8{tag}_eager"] = slimkit.quant.set_compile(int8, "never")
             onnx_path = slimkit.export_onnx(int8, tmp / f"slimkit{tag}.onnx", example)
             self.sessions[f"slimkit{tag}_onnx_ort"] = ort_session(onnx_path)
             self.info["build_s"][f"slimkit_{mode}"] = round(time.perf_counter() - start, 1)
@@ -134,7 +146,10 @@ class Candidates:
         }
 
     def _file_sizes(self, int8: nn.Module) -> None:
-        fp32_dir = slimkit.save_pretrained(self.fp32, self.tmp / "fp32_folder", model_card=False)
+        try:
+            fp32_dir = slimkit.save_pretrained(self.fp32, self.tmp / "fp32_folder", model_card=False)
+        except slimkit.SlimkitError:  # plain nn.Module (the tutorial's SmallCNN): no folder format
+            return
         int8_dir = slimkit.save_pretrained(int8, self.tmp / "int8_folder", model_card=False)
         fp32_mb, int8_mb = _file_mb(fp32_dir / "model.safetensors"), _file_mb(int8_dir / "model.safetensors")
         self.info.update(
@@ -165,30 +180,45 @@ class Candidates:
             for name in ("ort_static_int8", "ort_dynamic_int8", "torch_dynamic_int8"):
                 parity[f"{name}_vs_fp32"] = _agreement(outputs["fp32_eager"], outputs[name])
         timings = interleaved(variants, rounds=rounds, iters=iters)
+        kernels = {
+            name: slimkit.quant.runtime_report(model)["signatures"]
+            for name, model in self.models.items()
+            if name.endswith("_compiled")
+        }
         return {
             "compile_s": compile_s,
             "timings": timings,
             "speedup_vs_fp32_eager": speedups(timings),
+            "speedup_vs_ort_static_int8": speedups(timings, "ort_static_int8"),
+            "compiled_runtime": kernels,
             "parity": parity,
         }
 
 
-def _image_inputs(batch: int, size: int = 224) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+def _image_inputs(batch: int, size: int = 224, channels: int = 3) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
 
 
 def bench_timm(name: str, batches: list[int], rounds: int) -> dict:
     import timm
+    from small_models import TutorialCNN, demo_cnn
 
-    fp32 = timm.create_model(TIMM_MODELS[name], pretrained=False).eval()
-    calibration = [_image_inputs(8 + i) for i in range(2)]
+    channels, size = SMALL_MODELS.get(name, (3, 224))
+    if name == "digits_cnn":
+        fp32 = demo_cnn().eval()
+    elif name == "tutorial_smallcnn":
+        fp32 = TutorialCNN().eval()
+    else:
+        fp32 = timm.create_model(TIMM_MODELS[name], pretrained=False).eval()
+    calibration = [_image_inputs(8 + i, size, channels) for i in range(2)]
     with tempfile.TemporaryDirectory() as tmp:
         candidates = Candidates(name, fp32, calibration, Path(tmp), modes=("ptq",))
-        result = {"timm_name": TIMM_MODELS[name], **candidates.info, "batches": {}}
+        result = {"model": TIMM_MODELS.get(name, name), **candidates.info, "batches": {}}
         for batch in batches:
-            iters = 8 if batch == 1 else 1
+            iters = (40 if name in SMALL_MODELS else 8) if batch == 1 else (8 if name in SMALL_MODELS else 1)
             print(f"[{name}] batch {batch}: timing {len(candidates.models) + len(candidates.sessions)} variants")
-            result["batches"][str(batch)] = candidates.run(_image_inputs(batch), rounds=rounds, iters=iters)
+            inputs = _image_inputs(batch, size, channels)
+            result["batches"][str(batch)] = candidates.run(inputs, rounds=rounds, iters=iters)
             _print(name, batch, result["batches"][str(batch)])
     return result
 
@@ -318,6 +348,31 @@ def evaluate_goals(models: dict, qat: dict) -> dict:
             "met": value >= target,
         }
 
+    for model, data in models.items():
+        for batch, result in data.get("batches", {}).items():
+            returned = f"slimkit_int8_{data.get('convert_returns', 'eager')}"
+            value = result["speedup_vs_fp32_eager"].get(returned)
+            if value is None:
+                continue
+            goals[f"{model}_b{batch}_convert_returns>=1.0x_fp32_eager"] = {
+                "path": returned,
+                "value": value,
+                "met": value >= 1.0,
+            }
+            if model in SMALL_MODELS:
+                target = 1.5 if batch == "1" else 2.0
+                goals[f"{model}_b{batch}_convert_returns>={target}x"] = {
+                    "path": returned,
+                    "value": value,
+                    "met": value >= target,
+                }
+            if data.get("convert_returns") == "compiled":
+                eager = result["speedup_vs_fp32_eager"]["slimkit_int8_eager"]
+                goals[f"{model}_b{batch}_compiled>=eager"] = {
+                    "compiled": result["speedup_vs_fp32_eager"]["slimkit_int8_compiled"],
+                    "eager": eager,
+                    "met": result["speedup_vs_fp32_eager"]["slimkit_int8_compiled"] >= eager,
+                }
     speed_goal("resnet50", "1", 3.5)
     speed_goal("resnet50", "32", 5.0)
     speed_goal("minilm", "32", 2.2)
@@ -343,7 +398,7 @@ def evaluate_goals(models: dict, qat: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=[*TIMM_MODELS, "minilm"], help="models to time")
+    parser.add_argument("--models", nargs="+", default=[*SMALL_MODELS, *TIMM_MODELS, "minilm"], help="models to time")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="image batch sizes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
     parser.add_argument("--qat-models", nargs="*", default=["resnet18", "minilm"], help="QAT step ratio models")

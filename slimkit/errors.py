@@ -45,3 +45,11 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     hits = close_matches(name, candidates, n=1)
     return f" Did you mean {hits[0]!r}?" if hits else ""
+
+
+class NonFiniteError(SlimkitError):
+    """A number that must be finite (an input, a range, a scale) is NaN or infinite."""
+
+
+class CalibrationError(SlimkitError):
+    """Calibration data too degenerate to set quantization ranges (constant, or all zero)."""

@@ -253,10 +253,28 @@ class QuantConfig(Config):
     freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
     freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
     exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
-    embeddings: bool = help_field(
-        False,
+    embeddings: bool | None = help_field(
+        None,
         "also store nn.Embedding tables as int8, one symmetric scale per row (weight-only: lookups return "
-        "float); embeddings tied to another module's weight stay float",
+        "float); embeddings tied to another module's weight stay float. null (default): on for Hugging Face "
+        "transformers models (measured on MiniLM: QAT+KD cosine 0.99479 vs 0.99485 without), off for others",
+    )
+    equalization: bool = help_field(
+        False,
+        "cross-layer equalization at prepare (Nagel et al. 2019): rescale consecutive Conv2d / Linear pairs "
+        "joined by ReLU, pooling or BatchNorm (depthwise convs included) so their weight ranges match; the "
+        "float function is unchanged",
+    )
+    bias_correction: bool = help_field(
+        False,
+        "during slimkit.calibrate, measure each layer's mean output shift caused by weight rounding and "
+        "subtract it from the bias (PTQ, or calibrate before QAT)",
+    )
+    compile: Literal["auto", "always", "never"] = help_field(
+        "auto",
+        "how the converted model runs: auto compiles models with INT8 convolutions on their first inference "
+        "call (torch.compile, one graph per input shape; others run eagerly), always, or never (eager oneDNN "
+        "kernels only); slimkit.quant.set_compile changes it later",
     )
     conv_outputs: bool = help_field(
         True,
@@ -281,6 +299,12 @@ class QuantConfig(Config):
                 "'moving_average_minmax' is for activations; weights are seen whole every step, so "
                 "use 'minmax', 'percentile' or 'histogram'",
             )
+        if self.bias_correction and self.mode == "dynamic":
+            self.fail(
+                path,
+                "bias_correction",
+                "needs calibration data (slimkit.calibrate), which mode 'dynamic' has none of; use mode ptq or qat",
+            )
         for name in ("freeze_observers_step", "freeze_bn_step"):
             value = getattr(self, name)
             if value is not None and value < self.start_step:
@@ -301,6 +325,12 @@ class Recipe(Config):
     quant: QuantConfig | None = help_field(None, "quantization")
 
     def validate(self, path: str) -> None:
+        if self.prune is not None and self.quant is not None and self.prune.structured and self.quant.equalization:
+            raise ConfigError(
+                "quant.equalization: equalization rescales channels when the model is prepared, which would "
+                "change how structured pruning ranks them; prune first (convert, save), then equalize and "
+                "quantize the pruned model in a second run"
+            )
         if self.prune is not None and self.quant is not None and self.prune.structured:
             last = self.prune.schedule.last_step
             if self.quant.mode == "qat" and self.quant.start_step <= last:

@@ -167,7 +167,26 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
     ]
     lines += [f"| {label} | {value} |" for label, value in report_rows(report)]
     if block.get("quantization"):
-        lines.append("| int8 layers | real int8 kernels (see the `quantization` block of config.json) |")
+        quant = block["quantization"]
+        kinds: dict[str, int] = {}
+        for entry in quant.get("layers", {}).values():
+            key = f"{entry.get('kind')} ({entry.get('activations')})"
+            kinds[key] = kinds.get(key, 0) + 1
+        listed = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        lines.append(
+            f"| int8 layers | {listed}: real int8 kernels (names in the `quantization` block of config.json) |"
+        )
+        path = {
+            "auto": "compiled on first inference call"
+            if any(e.get("kind") == "conv2d" for e in quant.get("layers", {}).values())
+            else "eager oneDNN kernels",
+            "always": "compiled on first inference call",
+            "never": "eager oneDNN kernels",
+        }
+        lines.append(
+            f"| int8 path | {path.get(quant.get('compile', 'never'), 'eager oneDNN kernels')} "
+            f"(quant.compile: {quant.get('compile', 'never')}) |"
+        )
     if report.get("kept", {}).get("channels") or report.get("kept", {}).get("heads"):
         lines += ["", "Channels and heads kept per layer:", "", "![kept per layer](kept.png)"]
     lines += [
@@ -307,11 +326,15 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, wa
 
     from .adapters import call_model
 
+    # A converted INT8 model compiles itself on its first inference call (slimkit.quant.runtime);
+    # the card measures its eager kernels so that convert and save stay quick.
+    runtime = model.__dict__.get("forward")
+    eager = getattr(runtime, "eager", None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             start = time.perf_counter()
-            call_model(model, example_inputs)
+            call_model(model if eager is None else eager, example_inputs)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)

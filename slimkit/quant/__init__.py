@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from ..hub import register_block
 from . import hub_block, hub_checks
+from .calibration import calibrate
 from .compiled import compile
 from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer
 from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
-from .quantizer import Quantizer, calibrate, phase_at
+from .quantizer import Quantizer, phase_at
+from .runtime import runtime_report, set_compile
 
 register_block("quantization", hub_block.describe, hub_block.rebuild, hub_checks.check_loaded)
 
@@ -37,4 +39,6 @@ __all__ = [
     "phase_at",
     "register_plain_forward",
     "run_onnx",
+    "runtime_report",
+    "set_compile",
 ]

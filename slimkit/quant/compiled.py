@@ -1,7 +1,7 @@
 """The fast path of a converted model: ``torch.compile`` with PyTorch's x86 int8 lowering.
 
-    int8 = slimkit.convert(model)
-    slimkit.quant.compile(int8)          # in place; the model keeps its class
+    int8 = slimkit.convert(model)        # compiles itself on first inference call (quant.compile: auto)
+    slimkit.quant.compile(int8)          # in place, any model: compile on first inference call
     with torch.inference_mode():
         int8(x)
 
@@ -9,19 +9,19 @@ Traced, each INT8 layer emits ``dequantize(quantize(x)) -> conv/linear(dequantiz
 With Inductor's freezing on, torchao's x86 passes (the ones its PT2E ``X86InductorQuantizer``
 flow uses) prepack the int8 weights once and lower every such pattern to
 ``onednn.qconv_pointwise`` / ``qlinear_pointwise`` with ReLU, residual adds and the next
-layer's requantization fused, so activations often stay uint8 between layers.
+layer's requantization fused, so activations often stay uint8 between layers. When and how
+graphs are compiled (one per input signature, never recompiled) is
+:mod:`slimkit.quant.runtime`.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
 from torch import nn
 
 from ..errors import SlimkitError
 from ..quiet import quiet_imports, silence_inductor_int8_notice
 from .int8 import is_int8_layer, prepare_for_tracing, require_int8_engine
+from .runtime import install, runtime_of
 
 
 def _register_x86_int8_lowering() -> None:
@@ -38,16 +38,25 @@ def _register_x86_int8_lowering() -> None:
         ) from None
 
 
-def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mirrors torch.compile
-    """Compile a converted INT8 model in place for the oneDNN int8 kernels with fused post-ops;
-    returns the same model object (its ``forward`` becomes the compiled one). Call it under
-    ``torch.no_grad()`` or ``torch.inference_mode()``: Inductor freezes (constant-folds and
-    prepacks) the int8 weights only for inference graphs. Compile last: weights loaded or
-    changed afterwards are not seen by the frozen graph.
+def prepare_compilation(model: nn.Module) -> None:
+    """Everything a compiled INT8 graph needs: the int8 lowering passes, Inductor's freezing
+    (which constant-folds and prepacks the int8 weights of inference graphs; it affects only
+    graphs compiled without gradients), and the qparams as Python constants."""
+    require_int8_engine("compiling an INT8 model")
+    _register_x86_int8_lowering()
+    import torch._inductor.config as inductor_config
 
-    This sets ``torch._inductor.config.freezing = True`` for the process, which affects only
-    graphs compiled without gradients.
-    """
+    inductor_config.freezing = True
+    prepare_for_tracing(model)
+
+
+def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mirrors torch.compile
+    """Compile a converted INT8 model for the oneDNN int8 kernels with fused post-ops, in place;
+    returns the same model object. Graphs are compiled on the first call of each input shape
+    under ``torch.no_grad()`` / ``torch.inference_mode()`` in eval mode (other calls run the
+    eager INT8 kernels); ``compile_kwargs`` go to ``torch.compile``. Compile last: weights
+    loaded or changed after a shape's first call are not seen by its frozen graph.
+    ``slimkit.quant.runtime_report(model)`` says what ran where."""
     require_int8_engine("slimkit.quant.compile")
     if not any(is_int8_layer(m) for m in model.modules()):
         raise SlimkitError(
@@ -55,26 +64,10 @@ def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mi
             "on a model prepared with a quant recipe first (plain models: use torch.compile)"
         )
     _register_x86_int8_lowering()
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    prepare_for_tracing(model)
+    previous = runtime_of(model)
+    install(model, "always", compile_kwargs or (previous.compile_kwargs if previous else None))
     model.eval()
-    compiled_forward = torch.compile(model.forward, **compile_kwargs)
-
-    @functools.wraps(model.forward)
-    def forward(*args, **kwargs):
-        # Checked here, outside the compiled region: a graph traced with gradients on would
-        # not be frozen, and its int8 weights could not be prepacked.
-        if torch.is_grad_enabled():
-            raise SlimkitError(
-                f"the compiled INT8 {type(model).__name__} runs for inference only: call it under "
-                "torch.no_grad() or torch.inference_mode()"
-            )
-        return compiled_forward(*args, **kwargs)
-
-    model.forward = forward  # an instance attribute: the model keeps its class and its hooks
     return model
 
 
-__all__ = ["compile"]
+__all__ = ["compile", "prepare_compilation"]

@@ -31,6 +31,7 @@ from .hub_checks import check_block
 from .int8 import DYNAMIC_ATTR, FROM_SITE_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
 from .layers import layer_kind
 from .quantizer import FOLDED_ATTR, neutralize_batchnorm
+from .runtime import COMPILE_MODES, install, runtime_of
 
 BLOCK_FORMAT = 3
 
@@ -60,6 +61,7 @@ def describe(model: nn.Module) -> dict | None:
         "sites": {name: sites.site_of(module) for name, module in modules if sites.site_of(module)},
         "sites_read_by_layers_only": [name for name, module in modules if sites.read_by_layers_only(module)],
         "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
+        "compile": runtime.mode if (runtime := runtime_of(model)) is not None else "auto",
     }
     if embeddings:
         block["embeddings"] = embeddings
@@ -114,6 +116,10 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
             )
         qemb.empty_int8_like(embedding)
     model.__dict__[FOLDED_ATTR] = dict(folded)
+    mode = block.get("compile", "auto")  # folders written before quant.compile: the default
+    if mode not in COMPILE_MODES:
+        raise FormatError(f"config.json: quantization.compile is {mode!r}, expected one of {', '.join(COMPILE_MODES)}")
+    install(model, mode)
     return model
 
 

@@ -78,7 +78,12 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 
 _UNSUPPORTED: tuple[tuple[type, str], ...] = (
     (nn.MultiheadAttention, "its projections run inside F.multi_head_attention_forward, not as layers"),
-    (nn.RNNBase, "recurrent weights run inside one fused kernel"),
+    (
+        nn.RNNBase,
+        "PyTorch exposes no oneDNN int8 kernel for recurrent layers, and torch.ao's dynamic LSTM / GRU "
+        "weights cannot be saved as safetensors (docs/quantization.md, 'Recurrent layers', has measured "
+        "alternatives)",
+    ),
     (nn.Conv1d, "no INT8 kernel is wired for Conv1d"),
     (nn.Conv3d, "no INT8 kernel is wired for Conv3d"),
     (nn.modules.conv._ConvTransposeNd, "no INT8 kernel is wired for transposed convolutions"),

@@ -85,20 +85,27 @@ def dynamic_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 # ----------------------------------------------------------------------------------------
 
 
+def keep_nonfinite(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` with ``x``'s NaN / inf values put back: PyTorch's fake-quant kernels clamp
+    them to finite grid values, which would hide a diverged input or weight behind plausible
+    numbers (and a finite loss)."""
+    return torch.where(torch.isfinite(x), quantized, x)
+
+
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Per-tensor uint8 fake-quant; gradient 1 inside the clipping range and 0 outside."""
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+    """Per-tensor uint8 fake-quant; gradient 1 inside the clipping range and 0 outside; NaN and
+    inf pass through unchanged."""
+    return keep_nonfinite(x, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX))
 
 
 def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     """Symmetric int8 fake-quant of weights, per channel along ``axis`` (or per tensor for a
-    0-dim scale); straight-through gradient, 0 outside the clipping range."""
+    0-dim scale); straight-through gradient, 0 outside the clipping range; NaN / inf kept."""
     if scale.dim() == 0:
-        return torch.fake_quantize_per_tensor_affine(
-            w, scale, torch.zeros((), dtype=torch.int32, device=w.device), WEIGHT_QMIN, WEIGHT_QMAX
-        )
+        zero = torch.zeros((), dtype=torch.int32, device=w.device)
+        return keep_nonfinite(w, torch.fake_quantize_per_tensor_affine(w, scale, zero, WEIGHT_QMIN, WEIGHT_QMAX))
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, WEIGHT_QMIN, WEIGHT_QMAX)
+    return keep_nonfinite(w, torch.fake_quantize_per_channel_affine(w, scale, zero, axis, WEIGHT_QMIN, WEIGHT_QMAX))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +141,7 @@ def lsq_fake_quantize(
         s = s.reshape(shape)
     if zero_point is None:
         q = torch.clamp(_round_ste(x / s), qmin, qmax)
-        return q * s
+        return keep_nonfinite(x, q * s)
     zp = _round_ste(torch.clamp(_scale_grad(zero_point, factor), qmin, qmax))
     q = torch.clamp(_round_ste(x / s) + zp, qmin, qmax)
-    return (q - zp) * s
+    return keep_nonfinite(x, (q - zp) * s)

@@ -20,6 +20,8 @@ threshold that minimises the squared error.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -31,18 +33,49 @@ HISTOGRAM_BINS = 2048
 _TAIL_FRACTIONS = (0.0, *torch.logspace(-7, torch.log10(torch.tensor(5e-2)).item(), 24).tolist())
 
 
+logger = logging.getLogger("slimkit")
+
+
 class RangeObserver(nn.Module):
-    """Base of activation observers: ``update(x)`` and ``range() -> (min, max)``."""
+    """Base of activation observers: ``update(x)`` and ``range() -> (min, max)``.
+
+    A batch holding NaN or inf is ignored: it is counted in ``nonfinite_batches`` (a buffer, so
+    checkpoints keep the count), logged, and leaves the range as it was, so one bad batch can
+    never make a range (and every later output) NaN. Ignoring rather than raising keeps a long
+    training run alive through a rare bad batch; the count shows up in the Trainer's logs as
+    ``quant/nonfinite_batches``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("observed", torch.zeros((), dtype=torch.long))
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.long))
 
     @property
     def has_data(self) -> bool:
         return bool(self.observed > 0)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        # checkpoints written before the count existed load with a count of 0
+        state_dict.setdefault(prefix + "nonfinite_batches", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+
+    def _finite_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This batch's (min, max), or None (counted and logged) when it holds NaN / inf."""
+        lo, hi = torch.aminmax(x.detach().float())
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return lo, hi
+        self.nonfinite_batches += 1
+        count = int(self.nonfinite_batches)
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... time: visible, not a flood
+            logger.warning(
+                "quant: an activation observer ignored a batch holding NaN / inf (%d such batch(es) so far); "
+                "its range is unchanged",
+                count,
+            )
+        return None
 
     def update(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -58,7 +91,10 @@ class RangeObserver(nn.Module):
 class MinMaxObserver(RangeObserver):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach().float())
+        extremes = self._finite_extremes(x)
+        if extremes is None:
+            return
+        lo, hi = extremes
         if self.has_data:
             lo, hi = torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val)
         self.min_val.copy_(lo)
@@ -73,7 +109,10 @@ class MovingAverageMinMaxObserver(RangeObserver):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach().float())
+        extremes = self._finite_extremes(x)
+        if extremes is None:
+            return
+        lo, hi = extremes
         if self.has_data:
             c = self.averaging_constant
             lo = self.min_val + c * (lo - self.min_val)
@@ -112,7 +151,10 @@ class HistogramObserver(RangeObserver):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        extremes = self._finite_extremes(x)
+        if extremes is None:
+            return
+        lo, hi = (float(v) for v in extremes)
         bins = self.histogram.numel()
         if self.has_data:
             old_lo, old_hi = float(self.min_val), float(self.max_val)

@@ -85,6 +85,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = _split_inputs(example_inputs)
     prepare_for_tracing(model)
+    # export the class's forward, not the INT8 runtime that dispatches to it (slimkit.quant.runtime)
+    runtime = model.__dict__.pop("forward", None)
     was_training = model.training
     model.eval()
     # A KV cache (transformers' use_cache) is an output torch.export cannot flatten, and a
@@ -108,6 +110,8 @@ def export_onnx(
             )
     finally:
         model.train(was_training)
+        if runtime is not None:
+            model.__dict__["forward"] = runtime
         if use_cache:
             config.use_cache = use_cache
     program.save(str(path))

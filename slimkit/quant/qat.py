@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bias_correction
 from .fold import norm_remainder
 from .layers import OUT_AXIS
 from .numerics import (
@@ -150,6 +151,7 @@ def int8_parameters(
     bias = layer.bias
     if state.bn is not None:
         bias = folded_bias(bias, state.bn, s)
+    bias = bias_correction.apply(bias, layer, weight.shape[state.axis])
     if bias is not None and input_scale is not None:
         bias = quantize_bias(bias, torch.tensor(input_scale, device=bias.device), scale)
     return weight_int8, scale.clone(), None if bias is None else bias.detach().clone()
@@ -192,6 +194,7 @@ def _weight_and_bias(layer: nn.Module, state: LayerState) -> tuple[torch.Tensor,
         return fake_quant_weight(layer), layer.bias
     weight, s, scale = _fake_quant_folded_weight(layer)
     bias = layer.bias if state.bn is None else folded_bias(layer.bias, state.bn, s)
+    bias = bias_correction.apply(bias, layer, weight.shape[state.axis])
     source = state.input_source
     input_scale = None if source is None else source.active_scale()
     if bias is not None and input_scale is not None:
@@ -315,6 +318,7 @@ def detach_layer(layer: nn.Module) -> None:
         del layer._modules["input_quantizer"]
     if "weight_scale" in layer._parameters:
         del layer._parameters["weight_scale"]
+    bias_correction.detach(layer)
     restore_class(layer)
     if state is not None and state.bn is not None:
         restore_class(state.bn)

@@ -19,8 +19,10 @@ Schedule (steps are optimizer steps, as counted by ``slimkit.step`` / the Traine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -29,12 +31,13 @@ import torch
 from torch import nn
 
 from ..adapters import call_model
-from ..controller import Controller, Method, controller_of, unwrap
-from ..errors import IncompatibleError, SlimkitError, UnsupportedModelError
+from ..controller import Controller, Method
+from ..errors import IncompatibleError, NonFiniteError, SlimkitError, UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
+from . import bias_correction, equalization, qat, runtime, sites
 from . import embeddings as qemb
-from . import qat, sites
+from .calibration import InputSpread, batch_size, check_calibration, model_inputs
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
 from .int8 import make_int8, require_int8_engine
@@ -103,6 +106,7 @@ class Quantizer(Method):
         # every activation quantizer by its state-dict prefix: layer inputs and sites
         self.quantizers: dict[str, nn.Module] = {}
         self.skipped_tied: list[str] = []
+        self.equalized: list[equalization.Pair] = []  # quant.equalization: the layer pairs scaled
         self.phase = Phase("float", False, False, False)
         self._load_hook = None
 
@@ -114,6 +118,10 @@ class Quantizer(Method):
             match_modules(model, pattern, role="quant.exclude: ")
         tied = _tied_weights(model)
         dynamic = cfg.mode == "dynamic"
+        # null: the default, on for transformers models, where the embedding table is up to half of
+        # the weights; an embedding that cannot be int8 then stays float instead of being an error
+        auto_embeddings = cfg.embeddings is None
+        embeddings = self.controller.adapter.library == "transformers" if auto_embeddings else cfg.embeddings
         selected: dict[str, str] = {}
         problems: list[tuple[str, nn.Module, str]] = []
         blocked: list[str] = []
@@ -121,9 +129,11 @@ class Quantizer(Method):
             if not name or matches_any(name, cfg.exclude) or matches_any(name, blocked):
                 continue
             kind = layer_kind(module)
-            if kind is None and cfg.embeddings and isinstance(module, nn.Embedding):
+            if kind is None and embeddings and isinstance(module, nn.Embedding):
                 reason = qemb.embedding_problem(module)
-                if reason is not None:
+                if reason is not None and auto_embeddings:
+                    logger.info("quant: keeping embedding %s in float: %s", name, reason)
+                elif reason is not None:
                     problems.append((name, module, reason))
                     blocked.append(name)
                 elif id(module._parameters.get("weight")) in tied:
@@ -165,7 +175,9 @@ class Quantizer(Method):
         """One watched forward pass, when BatchNorms may fold or conv outputs get sites."""
         cfg = self.config
         folds = cfg.fold_bn and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        if not convs or not (folds or self._wants_sites()):
+        if not convs and not cfg.equalization:
+            return None
+        if not (folds or self._wants_sites() or cfg.equalization):
             return None
         inputs = self.example_inputs
         if inputs is None:
@@ -187,6 +199,11 @@ class Quantizer(Method):
         convs = {n: modules[n] for n, k in selected.items() if k == "conv2d"}
         recording = self._record(model, convs)
         pairs = fold_pairs(recording, convs, batchnorms_with_statistics(model)) if recording and cfg.fold_bn else {}
+        if cfg.equalization and recording is not None:
+            weighted = {n: modules[n] for n, k in selected.items() if k in ("conv2d", "linear")}
+            self.equalized = equalization.plan_pairs(recording, weighted, pairs)
+            sweeps = equalization.equalize(modules, self.equalized)
+            logger.info("quant: equalized %d layer pairs (%d sweeps)", len(self.equalized), sweeps)
         if recording is not None and self._wants_sites():
             folded_bns = {n: pairs[n][1] if n in pairs else None for n in convs}
             self.plan = sites.plan_sites(recording, selected, folded_bns, cfg.exclude)
@@ -210,6 +227,9 @@ class Quantizer(Method):
                 own_input=name not in self.plan.inputs,
             )
             self.layers[name] = modules[name]
+            if cfg.bias_correction:  # zeros until calibrate measures it; present so checkpoints load
+                out = modules[name].weight.shape[qat.OUT_AXIS[kind]]
+                bias_correction.set_correction(modules[name], torch.zeros(out))
             if "input_quantizer" in modules[name]._modules:
                 self.quantizers[f"{name}.input_quantizer"] = modules[name].input_quantizer
             if bn_name is not None:
@@ -259,14 +279,27 @@ class Quantizer(Method):
     def on_step(self, model: nn.Module, step: int) -> None:
         self.apply_phase(step)
 
+    def nonfinite_batches(self) -> int:
+        """Batches that activation observers ignored because they held NaN / inf (the most any one
+        observer ignored: every observer sees every batch)."""
+        observers = [q.observer for q in self.quantizers.values() if hasattr(q, "observer")]
+        return max((int(o.nonfinite_batches) for o in observers), default=0)
+
     def log_values(self) -> dict[str, float]:
-        return {"quant/phase": PHASES[self.phase.name], "quant/bn_frozen": float(self.phase.bn_frozen)}
+        return {
+            "quant/phase": PHASES[self.phase.name],
+            "quant/bn_frozen": float(self.phase.bn_frozen),
+            "quant/nonfinite_batches": float(self.nonfinite_batches()),
+        }
 
     # -- calibration ---------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, model: nn.Module, batches: Iterable, num_batches: int | None = None) -> int:
+    def calibrate(
+        self, model: nn.Module, batches: Iterable, num_batches: int | None = None, allow_degenerate: bool = False
+    ) -> int:
         """Run ``num_batches`` batches through the model in eval mode with the observers on and
-        fake-quant off; returns the number of batches seen."""
+        fake-quant off; returns the number of batches seen. Degenerate data is refused or
+        warned about (:func:`calibrate`)."""
         if self.config.mode == "dynamic":
             raise IncompatibleError(
                 "calibrate: quant.mode is 'dynamic', which computes activation ranges per batch at "
@@ -284,14 +317,25 @@ class Quantizer(Method):
         for quantizer in self.quantizers.values():
             quantizer.fake_quant = False
             quantizer.calibrating = True
-        seen = 0
+        seen = samples = 0
+        spread = InputSpread()
+        correcting = (
+            bias_correction.BiasCorrection(
+                self.layers, {n: self.layers[n].__dict__[qat.STATE_ATTR].kind for n in self.layers}
+            )
+            if self.config.bias_correction
+            else contextlib.nullcontext()
+        )
         try:
-            with self.controller.suspended():
+            with self.controller.suspended(), correcting:
                 for batch in batches:
                     if num_batches is not None and seen >= num_batches:
                         break
-                    call_model(model, _model_inputs(batch, device))
+                    inputs = model_inputs(batch, device)
+                    call_model(model, inputs)
                     seen += 1
+                    samples += batch_size(inputs)
+                    spread.add(inputs)
         finally:
             for quantizer in self.quantizers.values():
                 quantizer.calibrating = False
@@ -299,6 +343,7 @@ class Quantizer(Method):
             self.apply_phase(self.controller.step)
         if seen == 0:
             raise SlimkitError("calibrate: the dataloader yielded no batches")
+        check_calibration(self.quantizers, samples, spread, allow_degenerate)
         return seen
 
     # -- convert -------------------------------------------------------------------------------
@@ -345,6 +390,19 @@ class Quantizer(Method):
         """Each site's uint8 qparams (pass-through sites: those of the site they share)."""
         return {name: self._site_quantizer(name).qparams() for name in self.plan.sites}
 
+    def _check_finite_qparams(self, site_qparams: dict[str, tuple[float, int]]) -> None:
+        """A NaN / inf / non-positive scale (learned scales trained on NaN losses) would make the
+        INT8 model output plausible finite garbage: refuse it, naming the quantizers."""
+        qparams = {f"site {n}": q for n, q in site_qparams.items()}
+        qparams.update({f"input of {n}": q for n in self.layers if (q := self._input_qparams(n)) is not None})
+        bad = [name for name, (scale, _) in qparams.items() if not (math.isfinite(scale) and scale > 0)]
+        if bad:
+            raise NonFiniteError(
+                f"convert: {len(bad)} activation scale(s) are NaN, infinite or not positive ({', '.join(bad[:6])}"
+                f"{', ...' if len(bad) > 6 else ''}); training diverged (learned scales) or a checkpoint is "
+                "damaged. Resume from an earlier checkpoint or recalibrate with slimkit.calibrate."
+            )
+
     def _input_qparams(self, name: str) -> tuple[float, int] | None:
         return None if self.config.mode == "dynamic" else self._input_quantizer(name).qparams()
 
@@ -355,8 +413,15 @@ class Quantizer(Method):
         modules = dict(user_named_modules(model))
         folded: dict[str, str] = dict(model.__dict__.get(FOLDED_ATTR, {}))
         site_qparams = self._site_qparams()
+        self._check_finite_qparams(site_qparams)
         for name in self.plan.sites:
             sites.detach(modules[name])
+        diverged = [n for n, layer in self.layers.items() if not bool(torch.isfinite(layer.weight).all())]
+        if diverged:
+            raise NonFiniteError(
+                f"convert: the weights of {', '.join(diverged[:6])} hold NaN / inf (training diverged); "
+                "resume from an earlier checkpoint"
+            )
         for name, layer in self.layers.items():
             state: qat.LayerState = layer.__dict__[qat.STATE_ATTR]
             input_qparams = self._input_qparams(name)
@@ -375,6 +440,7 @@ class Quantizer(Method):
         for embedding in self.embeddings.values():
             qemb.convert(embedding)
         model.__dict__[FOLDED_ATTR] = folded
+        runtime.install(model, self.config.compile)
         self._forget_training_tensors(model, [*self.quantizers, *(f"{n}.weight_scale" for n in self.layers)])
         self.layers = {}
         self.embeddings = {}
@@ -438,37 +504,3 @@ def neutralize_batchnorm(bn: nn.Module) -> None:
     qat.swap_class(bn, qat.FreezableBatchNorm, "Folded")
     bn._slimkit_bn_frozen = True
     bn.__dict__[qat.NEUTRAL_ATTR] = True  # runs only what it does besides normalizing, if known
-
-
-def _model_inputs(batch: Any, device: torch.device) -> Any:
-    """What to call the model with for one batch: a dict (HF, without labels), the first item of
-    a tuple / list ``(inputs, targets)``, or a tensor."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    raise SlimkitError(
-        f"calibrate: cannot feed a batch of type {type(batch).__name__} to the model; the dataloader must "
-        "yield tensors, (inputs, targets) tuples or dicts of keyword tensors"
-    )
-
-
-def calibrate(model: nn.Module, dataloader: Iterable, num_batches: int | None = None) -> nn.Module:
-    """Static calibration (PTQ): observe activation ranges on ``num_batches`` batches.
-
-    The model must be prepared with a ``quant`` recipe section (``mode: ptq``, or ``qat`` to
-    start QAT from the calibrated ranges). Runs in eval mode under ``torch.no_grad``; returns
-    the model. Batches may be tensors, ``(inputs, targets)`` tuples or dicts of keyword tensors
-    (``labels`` is dropped).
-    """
-    inner = unwrap(model)
-    quantizer = controller_of(inner).methods.get("quant")
-    if quantizer is None:
-        raise SlimkitError(
-            f"calibrate: {type(inner).__name__} was prepared without a 'quant' recipe section; "
-            "add quant: {mode: ptq} to the recipe"
-        )
-    quantizer.calibrate(inner, dataloader, num_batches)
-    return model

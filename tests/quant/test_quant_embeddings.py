@@ -234,3 +234,18 @@ def test_pruned_bert_with_int8_embeddings_saves_and_loads(tmp_path):
     slimkit.save_pretrained(small, tmp_path / "m")
     again = slimkit.from_pretrained(tmp_path / "m")
     assert torch.equal(logits_of(again, {"input_ids": ids}), out)
+
+
+def test_int8_embeddings_are_the_default_for_transformers_only():
+    bert = tiny_bert()
+    slimkit.prepare(bert, {"quant": {"mode": "ptq"}})  # embeddings: null
+    assert all(is_qat_embedding(getattr(bert.bert.embeddings, n)) for n in EMBEDDINGS)
+    off = tiny_bert()
+    slimkit.prepare(off, {"quant": {"mode": "ptq", "embeddings": False}})
+    assert not any(is_qat_embedding(m) for m in off.modules())
+    bag = Bag()  # a plain module: off unless asked for
+    slimkit.prepare(bag, {"quant": {"mode": "ptq"}}, example_inputs=torch.randint(0, 50, (2, 5)))
+    assert not is_qat_embedding(bag.emb)
+    gpt2 = tiny_gpt2()  # the default skips what it cannot quantize instead of failing: wte is tied
+    slimkit.prepare(gpt2, {"quant": {"mode": "ptq"}})
+    assert not is_qat_embedding(gpt2.transformer.wte) and is_qat_embedding(gpt2.transformer.wpe)

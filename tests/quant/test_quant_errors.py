@@ -176,3 +176,24 @@ def test_timm_linear_is_quantized_like_nn_linear():
     model = slimkit.prepare(Head(), {"quant": {}})
     assert type(model.fc).__name__.startswith("QAT") and isinstance(model.fc, timm.layers.Linear)
     assert hasattr(model.fc, "input_quantizer")
+
+
+@pytest.mark.parametrize("mode", ["qat", "dynamic"])
+def test_recurrent_layers_are_refused_with_the_exclude_entry_and_the_reason(mode):
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(8, 16, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(
+        UnsupportedModelError, match=r'(?s)no oneDNN int8 kernel for recurrent.*quant.exclude: \["rnn"\]'
+    ):
+        slimkit.prepare(Tagger(), {"quant": {"mode": mode}}, example_inputs=x)
+    model = slimkit.prepare(Tagger(), {"quant": {"mode": mode, "exclude": ["rnn"]}}, example_inputs=x)
+    assert type(model.rnn) is torch.nn.LSTM  # kept in float; the head is quantized
+    assert type(model.head).__name__.startswith("QAT")

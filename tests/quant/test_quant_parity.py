@@ -68,7 +68,8 @@ def test_timm_resnet18_qat_int8_and_onnx(tmp_path):
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
-    slimkit.prepare(model, {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2}}, example_inputs=batches[0][0])
+    recipe = {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2, "compile": "never"}}  # eager kernels
+    slimkit.prepare(model, recipe, example_inputs=batches[0][0])
     assert len(model._slimkit.methods["quant"].folded) == 20  # every conv of resnet18 has its BN
     train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
     held_out = torch.randn(64, 3, 32, 32, generator=g)
@@ -112,7 +113,7 @@ def test_gpt2_keeps_the_tied_lm_head_in_float():
     model = tiny_gpt2()
     slimkit.prepare(model, {"quant": {}})
     quantizer = model._slimkit.methods["quant"]
-    assert quantizer.skipped_tied == ["lm_head"]
+    assert quantizer.skipped_tied == ["transformer.wte", "lm_head"]  # embeddings on by default: wte is tied too
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "QATConv1D"
     assert isinstance(model.lm_head, nn.Linear) and not hasattr(model.lm_head, "input_quantizer")
 
@@ -131,13 +132,17 @@ def test_compiled_int8_model_equals_eager(qat_cnn, cnn_data):
     assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 3
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 1
     assert counters["inductor"]["qconv_unary_matcher_count"] >= 2
-    with pytest.raises(slimkit.SlimkitError, match="inference"):
-        compiled(held_out[:3])
+    report = slimkit.quant.runtime_report(compiled)
+    assert [s["path"] for s in report["signatures"]] == ["compiled"]
+    assert report["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}
+    # with gradients on, the eager INT8 kernels run (frozen graphs are for inference only)
+    assert torch.allclose(compiled(held_out[:3]), eager[:3], atol=1e-4)
+    assert len(slimkit.quant.runtime_report(compiled)["signatures"]) == 1
 
 
 def test_int8_layers_run_onednn_int8_kernels_not_float_convolutions(qat_cnn, cnn_data):
     _, held_out = cnn_data
-    int8 = convert_copy(qat_cnn)
+    int8 = slimkit.quant.set_compile(convert_copy(qat_cnn), "never")
     with torch.no_grad(), torch.profiler.profile() as profile:
         int8(held_out[:8])
     ops = {event.name for event in profile.events()}

@@ -110,6 +110,9 @@ def test_quant_config_round_trips_every_field():
         "freeze_bn_step": 12,
         "exclude": ["fc", "layer1.*"],
         "embeddings": True,
+        "equalization": True,
+        "bias_correction": True,
+        "compile": "never",
         "conv_outputs": False,
     }
     recipe = slimkit.Recipe.from_dict({"quant": data})

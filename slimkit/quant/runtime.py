@@ -1,0 +1,272 @@
+"""How a converted INT8 model runs: eager oneDNN kernels, or compiled on first use.
+
+``slimkit.convert`` gives every INT8 model an :class:`Int8Runtime` as its ``forward`` (an
+instance attribute, so the model keeps its class). Each call:
+
+1. refuses non-finite floating inputs (:class:`slimkit.errors.NonFiniteError`): uint8
+   quantization would turn NaN / inf into plausible finite numbers;
+2. picks the path. ``compile="auto"`` (the default, ``quant.compile``) compiles models with
+   INT8 convolutions and runs Linear-only models (transformers) eagerly; ``"always"`` compiles
+   every model; ``"never"`` runs eagerly. Only inference calls compile (no gradients, eval
+   mode, outside another trace); anything else runs the eager INT8 kernels.
+
+Compiling: one ``torch.compile(dynamic=False)`` graph per input signature (shapes, dtypes),
+each from its *own copy* of the model class's ``forward`` code object. Dynamo keys its cache
+(and its recompile limit, 8 by default) on the code object, so every model of one class and
+every batch size used to share one budget and fell back to eager silently once it was spent;
+a copy per (model, signature) never recompiles. Static shapes also avoid the dynamic-batch
+graphs whose int8 convolutions fail at run time in torch 2.14 (a channels-last stride check).
+At most ``MAX_SIGNATURES`` signatures are compiled per model; further ones run eagerly, with
+one warning. A signature whose compilation fails runs eagerly, with the reason logged.
+
+After the first compiled call of a signature, Inductor's pattern-matcher counters say how
+many INT8 layers were lowered to oneDNN int8 kernels; fewer than the model has is a warning
+naming the counts. :func:`runtime_report` returns all of it (path per signature, kernels, why
+not), and the model card records it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import math
+import types
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import NonFiniteError, SlimkitError
+
+logger = logging.getLogger("slimkit")
+
+CompileMode = Literal["auto", "always", "never"]
+COMPILE_MODES = ("auto", "always", "never")
+MAX_SIGNATURES = 8
+_COUNTERS = {"conv2d": "qconv_weight_prepack_matcher_count", "linear": "qlinear_weight_prepack_matcher_count"}
+
+
+@dataclasses.dataclass
+class SignatureState:
+    """One input signature: its compiled callable (None: eager) and what compiling it gave."""
+
+    compiled: Any = None
+    path: str = "pending"  # pending | compiled | eager
+    reason: str | None = None  # why eager
+    int8_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        elif isinstance(leaf, (int, float, bool, str, type(None))):
+            parts.append(leaf)
+        else:
+            parts.append(type(leaf).__name__)
+    return (str(spec), tuple(parts))
+
+
+def check_finite_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`NonFiniteError` when a floating input holds NaN or inf."""
+    leaves, _ = tree_flatten((args, kwargs))
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            bad = int((~torch.isfinite(leaf)).sum())
+            raise NonFiniteError(
+                f"{type(model).__name__} (INT8): input {index} holds {bad} NaN / inf value(s) of {leaf.numel()}. "
+                "INT8 layers quantize their inputs to uint8, which would turn them into ordinary finite numbers "
+                "and hide the problem; clean the inputs (torch.nan_to_num) or find where they became non-finite."
+            )
+
+
+def int8_layer_kinds(model: nn.Module) -> dict[str, int]:
+    """How many static INT8 convolutions and Linear-like layers the model has."""
+    from .int8 import DYNAMIC_ATTR, INT8_KIND_ATTR
+
+    kinds = {"conv2d": 0, "linear": 0, "dynamic": 0}
+    for module in model.modules():
+        kind = module.__dict__.get(INT8_KIND_ATTR)
+        if kind is None:
+            continue
+        if module.__dict__.get(DYNAMIC_ATTR):
+            kinds["dynamic"] += 1
+        else:
+            kinds["conv2d" if kind == "conv2d" else "linear"] += 1
+    return kinds
+
+
+class Int8Runtime:
+    """A converted model's ``forward``: input check, then eager or compiled (see the module doc)."""
+
+    def __init__(self, model: nn.Module, mode: CompileMode = "auto", compile_kwargs: dict | None = None) -> None:
+        if mode not in COMPILE_MODES:
+            raise SlimkitError(f"quant.compile: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self.signatures: dict[tuple, SignatureState] = {}
+        self._warned_full = False
+        # computed on first use: copy.deepcopy builds this object before the model copy is filled
+        self._has_int8_convs: bool | None = None
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """What ``inspect.signature(model.forward)`` reports (transformers' Trainer and generate
+        read it): the model's own forward's."""
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    # copy.deepcopy(model) copies this object with it: bind the copy to the copied model, and
+    # compile afresh (compiled graphs hold the original's frozen weights)
+    def __deepcopy__(self, memo: dict) -> Int8Runtime:
+        return Int8Runtime(copy.deepcopy(self.model, memo), self.mode, copy.deepcopy(self.compile_kwargs, memo))
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model, "mode": self.mode, "compile_kwargs": self.compile_kwargs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["mode"], state["compile_kwargs"])
+
+    @property
+    def compiles(self) -> bool:
+        if self.mode == "never":
+            return False
+        if self._has_int8_convs is None:
+            self._has_int8_convs = int8_layer_kinds(self.model)["conv2d"] > 0  # once, not per call
+        return self.mode == "always" or self._has_int8_convs
+
+    def eager(self, *args, **kwargs):
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.eager(*args, **kwargs)  # traced from outside: the reference pattern
+        single = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+        if single and args[0].is_floating_point():  # the common case, without pytree walks
+            # a sum is NaN / inf when any element is (5x cheaper than isfinite().all() on small
+            # inputs); a finite input whose sum overflows takes the exact check, which passes it
+            if not math.isfinite(args[0].sum().item()):
+                check_finite_inputs(self.model, args, kwargs)
+        elif not single:
+            check_finite_inputs(self.model, args, kwargs)
+        if not self.compiles or torch.is_grad_enabled() or self.model.training:
+            return self.eager(*args, **kwargs)
+        key = (tuple(args[0].shape), args[0].dtype, args[0].device.type) if single else _signature(args, kwargs)
+        state = self.signatures.get(key)
+        if state is None:
+            if len(self.signatures) >= MAX_SIGNATURES:
+                if not self._warned_full:
+                    self._warned_full = True
+                    logger.warning(
+                        "slimkit: %s has compiled INT8 graphs for %d input shapes; new shapes run eagerly "
+                        "(pad or bucket the inputs to a few shapes for compiled speed)",
+                        type(self.model).__name__,
+                        MAX_SIGNATURES,
+                    )
+                return self.eager(*args, **kwargs)
+            state = self.signatures[key] = SignatureState(compiled=self._compile())
+        if state.path == "eager":
+            return self.eager(*args, **kwargs)
+        if state.path == "compiled":
+            return state.compiled(*args, **kwargs)
+        return self._first_call(state, args, kwargs)
+
+    def _compile(self):
+        from .compiled import prepare_compilation
+
+        prepare_compilation(self.model)
+        forward = type(self.model).forward
+        # a fresh code object: dynamo's cache and recompile limit are per code object
+        code = forward.__code__.replace()
+        function = types.FunctionType(
+            code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
+        )
+        function.__kwdefaults__ = forward.__kwdefaults__
+        kwargs = {"dynamic": False, **self.compile_kwargs}
+        return torch.compile(types.MethodType(function, self.model), **kwargs)
+
+    def _first_call(self, state: SignatureState, args: tuple, kwargs: dict):
+        from torch._dynamo.utils import counters
+
+        before = {kind: counters["inductor"][name] for kind, name in _COUNTERS.items()}
+        try:
+            out = state.compiled(*args, **kwargs)
+        except Exception as exc:  # compile failures of any kind: the eager kernels still work
+            state.compiled, state.path = None, "eager"
+            state.reason = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            logger.warning("slimkit: %s runs its INT8 layers eagerly: %s", type(self.model).__name__, state.reason)
+            return self.eager(*args, **kwargs)
+        state.path = "compiled"
+        state.int8_kernels = {kind: counters["inductor"][name] - before[kind] for kind, name in _COUNTERS.items()}
+        expected = int8_layer_kinds(self.model)
+        if not any(state.int8_kernels.values()) and (expected["conv2d"] or expected["linear"]):
+            # nothing was lowered: dynamo ran the frame eagerly (recompile limit, an unsupported
+            # construct) or reused another graph; say so and take the eager kernels directly
+            state.compiled, state.path = None, "eager"
+            state.reason = "torch.compile produced no INT8 kernels for these inputs (dynamo ran them eagerly)"
+            logger.warning("slimkit: %s runs its INT8 layers eagerly: %s", type(self.model).__name__, state.reason)
+            return out
+        missing = {k: expected[k] - state.int8_kernels[k] for k in _COUNTERS if state.int8_kernels[k] < expected[k]}
+        if missing:
+            state.reason = (
+                "Inductor lowered "
+                + ", ".join(f"{state.int8_kernels[k]} of {expected[k]} INT8 {k} layers" for k in missing)
+                + " to oneDNN int8 kernels; the others run as dequantize + float ops (layers that did not run "
+                "for these inputs count as missing)"
+            )
+            logger.warning("slimkit: compiled %s: %s", type(self.model).__name__, state.reason)
+        return out
+
+    def report(self) -> dict:
+        return {
+            "compile": self.mode,
+            "compiles": self.compiles,
+            "signatures": [
+                {
+                    "inputs": repr(key)[:200],
+                    "path": state.path,
+                    "int8_kernels": dict(state.int8_kernels),
+                    **({"reason": state.reason} if state.reason else {}),
+                }
+                for key, state in self.signatures.items()
+            ],
+        }
+
+
+def runtime_of(model: nn.Module) -> Int8Runtime | None:
+    forward = model.__dict__.get("forward")
+    return forward if isinstance(forward, Int8Runtime) else None
+
+
+def install(model: nn.Module, mode: CompileMode = "auto", compile_kwargs: dict | None = None) -> Int8Runtime:
+    """Give a converted model its runtime (replacing an earlier one)."""
+    runtime = Int8Runtime(model, mode, compile_kwargs)
+    model.forward = runtime  # an instance attribute: the model keeps its class and its hooks
+    return runtime
+
+
+def set_compile(model: nn.Module, mode: CompileMode) -> nn.Module:
+    """Choose how a converted INT8 model runs: ``"auto"`` (compile models with INT8 convolutions
+    on first inference call), ``"always"`` or ``"never"`` (eager oneDNN kernels). Returns the model."""
+    runtime = runtime_of(model)
+    if runtime is None:
+        raise SlimkitError(
+            f"set_compile: {type(model).__name__} is not a converted INT8 model; call slimkit.convert(model) first"
+        )
+    install(model, mode, runtime.compile_kwargs)
+    return model
+
+
+def runtime_report(model: nn.Module) -> dict | None:
+    """How a converted model runs: the compile mode, and per input signature seen so far the path
+    (compiled / eager), the INT8 layers Inductor lowered to oneDNN int8 kernels, and why not."""
+    runtime = runtime_of(model)
+    return None if runtime is None else runtime.report()
+
+
+__all__ = ["COMPILE_MODES", "Int8Runtime", "install", "runtime_of", "runtime_report", "set_compile"]

@@ -1,0 +1,124 @@
+"""The converted model's runtime: compiled on first inference call for CNNs (quant.compile),
+one graph per input shape and model, eager fallback, saved with the folder; non-finite inputs refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from quant_helpers import SmallCNN, logits_of
+
+import slimkit
+from slimkit.errors import NonFiniteError
+from slimkit.quant import runtime_report, set_compile
+
+
+def _int8_cnn(seed: int, compile_mode: str = "auto") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(seed)
+    calibration = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(2)]
+    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": compile_mode}}, example_inputs=calibration[0])
+    slimkit.calibrate(model, calibration)
+    return slimkit.convert(model).eval()
+
+
+def _paths(model) -> list[str]:
+    return [s["path"] for s in runtime_report(model)["signatures"]]
+
+
+def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
+    model = _int8_cnn(0)
+    x = torch.randn(16, 1, 12, 12)
+    with torch.no_grad():
+        eager = model.forward.eager(x)
+    assert runtime_report(model)["compiles"] and not runtime_report(model)["signatures"]
+    out = logits_of(model, x)
+    assert _paths(model) == ["compiled"]
+    assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}
+    assert torch.allclose(out, eager, atol=1e-4)
+    logits_of(model, x[:3])  # another shape: its own graph, no recompilation of the first
+    assert _paths(model) == ["compiled", "compiled"]
+    model.train()
+    model(x)  # training mode: the eager kernels, nothing compiled
+    assert len(runtime_report(model)["signatures"]) == 2
+
+
+def test_many_compiled_models_of_one_class_stay_compiled_and_correct():
+    # dynamo keeps one cache and one recompile limit (8 by default) per code object, shared by
+    # every model of a class; with the limit at 2, three models of one class would exhaust it
+    x = torch.randn(4, 1, 12, 12)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seed in range(3):
+            model = _int8_cnn(seed)
+            with torch.no_grad():
+                eager = model.forward.eager(x)
+            assert torch.allclose(logits_of(model, x), eager, atol=1e-4), seed
+            assert _paths(model) == ["compiled"], seed
+            # a graph of its own, with its own weights lowered to int8 kernels (not dynamo's
+            # silent eager fallback once the limit is spent)
+            assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}, seed
+
+
+def _int8_resnet(compile_mode: str) -> torch.nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, channels=(8, 8, 8, 8)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": compile_mode}}, example_inputs=x)
+    slimkit.calibrate(model, [x])
+    return slimkit.convert(model).eval()
+
+
+def test_never_and_set_compile_run_eagerly_and_survive_save_and_copy(tmp_path):
+    model = _int8_resnet("never")
+    x = torch.randn(4, 3, 32, 32)
+    logits_of(model, x)
+    assert runtime_report(model)["compile"] == "never" and not runtime_report(model)["signatures"]
+    folder = slimkit.save_pretrained(model, tmp_path / "m", model_card=True)
+    again = slimkit.from_pretrained(folder)
+    assert runtime_report(again)["compile"] == "never"
+    assert "eager oneDNN kernels (quant.compile: never)" in (folder / "README.md").read_text()
+    assert torch.equal(logits_of(again, x), logits_of(model, x))
+    set_compile(again, "always")
+    assert runtime_report(again)["compile"] == "always"
+
+
+def test_a_copy_of_a_compiled_model_runs_its_own_weights():
+    model = _int8_cnn(3)
+    x = torch.randn(4, 1, 12, 12)
+    expected = logits_of(model, x)  # compiled, with model's weights frozen into the graph
+    twin = copy.deepcopy(model)
+    assert twin.forward.model is twin and not runtime_report(twin)["signatures"]
+    with torch.no_grad():
+        twin.fc.weight.zero_()
+    assert torch.allclose(logits_of(twin, x), twin.fc.bias.expand(4, -1))
+    assert torch.equal(logits_of(model, x), expected)
+    with pytest.raises(slimkit.SlimkitError, match="quant.compile"):
+        set_compile(model, "sometimes")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_int8_models_refuse_non_finite_inputs_instead_of_hiding_them(value):
+    model = _int8_cnn(2, compile_mode="never")
+    x = torch.randn(4, 1, 12, 12)
+    x[1, 0, 3, 3] = value
+    with pytest.raises(NonFiniteError, match="1 NaN / inf"):
+        logits_of(model, x)
+
+
+def test_transformers_keep_their_forward_signature_and_run_eagerly():
+    import inspect
+
+    from quant_helpers import tiny_gpt2, token_batch
+
+    model = tiny_gpt2()
+    slimkit.prepare(model, {"quant": {"mode": "ptq"}})
+    batch = token_batch(batch=16)
+    slimkit.calibrate(model, [batch])
+    int8 = slimkit.convert(model).eval()
+    # transformers' Trainer and generate read the parameters of model.forward
+    assert list(inspect.signature(int8.forward).parameters)[:1] == ["input_ids"]
+    assert int8.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    assert not runtime_report(int8)["compiles"] and not runtime_report(int8)["signatures"]
