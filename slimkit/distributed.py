@@ -143,6 +143,7 @@ def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 _FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable")
+_KWARGS_DICTS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_hooks",
