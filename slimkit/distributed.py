@@ -6,6 +6,9 @@ Every method calls these instead of ``torch.distributed`` directly:
 * :func:`broadcast_` (rank 0's tensors everywhere: masks, projector initialisation) and
   :func:`all_reduce_` (statistics), both also for CPU tensors on an NCCL process group;
 * :func:`is_sharded`, :func:`full_tensor`, :func:`local_like` for FSDP2's ``DTensor`` parameters;
+* :func:`mul_mask_` (a mask on a possibly sharded parameter: each process its own rows) and
+  :func:`follow_grad_hook` (a gradient hook that also fires on the whole parameter FSDP2
+  gathers for each forward), what pruning needs on sharded parameters;
 * :func:`gather_full_model_`: an FSDP2 model made a plain module again, with full parameters on
   every process (what ``slimkit.convert`` does first, so that it converts one whole model);
 * :func:`sync_buffers_like_ddp`: FSDP2 shards parameters but leaves buffers (BatchNorm statistics,
@@ -109,6 +112,13 @@ def is_dtensor(tensor: Any) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
+def managed_by_fsdp(module: nn.Module) -> bool:
+    """True if FSDP2 manages ``module``'s parameters. In a forward they are whole tensors that
+    FSDP2 gathers into the same storage every step with their version counter preserved, so
+    ``(tensor._version, data_ptr())`` does not tell whether their values changed."""
+    return bool(module.__dict__.get("_is_fsdp_managed_module", False))
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True if ``model`` (or a submodule) is wrapped by FSDP2's ``fully_shard``."""
     try:
@@ -136,6 +146,93 @@ def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _shard_bounds(size: int, tensor: torch.Tensor) -> tuple[int, int]:
+    """(start, length) of this process's part of a dimension of ``size`` split like
+    ``torch.chunk`` over the mesh of the 1-D DTensor ``tensor`` (``Shard``'s layout)."""
+    mesh = tensor.device_mesh
+    parts, index = mesh.size(), mesh.get_local_rank()
+    chunk = -(-size // parts)
+    start = min(chunk * index, size)
+    return start, max(min(chunk, size - start), 0)
+
+
+def local_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``keep``, a mask that broadcasts against the whole of ``like``
+    (a size-1 dimension stays whole); ``keep`` itself when ``like`` is not a DTensor."""
+    if not is_dtensor(like):
+        return keep
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = like.placements
+    if len(placements) == 1 and isinstance(placements[0], Replicate):
+        return keep
+    if len(placements) == 1 and isinstance(placements[0], Shard):
+        dim = placements[0].dim % like.dim()
+        if keep.dim() < like.dim() or keep.shape[dim] == 1:
+            return keep
+        start, length = _shard_bounds(keep.shape[dim], like)
+        return keep.narrow(dim, start, length)
+    # several mesh dimensions (HSDP, FSDP + TP): let DTensor cut it
+    return local_like(keep.expand(like.shape).contiguous(), like).to_local()
+
+
+@torch.no_grad()
+def mul_mask_(tensor: torch.Tensor, keep: torch.Tensor) -> None:
+    """``tensor *= keep`` in place, for a plain tensor or a sharded DTensor parameter (each
+    process multiplies its own shard by its part of the mask; no communication)."""
+    if is_dtensor(tensor):
+        tensor.to_local().mul_(local_mask(keep, tensor))
+    else:
+        tensor.data.mul_(keep)
+
+
+class _FollowingGradHook:
+    """See :func:`follow_grad_hook`; ``remove()`` removes every hook it registered."""
+
+    def __init__(self, model: nn.Module, param: nn.Parameter, make_hook: Any) -> None:
+        self._make = make_hook
+        self._hooked: dict[int, Any] = {}  # id -> weakref of every tensor hooked (ids get reused)
+        self._handles: list[Any] = []
+        self._hook(param)
+        owners = [(m, n) for m in model.modules() for n, p in m._parameters.items() if p is param]
+        self._handles += [m.register_forward_pre_hook(self._follow(n)) for m, n in owners]
+
+    def _hook(self, tensor: torch.Tensor) -> None:
+        import weakref
+
+        ref = self._hooked.get(id(tensor))
+        if (ref is not None and ref() is tensor) or is_dtensor(tensor) or not tensor.requires_grad:
+            return
+        self._hooked[id(tensor)] = weakref.ref(tensor)
+        self._handles.append(tensor.register_hook(self._make(tensor)))
+
+    def _follow(self, name: str) -> Any:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            tensor = module._parameters.get(name)
+            if tensor is not None:
+                self._hook(tensor)
+
+        return pre_hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._hooked = [], {}
+
+
+def follow_grad_hook(model: nn.Module, param: nn.Parameter, make_hook: Any) -> _FollowingGradHook:
+    """Register ``make_hook(tensor)`` (which returns a ``grad -> None`` hook) on ``param`` and on
+    every tensor that later stands in its place in its module during a forward.
+
+    ``fully_shard`` replaces a parameter by a sharded DTensor, never used in autograd: during
+    each forward the module holds a whole, gathered parameter instead (the same object every
+    step), and its gradient is what DDP's hook would see, this process's local one. A forward
+    pre-hook on each module that owns ``param`` hooks that tensor the first time it appears.
+    For a model that is never sharded this is ``param.register_hook(make_hook(param))``.
+    """
+    return _FollowingGradHook(model, param, make_hook)
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,8 +306,8 @@ def gather_full_model_(model: nn.Module) -> nn.Module:
     A collective: call it on every process. Each ``DTensor`` parameter is gathered into a
     full ``nn.Parameter`` (tied parameters stay tied), FSDP's hooks are removed and each
     module gets its own class back, so the model runs, converts and saves like one that was
-    never sharded. Training it further needs ``fully_shard`` again. A model that is not
-    sharded is returned as it is.
+    never sharded, with rank 0's buffers. Training it further needs ``fully_shard`` again. A
+    model that is not sharded is returned as it is.
     """
     if not is_sharded(model):
         return model
@@ -229,6 +326,10 @@ def gather_full_model_(model: nn.Module) -> nn.Module:
                     module._buffers[name] = buf.full_tensor().clone()
     for module in model.modules():
         _strip_fsdp(module)
+    # buffers (fake-quant ranges, BatchNorm statistics) are each process's own since the last
+    # forward: rank 0's everywhere, as DDP would broadcast them, so every process converts the
+    # same model, the one rank 0 of a DDP run converts
+    broadcast_([b for b in model.buffers() if b is not None and b.numel() > 0])
     return model
 
 
