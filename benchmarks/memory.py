@@ -32,10 +32,10 @@ class PeakMemory(TorchDispatchMode):
     def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
         if self.device is not None and t.device.type != self.device:
             return
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._seen or key in inputs or storage.nbytes() == 0:
+        key = _key(t)
+        if key is None or key in self._seen or key in inputs:
             return
+        storage = t.untyped_storage()
         size = storage.nbytes()
         self.live += size
         self.peak = max(self.peak, self.live)
@@ -47,14 +47,22 @@ class PeakMemory(TorchDispatchMode):
         self._seen[key] = weakref.ref(storage, freed) if _weakrefable(storage) else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
+        inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t, inputs)
         return out
+
+
+def _key(t: torch.Tensor) -> int | None:
+    """The tensor's storage address; None for an empty storage (FSDP2 frees gathered parameters
+    by resizing their storage to 0 bytes, which then has no valid data pointer)."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() else None
+    except RuntimeError:
+        return None
 
 
 def _weakrefable(storage: torch.UntypedStorage) -> bool:
