@@ -29,6 +29,7 @@ from slimkit.errors import SlimkitError
 from slimkit.recipe import DistillConfig, PruneConfig, QuantConfig, Recipe
 
 from . import hf_adapters  # noqa: F401  (registers the HF adapter)
+from .parallelism import check_trainer_args
 
 
 def _average_across_processes(values: dict[str, float]) -> dict[str, float]:
@@ -69,6 +70,7 @@ class SlimCallback(TrainerCallback):
     # Report integrations (TensorBoard, W&B, ...) are called before user callbacks; move the
     # slimkit callbacks ahead of them so that the values added in on_log reach every target.
     def on_init_end(self, args, state, control, **kwargs):
+        check_trainer_args(args)
         handler = sys._getframe(1).f_locals.get("self")
         callbacks = getattr(handler, "callbacks", None)
         if isinstance(callbacks, list) and self in callbacks:
@@ -81,12 +83,7 @@ class SlimCallback(TrainerCallback):
             handler.callbacks = others[:first_report] + ours + others[first_report:]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if getattr(args, "fsdp", None):
-            raise SlimkitError(
-                "slimkit does not support FSDP: pruning masks, fake-quant observers and KD projectors "
-                "need whole (unsharded) parameters. Train with DDP (the default of accelerate launch "
-                "--multi_gpu) instead."
-            )
+        check_trainer_args(args)  # FSDP on CPU, FSDP1 and DeepSpeed: refused (plugins/parallelism.py)
         # A schedule that cannot finish in this run is refused now, not discovered at convert
         # after the whole run (state.max_steps is set before on_train_begin).
         if getattr(state, "max_steps", 0) and state.max_steps > 0:

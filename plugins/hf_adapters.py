@@ -212,6 +212,19 @@ class HFAdapter(ModelAdapter):
             return "embedding"
         return "classification"
 
+    def loss_is_token_cross_entropy(self, model: nn.Module) -> bool:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+        # model.loss_function, without its warning for models whose loss_type is unset (GPT-2)
+        loss = model.__dict__.get("_loss_function") or LOSS_MAPPING.get(getattr(model, "loss_type", None) or "")
+        config = getattr(model, "config", None)
+        return (
+            self.task(model) == "causal_lm"
+            and loss in (None, ForCausalLMLoss)
+            # MoE models add a router loss to the token loss when they return router logits
+            and not getattr(config, "output_router_logits", False)
+        )
+
     def classifier_names(self, model: nn.Module) -> list[str]:
         """Every Linear head outside the base model (classifier, score, lm_head, ...)."""
         prefix = getattr(model, "base_model_prefix", "")

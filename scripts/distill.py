@@ -40,6 +40,7 @@ from slimkit.errors import SlimkitError
 from slimkit.plugins.accelerate import gather_log_values, gather_mean
 from slimkit.plugins.accelerate import progress as progress_bar
 from slimkit.plugins.data import TaskData, load_task_data
+from slimkit.plugins.parallelism import check_accelerator
 from slimkit.report import count_parameters
 
 
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     # accelerate only picks its multi-process CPU mode (gloo) when told cpu=True; without a GPU,
     # `accelerate launch --multi_gpu --num_processes 2` would otherwise start two lone processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_accelerator(accelerator)  # FSDP on CPU, FSDP1 and DeepSpeed: a clear refusal
     set_seed(args.seed)
     torch.set_flush_denormal(True)
     recipe = slimkit.Recipe.from_file(args.recipe)

@@ -51,6 +51,7 @@ def prepare(
     """
     recipe = _as_recipe(recipe)
     model = unwrap(model)
+    _check_sharding(model, recipe)
     from .omp import warn_once
 
     warn_once()  # OMP_WAIT_POLICY unset: training may be several times slower on a shared machine
@@ -77,7 +78,26 @@ def prepare(
         from .distill import Distiller
 
         controller.add(Distiller(controller, recipe.distill, teacher, example_inputs), model)
+    from .distributed import reshard_
+
+    reshard_(model)  # FSDP2: after slimkit's probe forwards, the optimizer must get the shards
+    if teacher is not None:
+        reshard_(teacher)
     return model
+
+
+def _check_sharding(model: nn.Module, recipe: Recipe) -> None:
+    from .distributed import is_sharded
+
+    late = [name for name in ("prune", "quant") if getattr(recipe, name) is not None]
+    if late and is_sharded(model):
+        raise SlimkitError(
+            f"slimkit.prepare: {type(model).__name__} is already sharded by fully_shard (FSDP2), and the "
+            f"recipe's {' and '.join(late)} section{'s' if len(late) > 1 else ''} must see whole parameters to "
+            "trace the model and attach masks / fake-quant modules. Call slimkit.prepare(model, recipe, ...) "
+            "first and fully_shard(model) after it (distillation alone also works on a model sharded before "
+            "prepare)."
+        )
 
 
 def compute_loss(

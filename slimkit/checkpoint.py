@@ -10,6 +10,15 @@ A checkpoint is a folder ``step-000123`` holding
 * ``state.json``: the loop's own state (step, epoch, batch, loss curve, ...);
 * ``checksums.json``: the SHA-256 of every other file, written last.
 
+A model sharded by FSDP2 (``fully_shard``) is saved as a *full* state dict, gathered by every
+process and written by rank 0: ``model.safetensors`` is then the same file a DDP or single-process
+run writes, and ``optimizer.safetensors`` holds torch's full optimizer state dict, keyed by
+parameter name (``<parameter name>.<field>``; param groups and JSON scalars in
+``optimizer.json``). Resuming reads the files on every process and loads each process's shards
+from them (``set_model_state_dict``), so the processes need the same file system.
+``torch.distributed.checkpoint`` would write sharded files without gathering, but its metadata
+file is a pickle, which slimkit never writes or reads.
+
 It is written under a temporary name and renamed into place when complete, so a run that is
 killed or runs out of disk never leaves a half checkpoint under a ``step-*`` name, and
 earlier checkpoints are only deleted after a newer one is complete. Checkpoints are ordered
@@ -62,6 +71,79 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _full_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _sharded_to_files(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """Full model and optimizer state of an FSDP2 model (a collective; rank 0 gets the values)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    # nested, keyed by parameter name (torch 2.14's flatten_optimizer_state_dict=True output
+    # does not load back: KeyError 'param_groups.0.params.0')
+    full = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    tensors, scalars = {}, {}
+    for name, values in full.get("state", {}).items():
+        for field, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{field}"] = value.detach().contiguous()
+            else:
+                scalars[f"{name}.{field}"] = value
+    # tied parameters appear under each name; safetensors stores one copy (the model re-ties them)
+    seen: set[tuple] = set()
+    storages: set[int] = set()
+    for name in list(weights):
+        tensor = weights[name].detach()
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())) if tensor.numel() else (name,)
+        if key in seen:
+            del weights[name]
+            continue
+        seen.add(key)
+        storage = tensor.untyped_storage().data_ptr()
+        weights[name] = tensor.clone() if storage in storages and tensor.numel() else tensor.contiguous()
+        storages.add(storage)
+    meta = {"layout": "full", "param_groups": full.get("param_groups", []), "scalars": scalars}
+    return weights, tensors, meta
+
+
+def _sharded_from_files(model: nn.Module, optimizer: Any, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    weights = _read_tensors(path / "model.safetensors")
+    names = dict(model.named_parameters(remove_duplicate=False))
+    expected = set(model.state_dict())
+    for name in expected - set(weights):  # a tied copy safetensors stored once
+        twin = next((n for n in weights if n in names and names[n] is names.get(name)), None)
+        if twin is not None:
+            weights[name] = weights[twin]
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise FormatError(
+            f"{path / 'model.safetensors'} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    set_model_state_dict(model, weights, options=_full_options())
+    if optimizer is not None:
+        meta = _read_json(path / "optimizer.json")
+        if meta.get("layout") != "full":
+            raise FormatError(
+                f"{path / 'optimizer.json'} holds a per-process optimizer state (written without FSDP2); "
+                "resume it without fully_shard, or start the sharded run from model.safetensors alone"
+            )
+        state: dict[str, dict[str, Any]] = {}
+        for key, value in [*_read_tensors(path / "optimizer.safetensors").items(), *meta["scalars"].items()]:
+            name, field = key.rsplit(".", 1)  # parameter names have dots, state fields none
+            state.setdefault(name, {})[field] = value
+        try:
+            set_optimizer_state_dict(
+                model, optimizer, {"state": state, "param_groups": meta["param_groups"]}, options=_full_options()
+            )
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise FormatError(f"{path / 'optimizer.json'} does not fit the optimizer ({exc})") from None
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -162,11 +244,18 @@ def save_checkpoint(
             shutil.rmtree(leftover, ignore_errors=True)
         staging.mkdir()
     barrier()
+    from .distributed import is_sharded
+
+    sharded = _sharded_to_files(model, optimizer) if is_sharded(model) else None  # every process gathers
     try:
         save_file({"torch": torch.get_rng_state()}, str(staging / f"rng-{rank}.safetensors"))
         if rank == 0:
-            save_model(model, str(staging / "model.safetensors"))
-            tensors, meta = _optimizer_to_files(optimizer)
+            if sharded is not None:
+                weights, tensors, meta = sharded
+                save_file(weights, str(staging / "model.safetensors"))
+            else:
+                save_model(model, str(staging / "model.safetensors"))
+                tensors, meta = _optimizer_to_files(optimizer)
             save_file(tensors, str(staging / "optimizer.safetensors"))
             (staging / "optimizer.json").write_text(json.dumps(meta))
             (staging / "state.json").write_text(json.dumps({**loop_state, "step": step, "world_size": world_size}))
@@ -222,6 +311,12 @@ def load_checkpoint(
             f"{rng} is missing: the checkpoint was written by {state.get('world_size', '?')} process(es) and this "
             f"is process {rank}. Resume with the same number of processes."
         )
+    from .distributed import is_sharded
+
+    if is_sharded(model):  # FSDP2: full files, each process keeps its shards
+        _sharded_from_files(model, optimizer, path)
+        torch.set_rng_state(_read_tensors(rng)["torch"])
+        return state
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -232,6 +327,12 @@ def load_checkpoint(
         )
     if optimizer is not None:
         meta = _read_json(path / "optimizer.json")
+        if meta.get("layout") == "full":
+            raise FormatError(
+                f"{path / 'optimizer.json'} holds the optimizer state of an FSDP2 run (keyed by parameter "
+                "name); resume it with the model sharded by fully_shard, or pass optimizer=None to start a "
+                "new optimizer from model.safetensors"
+            )
         tensors = _read_tensors(path / "optimizer.safetensors")
         try:
             optimizer.load_state_dict(_optimizer_from_files(tensors, meta))

@@ -114,6 +114,10 @@ class Controller:
         self.state.to(device)
         model.add_module(SLIMKIT_ATTR, self.state)
         object.__setattr__(model, CONTROLLER_ATTR, self)
+        from .distributed import sync_buffers_like_ddp
+
+        # Under FSDP2 rank 0's buffers (BatchNorm statistics, observers) before each forward, as DDP
+        self._buffer_sync = sync_buffers_like_ddp(model)
 
     # -- methods -----------------------------------------------------------------------------
     def add(self, method: Method, model: nn.Module) -> None:
@@ -204,7 +208,10 @@ class Controller:
             return {}
 
     def convert(self, model: nn.Module) -> nn.Module:
+        from .distributed import gather_full_model_
         from .report import count_macs, kept_layers, latency_setting, layer_widths, measure
+
+        model = gather_full_model_(model)  # FSDP2: one whole model on every process (a collective)
 
         transposed = self.adapter.transposed_linear_types()
         widths, heads = layer_widths(model, transposed), self._heads(model)
@@ -239,6 +246,7 @@ class Controller:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._buffer_sync.remove()
         if SLIMKIT_ATTR in model._modules:
             del model._modules[SLIMKIT_ATTR]
         if CONTROLLER_ATTR in model.__dict__:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .adapters import adapter_for_library, get_adapter
 from .atomic import interrupted_swap, replace_folder
-from .errors import FormatError
+from .errors import FormatError, SlimkitError
 from .folder_checks import check_slimkit_block, check_tree, library_of
 from .modules import SLIMKIT_ATTR
 from .safe_build import (
@@ -223,10 +223,24 @@ def save_pretrained(
     before -> after measurements of ``slimkit.convert`` are written automatically.
     ``files_from`` is a folder whose sentence-transformers files (``modules.json``, pooling) are
     kept in the new folder; by default the folder the model was loaded from.
+
+    In a process group (DDP, FSDP2) only rank 0 writes; the other processes return at once, so
+    call it on every process or on rank 0 alone (then a barrier before others read the folder).
+    A model still sharded by ``fully_shard`` is refused: ``slimkit.convert`` gathers it first.
     """
+    from .distributed import is_main_process, is_sharded
     from .report import model_card as default_card
 
     target = Path(path)
+    if is_sharded(model):
+        raise SlimkitError(
+            f"save_pretrained: {type(model).__name__} is sharded by fully_shard (FSDP2): each process holds "
+            "only a part of its parameters. Call slimkit.convert(model) on every process first (it gathers "
+            "the whole model), or slimkit.distributed.gather_full_model_(model) for a model without a recipe, "
+            "then save."
+        )
+    if not is_main_process():
+        return target
     card = default_card if model_card else None
     if target.exists() and not target.is_dir():
         raise FormatError(f"save_pretrained: {str(target)!r} exists and is not a folder")

@@ -93,8 +93,13 @@ class DistillConfig(Config):
     dropout: Literal["keep", "off"] = help_field(
         "keep", "off: no dropout in the student while it trains (helps feature KD from a pre-trained encoder)"
     )
+    chunk_tokens: int | None = help_field(
+        None, "positions per chunk of the logit KD loss (null: about 4M logits per chunk, 128 tokens at 32k vocabulary)"
+    )
 
     def validate(self, path: str) -> None:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            self.fail(path, "chunk_tokens", f"must be >= 1 (or null for automatic), got {self.chunk_tokens}")
         if not self.temperature > 0:
             self.fail(path, "temperature", f"must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -155,6 +155,13 @@ class ModelAdapter:
     def task(self, model: nn.Module) -> Task:
         return "classification"
 
+    def loss_is_token_cross_entropy(self, model: nn.Module) -> bool:
+        """Whether the loss the model computes from ``labels`` is exactly the shifted token
+        cross-entropy (-100 ignored, summed / ``num_items_in_batch`` or averaged). Logit KD then
+        computes it in its own chunked pass instead, so that a large-vocabulary LM does not
+        hold the model's log-softmax and gradients next to KD's (see distill/chunked.py)."""
+        return False
+
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
         raise UnsupportedModelError(
             f"{type(model).__name__}: slimkit cannot guess example inputs for this model; "

@@ -23,10 +23,11 @@ from torch import nn
 
 from ..adapters import call_model, get_adapter, get_logits, get_loss
 from ..controller import Controller, Method
+from ..distributed import reshard_
 from ..errors import IncompatibleError, SlimkitError
 from ..recipe import DistillConfig
 from .capture import FeatureCapture
-from .losses import attention_kd, feature_loss, logit_kd, task_cross_entropy, valid_positions
+from .losses import attention_kd, feature_loss, logit_kd_and_ce, row_masks
 from .mapping import expand_pairs
 from .projectors import align, build_projector
 
@@ -70,6 +71,12 @@ class Distiller(Method):
         self._mixed_loss: torch.Tensor | None = None  # the loss the hook already wrote into outputs
         self._use_logits = config.alpha > 0
         self.causal = False
+        # Causal LMs whose loss is the plain token CE: the labels are kept from the model and the
+        # CE is computed in KD's own chunked pass (one [tokens, vocabulary] gradient, not three).
+        self._owns_task_loss = False
+        self._held_labels: torch.Tensor | None = None
+        self._pre_hook: Any = None
+        self._grad_hooks: list[Any] = []
 
     # -- prepare -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -98,6 +105,36 @@ class Distiller(Method):
         self.causal = s_adapter.task(model) == "causal_lm"
         self._probe(model)
         self.controller.state.add_module("projectors", self.projectors)
+        self._share_projectors(model)
+        self._owns_task_loss = self._use_logits and s_adapter.loss_is_token_cross_entropy(model)
+        if self._owns_task_loss:
+            self._pre_hook = model.register_forward_pre_hook(self._hold_labels, with_kwargs=True)
+
+    def _share_projectors(self, model: nn.Module) -> None:
+        """Every process starts from rank 0's projectors (FSDP2, unlike DDP, broadcasts nothing).
+        On a student already sharded by fully_shard the projectors are outside its FSDP groups:
+        they stay whole and their gradients are averaged over processes, as DDP would."""
+        from ..distributed import broadcast_, is_distributed, is_sharded, replicate_gradients
+
+        params = list(self.projectors.parameters())
+        if not params or not is_distributed():
+            return
+        if is_sharded(model):
+            self._grad_hooks = replicate_gradients(params)
+        else:
+            broadcast_([p.data for p in params])
+
+    def _hold_labels(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Training forward of a causal LM: take ``labels`` out of the model's kwargs (it then
+        computes no loss of its own); the forward hook computes the same CE in the KD pass."""
+        self._held_labels = None
+        if self.controller._suspended or not model.training or not torch.is_grad_enabled():
+            return None
+        if kwargs.get("labels") is None or kwargs.get("shift_labels") is not None:
+            return None
+        kwargs = dict(kwargs)
+        self._held_labels = kwargs.pop("labels")
+        return args, kwargs
 
     def _probe(self, model: nn.Module) -> None:
         """One forward of both models on example inputs: feature shapes for the projectors,
@@ -164,9 +201,15 @@ class Distiller(Method):
         with torch.no_grad():
             t_out = self.teacher(*args, **teacher_kwargs)
         self.teacher_logits = get_logits(t_out)
+        # FSDP2 keeps a root module's parameters gathered after forward, for the backward it
+        # expects; the frozen teacher has none, so its gathered parameters are freed now.
+        reshard_(self.teacher)
 
     def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         self._run_teacher(model, args, kwargs)
+        if self._held_labels is not None:
+            kwargs = {**kwargs, "labels": self._held_labels}
+            self._held_labels = None
         self._last_kwargs = kwargs
         s_feats, t_feats = self._student_feats.pop(), self._teacher_feats.pop()
         s_attn, t_attn = dict(self._student_attn), dict(self._teacher_attn)
@@ -191,8 +234,15 @@ class Distiller(Method):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         num_items_in_batch: Any = None,
+        task_from_logits: str | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The mixed loss from the last forward, and its terms (for logging)."""
+        """The mixed loss from the last forward, and its terms (for logging).
+
+        ``task_from_logits`` computes the task CE against ``labels`` in the same chunked pass
+        as the KD term: ``"mean"`` over positions that count (padding left out), or ``"model"``
+        exactly as transformers' causal LM loss (every labelled position, divided by
+        ``num_items_in_batch`` when the Trainer passes it).
+        """
         cfg = self.config
         causal = self.causal
         terms = dict(self._pending)
@@ -200,21 +250,35 @@ class Distiller(Method):
         # the whole accumulated batch (num_items_in_batch) instead of averaging per micro-batch.
         scale = 1.0
         if num_items_in_batch is not None and labels is not None and student_logits is not None:
-            _, valid = valid_positions(student_logits, labels, None, causal)
-            n_local = valid.sum() if valid is not None else torch.tensor(student_logits.shape[0])
-            scale = n_local.to(student_logits.device).float() / torch.as_tensor(num_items_in_batch).float().to(
-                student_logits.device
-            )
+            _, valid, _ = row_masks(student_logits, labels, None, causal)
+            scale = valid.sum().float() / torch.as_tensor(num_items_in_batch).float().to(student_logits.device)
             terms = {k: v * scale for k, v in terms.items()}
         total = sum(terms.values()) if terms else None
-        if self._use_logits and student_logits is not None and self.teacher_logits is not None:
-            kd_sum, kd_count = logit_kd(
-                student_logits, self.teacher_logits, cfg.temperature, labels, attention_mask, causal
+        teacher_logits, self.teacher_logits = self.teacher_logits, None  # held by autograd only
+        use_kd = self._use_logits and student_logits is not None and teacher_logits is not None
+        with_ce = task_from_logits is not None and labels is not None and student_logits is not None
+        if use_kd or with_ce:
+            kd_sum, kd_count, ce_sum, ce_count = logit_kd_and_ce(
+                student_logits,
+                teacher_logits if use_kd else None,
+                cfg.temperature,
+                labels,
+                attention_mask,
+                causal,
+                with_ce=with_ce,
+                ce_attention_mask=task_from_logits != "model",
+                chunk_rows=cfg.chunk_tokens,
             )
-            kd = kd_sum / kd_count.clamp_min(1) * scale
-            terms["distill/kd"] = kd
-            weight = cfg.alpha if task_loss is not None else 1.0
-            total = weight * kd if total is None else total + weight * kd
+            if with_ce:
+                if task_from_logits == "model" and num_items_in_batch is not None:
+                    task_loss = ce_sum / torch.as_tensor(num_items_in_batch).to(ce_sum.device)
+                else:
+                    task_loss = ce_sum / ce_count.clamp_min(1)
+            if use_kd:
+                kd = kd_sum / kd_count.clamp_min(1) * scale
+                terms["distill/kd"] = kd
+                weight = cfg.alpha if task_loss is not None else 1.0
+                total = weight * kd if total is None else total + weight * kd
         if task_loss is not None:
             terms["distill/task"] = task_loss
             mixed = (1.0 - cfg.alpha) * task_loss if self._use_logits else task_loss
@@ -233,12 +297,14 @@ class Distiller(Method):
         task = get_loss(outputs)
         if task is None and kwargs.get("labels") is None and "logits" not in outputs and not terms:
             return None
+        owned = self._owns_task_loss and task is None and kwargs.get("labels") is not None
         loss, logged = self.mix(
             get_logits(outputs),
             task,
             kwargs.get("labels"),
             kwargs.get("attention_mask"),
             kwargs.get("num_items_in_batch"),
+            task_from_logits="model" if owned else None,
         )
         self.controller.record(logged)
         outputs["loss"] = loss
@@ -253,14 +319,18 @@ class Distiller(Method):
             self._mixed_loss = None
             return loss
         logits = get_logits(outputs)
-        if task_loss is None and labels is not None and logits is not None:
-            ce_sum, count = task_cross_entropy(logits, labels, attention_mask, self.causal)
-            task_loss = ce_sum / count.clamp_min(1)
-        loss, logged = self.mix(logits, task_loss, labels, attention_mask)
+        own_ce = task_loss is None and labels is not None and logits is not None
+        loss, logged = self.mix(logits, task_loss, labels, attention_mask, task_from_logits="mean" if own_ce else None)
         self.controller.record(logged)
         return loss
 
     def remove(self, model: nn.Module) -> None:
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
         for capture in self._captures:
             capture.remove()
         for handle in self._attention_handles:

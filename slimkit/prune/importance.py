@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..distributed import follow_grad_hook, full_tensor
 from ..modules import get_module
 from .units import UnitGroup, tensor_roles, unit_lookup
 
@@ -55,7 +56,7 @@ def magnitude(model: nn.Module, group: UnitGroup, transposed: dict, p: int) -> t
     scores = torch.zeros(group.size, dtype=torch.float64)
     reduce = torch.abs if p == 1 else torch.square
     for module, dim, i in weight_roles(model, group, transposed):
-        _scatter(group, i, _per_position(module.weight, dim, reduce).cpu(), scores)
+        _scatter(group, i, _per_position(full_tensor(module.weight), dim, reduce).cpu(), scores)
     return scores if p == 1 else scores.sqrt()
 
 
@@ -65,7 +66,7 @@ def bn_scale(model: nn.Module, group: UnitGroup, transposed: dict) -> torch.Tens
     for i, member in enumerate(group.members):
         module = get_module(model, member.module)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
-            _scatter(group, i, module.weight.detach().abs().cpu(), scores)
+            _scatter(group, i, full_tensor(module.weight.detach()).abs().cpu(), scores)
             found = True
     return scores if found else magnitude(model, group, transposed, 2)
 
@@ -147,7 +148,11 @@ class TaylorAccumulator:
                 entry = roles.setdefault(id(weight), (weight, []))
                 entry[1].append((dim, valid, lookup[valid] + offset))
         self.weights = [weight for weight, _ in roles.values()]
-        self._handles = [weight.register_hook(self._hook(weight, uses)) for weight, uses in roles.values()]
+        # FSDP2: the hooks follow the whole parameter each forward gathers (fully_shard replaces it)
+        self._handles = [
+            follow_grad_hook(model, weight, lambda tensor, uses=uses: self._hook(tensor, uses))
+            for weight, uses in roles.values()
+        ]
 
     def _hook(self, weight: nn.Parameter, uses: list):
         def hook(grad: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..adapters import call_model
 from ..controller import Controller, Method
+from ..distributed import full_tensor, mul_mask_
 from ..errors import ConfigError, UnsupportedModelError
 from ..modules import get_module, user_named_modules
 from ..recipe import PruneConfig
@@ -230,11 +231,12 @@ class Pruner(Method):
     # training
     # ------------------------------------------------------------------------------------
     def on_step(self, model: nn.Module, step: int) -> None:
-        if not self._synced and distributed():
+        if not self._synced:
             # prepare may have run before the process group existed (masks of step 0 computed
             # per process): from the first step on, every process holds rank 0's state.
-            broadcast(list(self.state.buffers()))
-            self._invalidate()
+            if distributed():
+                broadcast(list(self.state.buffers()))
+            self._invalidate()  # and a plan made before fully_shard names the replaced parameters
             self._synced = True
         if self.data is not None and self.data.gradients is not None:
             self.data.gradients.flush(self.state)
@@ -448,7 +450,7 @@ class Pruner(Method):
             return []
         keeps = [getattr(self.state, f"keep_{i}") for i in range(len(self.sparse_weights))]
         modules = [get_module(model, n) for n in self.sparse_weights]
-        weights = [m.weight for m in modules]
+        weights = [full_tensor(m.weight) for m in modules]  # FSDP2: whole weights (a collective)
         if cfg.nm:
             if int(self.state.last_point) >= 0:
                 return []  # N:M is a pattern, not a ratio: set once, at the first pruning point
@@ -488,7 +490,7 @@ class Pruner(Method):
                 for i, n in enumerate(self.sparse_weights)
             ]
         for weight, keep in self._sparse_tensors:
-            weight.data.mul_(keep)
+            mul_mask_(weight, keep)
 
     # ------------------------------------------------------------------------------------
     # reporting

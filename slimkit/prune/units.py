@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..adapters import HeadLayout
+from ..distributed import mul_mask_
 
 Side = Literal["out", "in"]
 
@@ -152,4 +153,4 @@ def zero_plan(
 @torch.no_grad()
 def apply_zero_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for tensor, keep in plan:
-        tensor.data.mul_(keep)
+        mul_mask_(tensor, keep)  # an FSDP2 DTensor: each process zeroes its own shard

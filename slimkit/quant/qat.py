@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import managed_by_fsdp
 from . import bias_correction
 from .fold import norm_remainder
 from .layers import OUT_AXIS
@@ -100,7 +101,7 @@ def _observed_scale(layer: nn.Module, state: LayerState, weight: torch.Tensor, s
     and are rescaled by the BN factor every step.
     """
     spec = state.spec
-    if not spec.per_channel or spec.observer == "minmax":
+    if not spec.per_channel or spec.observer == "minmax" or managed_by_fsdp(layer):  # see managed_by_fsdp
         return weight_scale(weight.detach(), state.axis, spec.per_channel, spec.observer, spec.percentile)
     raw = layer.weight
     key = (raw._version, raw.data_ptr(), tuple(raw.shape))
