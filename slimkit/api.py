@@ -20,17 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .controller import Controller, controller_of, unwrap
+from .controller import Controller, Method, controller_of, unwrap
 from .errors import SlimkitError
+from .methods import in_order, registered
 from .recipe import Recipe
-
-
-def _as_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    return Recipe.from_file(recipe)
 
 
 def prepare(
@@ -49,7 +42,7 @@ def prepare(
     With ``measure`` (default) the model's parameters, MACs, size and latency on those inputs are
     recorded now, and ``convert`` measures them again for the before -> after report.
     """
-    recipe = _as_recipe(recipe)
+    recipe = Recipe.load(recipe)
     model = unwrap(model)
     from .omp import warn_once
 
@@ -64,19 +57,13 @@ def prepare(
         controller.measure_baseline(model, example_inputs)
     elif controller.example_inputs is None:
         controller.example_inputs = example_inputs
-    # Pruning traces the clean model, quantization hooks in next, KD probes the result last.
-    if recipe.prune is not None:
-        from .prune import Pruner
-
-        controller.add(Pruner(controller, recipe.prune, example_inputs=example_inputs), model)
-    if recipe.quant is not None:
-        from .quant import Quantizer
-
-        controller.add(Quantizer(controller, recipe.quant, example_inputs=example_inputs), model)
-    if recipe.distill is not None:
-        from .distill import Distiller
-
-        controller.add(Distiller(controller, recipe.distill, teacher, example_inputs), model)
+    # In registry order: pruning traces the clean model, quantization hooks in next, KD probes the
+    # result last (slimkit/methods.py).
+    sections = recipe.sections()
+    for spec in registered():
+        if spec.section in sections:
+            method = spec.build(controller, sections[spec.section], teacher=teacher, example_inputs=example_inputs)
+            controller.add(method, model)
     return model
 
 
@@ -107,7 +94,10 @@ def compute_loss(
     if loss is not None:
         return loss
     if labels is None:
-        raise ValueError("compute_loss needs labels= or task_loss= when the outputs carry no loss")
+        raise SlimkitError(
+            f"compute_loss: the outputs of {type(unwrap(model)).__name__} carry no loss; pass labels= (the "
+            "targets) or task_loss= (a loss you computed)"
+        )
     causal = controller.adapter.task(unwrap(model)) == "causal_lm"
     total, count = task_cross_entropy(get_logits(outputs), labels, attention_mask, causal)
     return total / count.clamp_min(1)
@@ -131,6 +121,12 @@ def convert(model: nn.Module) -> nn.Module:
     return controller_of(model).convert(model)
 
 
-def teacher_of(model: nn.Module) -> nn.Module | None:
-    distiller = controller_of(model).methods.get("distill")
-    return None if distiller is None else distiller.teacher
+def methods_of(model: nn.Module) -> dict[str, Method]:
+    """The methods attached to a prepared model, recipe section -> method object, in the order
+    they run (``{}`` for a model that is not prepared, or already converted).
+
+    The documented way to look inside a prepared model (``slimkit.methods_of(model)["prune"]``):
+    each method object carries its ``config`` and its own introspection (e.g. the pruning
+    method's ``summary()``, the KD method's ``teacher``)."""
+    controller = controller_of(model, required=False)
+    return {} if controller is None else {method.name: method for method in in_order(controller.methods)}

@@ -1,4 +1,5 @@
-"""Recipes: one file, three optional sections (``distill``, ``prune``, ``quant``).
+"""Recipes: one file, three optional sections (``distill``, ``prune``, ``quant``), and one more
+for each method registered with :func:`slimkit.register_method`.
 
 Each section is a config dataclass that validates itself; ``Recipe.from_file`` reads YAML or
 JSON and ``Recipe.to_dict`` round-trips. See the README's "Recipe reference" for every field.
@@ -378,13 +379,54 @@ class QuantConfig(Config):
 # ----------------------------------------------------------------------------------------
 
 
+# Sections of methods registered by other packages (slimkit.register_method): name -> Config class.
+_EXTRA_SECTIONS: dict[str, type[Config]] = {}
+_BUILTIN_SECTIONS = ("distill", "prune", "quant")
+
+
+def register_section(name: str, config: type[Config] | None) -> None:
+    """Let recipes carry the section ``name`` read by ``config`` (None: forget it). Called by
+    :func:`slimkit.register_method`; the three built-in sections are the Recipe's own fields."""
+    if name in _BUILTIN_SECTIONS:
+        return
+    if config is None:
+        _EXTRA_SECTIONS.pop(name, None)
+    else:
+        _EXTRA_SECTIONS[name] = config
+
+
 @dataclasses.dataclass
 class Recipe(Config):
-    """A full recipe. Any section may be left out."""
+    """A full recipe. Any section may be left out.
+
+    The built-in sections are fields (``recipe.prune``); a registered method's section is in
+    ``recipe.section(name)`` (every present one: ``recipe.sections()``)."""
 
     distill: DistillConfig | None = help_field(None, "knowledge distillation")
     prune: PruneConfig | None = help_field(None, "pruning")
     quant: QuantConfig | None = help_field(None, "quantization")
+    # Sections of registered methods (not init fields: Recipe(prune=...) keeps its signature).
+    extra: dict[str, Config] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_sections(cls, sections: dict[str, Config | dict | None]) -> Recipe:
+        """A recipe of the given sections (name -> config object or plain dict)."""
+        present = {k: v for k, v in sections.items() if v is not None}
+        unknown = [k for k in present if k not in _BUILTIN_SECTIONS and k not in _EXTRA_SECTIONS]
+        if unknown or not all(isinstance(v, Config) for v in present.values()):  # from_dict checks and names them
+            return cls.from_dict({k: v.to_dict() if isinstance(v, Config) else v for k, v in present.items()})
+        recipe = cls(**{k: v for k, v in present.items() if k in _BUILTIN_SECTIONS})
+        recipe.extra = {k: v for k, v in present.items() if k not in _BUILTIN_SECTIONS}
+        return recipe
+
+    def sections(self) -> dict[str, Config]:
+        """Every section present, name -> config (built-in ones first)."""
+        own = {name: getattr(self, name) for name in _BUILTIN_SECTIONS if getattr(self, name) is not None}
+        return {**own, **self.extra}
+
+    def section(self, name: str) -> Config | None:
+        """The section ``name`` (a built-in or a registered method's), or None if absent."""
+        return getattr(self, name) if name in _BUILTIN_SECTIONS else self.extra.get(name)
 
     def validate(self, path: str) -> None:
         if self.prune is not None and self.quant is not None and self.prune.structured and self.quant.equalization:
@@ -430,7 +472,28 @@ class Recipe(Config):
 
     @classmethod
     def from_dict(cls, data: Any, path: str | None = None) -> Recipe:
-        return super().from_dict(data, "" if path is None else path)  # type: ignore[return-value]
+        path = "" if path is None else path
+        if not isinstance(data, dict) or not any(key in _EXTRA_SECTIONS for key in data):
+            return super().from_dict(data, path)  # type: ignore[return-value]
+        own = {k: v for k, v in data.items() if k not in _EXTRA_SECTIONS}
+        extra = {
+            key: _EXTRA_SECTIONS[key].from_dict(value, f"{path}.{key}" if path else key)
+            for key, value in data.items()
+            if key in _EXTRA_SECTIONS and value is not None
+        }
+        recipe = super().from_dict(own, path)
+        recipe.extra = extra
+        return recipe  # type: ignore[return-value]
+
+    @classmethod
+    def load(cls, source: Recipe | dict | str | Path) -> Recipe:
+        """A recipe from any of the forms ``slimkit.prepare`` takes: a Recipe (returned as is),
+        a plain dict (``from_dict``) or the path of a YAML / JSON file (``from_file``)."""
+        if isinstance(source, Recipe):
+            return source
+        if isinstance(source, dict):
+            return cls.from_dict(source)
+        return cls.from_file(source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -456,4 +519,5 @@ class Recipe(Config):
             path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if v is not None}
+        own = {k: v for k, v in super().to_dict().items() if v is not None}
+        return {**own, **{name: config.to_dict() for name, config in self.extra.items()}}
