@@ -206,6 +206,14 @@ def test_registered_methods_run_in_their_order_at_every_stage(tmp_path):
         assert Note.seen == [
             f"{stage} {name}" for stage in ("prepare", "convert", "rebuild") for name in ("zeta", "alpha")
         ]
+
+        # Prepared one section at a time, the late one first: convert still follows the orders.
+        Note.seen.clear()
+        model = nn.Sequential(nn.Linear(4, 3))
+        slimkit.prepare(model, {"alpha": {"note": "alpha"}}, example_inputs=torch.randn(2, 4))
+        slimkit.prepare(model, {"zeta": {"note": "zeta"}}, example_inputs=torch.randn(2, 4))
+        slimkit.convert(model)
+        assert Note.seen == ["prepare alpha", "prepare zeta", "convert zeta", "convert alpha"]
     finally:
         for name in ("alpha", "zeta"):
             slimkit.methods.unregister_method(name)
