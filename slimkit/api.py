@@ -14,6 +14,7 @@ Works the same on a model wrapped by DDP or ``accelerator.prepare``.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -114,11 +115,22 @@ def log_values(model: nn.Module) -> dict[str, float]:
     return controller_of(model).pop_log()
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Make the recipe permanent: physically remove pruned units, convert to INT8, drop KD
-    hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``."""
+    hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``.
+
+    **In place by default**: the model given (or the one inside a DDP / accelerate wrapper) *is*
+    the converted model afterwards and the same object is returned, so ``small = convert(model)``
+    costs no second copy of a large model; the model is no longer prepared (no more ``step``).
+    ``inplace=False`` converts a ``copy.deepcopy`` instead (the teacher and all training state
+    copied too, for as long as the call lasts) and leaves ``model`` prepared, to keep training
+    or to convert again later."""
     model = unwrap(model)
-    return controller_of(model).convert(model)
+    controller = controller_of(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        controller = controller_of(model)
+    return controller.convert(model)
 
 
 def methods_of(model: nn.Module) -> dict[str, Method]:

@@ -93,4 +93,4 @@ def cnn_loss(model, batch):
 
 
 def convert_copy(model: nn.Module) -> nn.Module:
-    return slimkit.convert(copy.deepcopy(model))
+    return slimkit.convert(model, inplace=False)
