@@ -52,3 +52,13 @@ def test_compute_loss_without_labels_is_a_slimkit_error():
 
 def test_methods_of_an_unprepared_model_is_empty():
     assert slimkit.methods_of(_mlp()) == {}
+
+
+def test_convert_inplace_false_keeps_the_kd_hook_of_the_original():
+    x, y = torch.randn(3, 8), torch.tensor([0, 1, 2])
+    model = slimkit.prepare(_mlp(), {"distill": {"alpha": 0.5}}, teacher=_mlp(), example_inputs=x)
+    small = slimkit.convert(model, inplace=False)
+    assert not small._forward_hooks  # the copy's hooks are gone ...
+    model.train()
+    slimkit.compute_loss(model, model(x), labels=y)
+    assert {"distill/kd", "distill/task"} <= set(slimkit.log_values(model))  # ... the original's still run
