@@ -16,20 +16,26 @@ each optimizer step and add the KD terms, sparsity and QAT state to the Trainer'
 
 from __future__ import annotations
 
-import sys
+import gc
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 
 import slimkit
 from slimkit.controller import controller_of, unwrap
 from slimkit.errors import SlimkitError
-from slimkit.recipe import DistillConfig, PruneConfig, QuantConfig, Recipe
+from slimkit.methods import method_spec, registered
+from slimkit.recipe import Recipe
 
 from . import hf_adapters  # noqa: F401  (registers the HF adapter)
 from .parallelism import check_trainer_args
+
+# model -> (the logs dict of the last log event, the values popped for it): the callbacks of one
+# model add the same values to one log event. Weak: a model's entry goes with the model.
+_LOGGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _average_across_processes(values: dict[str, float]) -> dict[str, float]:
@@ -45,7 +51,11 @@ def _average_across_processes(values: dict[str, float]) -> dict[str, float]:
 
 
 class SlimCallback(TrainerCallback):
-    """Base of the slimkit callbacks: prepares one recipe section and drives the controller."""
+    """Base of the slimkit callbacks: prepares one recipe section and drives the model's methods.
+
+    The three built-in sections have named subclasses; the section of a method registered with
+    ``slimkit.register_method`` gets a plain ``SlimCallback(model, config, section="name")``
+    (``slim_callbacks`` makes it)."""
 
     section: str = ""
 
@@ -56,31 +66,37 @@ class SlimCallback(TrainerCallback):
         *,
         teacher: nn.Module | None = None,
         example_inputs: Any = None,
+        section: str | None = None,
     ) -> None:
+        if section is not None:
+            self.section = section
+        spec = method_spec(self.section)  # a SlimkitError naming the registered sections
         model = unwrap(model)
-        controller = controller_of(model, required=False)
-        if controller is None or self.section not in controller.methods:
+        if self.section not in slimkit.methods_of(model):
             if config is None:
                 raise SlimkitError(f"{type(self).__name__} needs the recipe's {self.section!r} section")
-            slimkit.prepare(model, Recipe(**{self.section: config}), teacher=teacher, example_inputs=example_inputs)
+            if isinstance(config, dict):
+                config = spec.config.from_dict(config)
+            recipe = Recipe.from_sections({self.section: config})
+            slimkit.prepare(model, recipe, teacher=teacher, example_inputs=example_inputs)
         self.model = model
         self.controller = controller_of(model)
-        self._logged: tuple[int, dict[str, float]] | None = None
 
     # Report integrations (TensorBoard, W&B, ...) are called before user callbacks; move the
     # slimkit callbacks ahead of them so that the values added in on_log reach every target.
+    # A callback is not handed the Trainer or its CallbackHandler, so the handler's list is found
+    # as the list that holds this callback and transformers' DefaultFlowCallback (always first).
     def on_init_end(self, args, state, control, **kwargs):
         check_trainer_args(args)
-        handler = sys._getframe(1).f_locals.get("self")
-        callbacks = getattr(handler, "callbacks", None)
-        if isinstance(callbacks, list) and self in callbacks:
-            ours = [c for c in callbacks if isinstance(c, SlimCallback)]
-            others = [c for c in callbacks if not isinstance(c, SlimCallback)]
-            first_report = next(
-                (i for i, c in enumerate(others) if type(c).__module__.startswith("transformers.integrations")),
-                len(others),
-            )
-            handler.callbacks = others[:first_report] + ours + others[first_report:]
+        for callbacks in gc.get_referrers(self):
+            if isinstance(callbacks, list) and any(isinstance(c, DefaultFlowCallback) for c in callbacks):
+                ours = [c for c in callbacks if isinstance(c, SlimCallback)]
+                others = [c for c in callbacks if not isinstance(c, SlimCallback)]
+                first_report = next(
+                    (i for i, c in enumerate(others) if type(c).__module__.startswith("transformers.integrations")),
+                    len(others),
+                )
+                callbacks[:] = others[:first_report] + ours + others[first_report:]
 
     def on_train_begin(self, args, state, control, **kwargs):
         check_trainer_args(args)  # FSDP on CPU, FSDP1 and DeepSpeed: refused (plugins/parallelism.py)
@@ -90,16 +106,16 @@ class SlimCallback(TrainerCallback):
             self.controller.recipe.check_fits(state.max_steps, "max_steps (the Trainer's TrainingArguments)")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.controller.on_step(unwrap(model) if model is not None else self.model, state.global_step)
+        slimkit.step(model if model is not None else self.model, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:  # training-step logs only (not eval, not the final summary)
             return
-        # One pop per log event, shared by all slimkit callbacks of this controller.
-        cached = getattr(self.controller, "_hf_logged", None)
+        # One pop per log event, shared by all slimkit callbacks of this model.
+        cached = _LOGGED.get(self.model)
         if cached is None or cached[0] is not logs:
-            cached = (logs, _average_across_processes(self.controller.pop_log()))
-            self.controller._hf_logged = cached
+            cached = (logs, _average_across_processes(slimkit.log_values(self.model)))
+            _LOGGED[self.model] = cached
         values = cached[1]
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -111,21 +127,11 @@ class DistillationCallback(SlimCallback):
 
     section = "distill"
 
-    def __init__(self, model: nn.Module, config: DistillConfig | dict | None = None, *, teacher=None, **kw):
-        if isinstance(config, dict):
-            config = DistillConfig.from_dict(config)
-        super().__init__(model, config, teacher=teacher, **kw)
-
 
 class PruningCallback(SlimCallback):
     """Scheduled pruning on a stock Trainer; logs the current sparsity."""
 
     section = "prune"
-
-    def __init__(self, model: nn.Module, config: PruneConfig | dict | None = None, **kw):
-        if isinstance(config, dict):
-            config = PruneConfig.from_dict(config)
-        super().__init__(model, config, **kw)
 
 
 class QATCallback(SlimCallback):
@@ -133,13 +139,10 @@ class QATCallback(SlimCallback):
 
     section = "quant"
 
-    def __init__(self, model: nn.Module, config: QuantConfig | dict | None = None, **kw):
-        if isinstance(config, dict):
-            config = QuantConfig.from_dict(config)
-        super().__init__(model, config, **kw)
 
-
-_CALLBACKS = {"distill": DistillationCallback, "prune": PruningCallback, "quant": QATCallback}
+def _callback_for(section: str, model: nn.Module) -> SlimCallback:
+    named = {cls.section: cls for cls in (DistillationCallback, PruningCallback, QATCallback)}
+    return named[section](model) if section in named else SlimCallback(model, section=section)
 
 
 def slim_callbacks(
@@ -154,9 +157,10 @@ def slim_callbacks(
     Call it before building the Trainer, so that the optimizer the Trainer creates holds the
     projectors (and any other parameters slimkit adds).
     """
-    recipe = slimkit.api._as_recipe(recipe)
+    recipe = Recipe.load(recipe)
     slimkit.prepare(model, recipe, teacher=teacher, example_inputs=example_inputs)
-    return [_CALLBACKS[name](model) for name in ("distill", "prune", "quant") if getattr(recipe, name) is not None]
+    sections = recipe.sections()
+    return [_callback_for(spec.section, model) for spec in registered() if spec.section in sections]
 
 
 __all__ = [

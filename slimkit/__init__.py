@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import omp  # noqa: F401  first: may set OMP_WAIT_POLICY before torch loads OpenMP (slimkit/omp.py)
 
 # isort: on
-from .api import compute_loss, convert, log_values, prepare, step
+from .api import compute_loss, convert, log_values, methods_of, prepare, step
 from .calibration import calibrate, needs_calibration
 from .distill import uniform_layer_map
 from .dropout import disable_dropout
@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hub import from_pretrained, save_pretrained
+from .methods import HubBlock, register_method, registered_methods
 from .quant import export_onnx
 from .recipe import (
     ActivationQuantConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "DistillConfig",
     "FeaturePair",
     "FormatError",
+    "HubBlock",
     "IncompatibleError",
     "ModuleNameError",
     "PruneConfig",
@@ -62,8 +64,11 @@ __all__ = [
     "export_onnx",
     "from_pretrained",
     "log_values",
+    "methods_of",
     "needs_calibration",
     "prepare",
+    "register_method",
+    "registered_methods",
     "save_pretrained",
     "step",
     "uniform_layer_map",

@@ -14,23 +14,17 @@ Works the same on a model wrapped by DDP or ``accelerator.prepare``.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from .controller import Controller, controller_of, unwrap
+from .controller import Controller, Method, controller_of, unwrap
 from .errors import SlimkitError
+from .methods import in_order, registered
 from .recipe import Recipe
-
-
-def _as_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    return Recipe.from_file(recipe)
 
 
 def prepare(
@@ -49,7 +43,7 @@ def prepare(
     With ``measure`` (default) the model's parameters, MACs, size and latency on those inputs are
     recorded now, and ``convert`` measures them again for the before -> after report.
     """
-    recipe = _as_recipe(recipe)
+    recipe = Recipe.load(recipe)
     model = unwrap(model)
     _check_sharding(model, recipe)
     from .omp import warn_once
@@ -65,19 +59,13 @@ def prepare(
         controller.measure_baseline(model, example_inputs)
     elif controller.example_inputs is None:
         controller.example_inputs = example_inputs
-    # Pruning traces the clean model, quantization hooks in next, KD probes the result last.
-    if recipe.prune is not None:
-        from .prune import Pruner
-
-        controller.add(Pruner(controller, recipe.prune, example_inputs=example_inputs), model)
-    if recipe.quant is not None:
-        from .quant import Quantizer
-
-        controller.add(Quantizer(controller, recipe.quant, example_inputs=example_inputs), model)
-    if recipe.distill is not None:
-        from .distill import Distiller
-
-        controller.add(Distiller(controller, recipe.distill, teacher, example_inputs), model)
+    # In registry order: pruning traces the clean model, quantization hooks in next, KD probes the
+    # result last (slimkit/methods.py).
+    sections = recipe.sections()
+    for spec in registered():
+        if spec.section in sections:
+            method = spec.build(controller, sections[spec.section], teacher=teacher, example_inputs=example_inputs)
+            controller.add(method, model)
     from .distributed import reshard_
 
     reshard_(model)  # FSDP2: after slimkit's probe forwards, the optimizer must get the shards
@@ -127,7 +115,10 @@ def compute_loss(
     if loss is not None:
         return loss
     if labels is None:
-        raise ValueError("compute_loss needs labels= or task_loss= when the outputs carry no loss")
+        raise SlimkitError(
+            f"compute_loss: the outputs of {type(unwrap(model)).__name__} carry no loss; pass labels= (the "
+            "targets) or task_loss= (a loss you computed)"
+        )
     causal = controller.adapter.task(unwrap(model)) == "causal_lm"
     total, count = task_cross_entropy(get_logits(outputs), labels, attention_mask, causal)
     return total / count.clamp_min(1)
@@ -144,13 +135,30 @@ def log_values(model: nn.Module) -> dict[str, float]:
     return controller_of(model).pop_log()
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Make the recipe permanent: physically remove pruned units, convert to INT8, drop KD
-    hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``."""
+    hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``.
+
+    **In place by default**: the model given (or the one inside a DDP / accelerate wrapper) *is*
+    the converted model afterwards and the same object is returned, so ``small = convert(model)``
+    costs no second copy of a large model; the model is no longer prepared (no more ``step``).
+    ``inplace=False`` converts a ``copy.deepcopy`` instead (the teacher and all training state
+    copied too, for as long as the call lasts) and leaves ``model`` prepared, to keep training
+    or to convert again later."""
     model = unwrap(model)
-    return controller_of(model).convert(model)
+    controller = controller_of(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        controller = controller_of(model)
+    return controller.convert(model)
 
 
-def teacher_of(model: nn.Module) -> nn.Module | None:
-    distiller = controller_of(model).methods.get("distill")
-    return None if distiller is None else distiller.teacher
+def methods_of(model: nn.Module) -> dict[str, Method]:
+    """The methods attached to a prepared model, recipe section -> method object, in the order
+    they run (``{}`` for a model that is not prepared, or already converted).
+
+    The documented way to look inside a prepared model (``slimkit.methods_of(model)["prune"]``):
+    each method object carries its ``config`` and its own introspection (e.g. the pruning
+    method's ``summary()``, the KD method's ``teacher``)."""
+    controller = controller_of(model, required=False)
+    return {} if controller is None else {method.name: method for method in in_order(controller.methods)}

@@ -16,10 +16,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from .batches import collect
-from .controller import controller_of, unwrap
+from .controller import Method, controller_of, unwrap
 from .errors import IncompatibleError, SlimkitError
-
-_ORDER = ("prune", "quant")  # pruning first: quantization then observes the pruned model
+from .methods import in_order
 
 
 def calibrate(
@@ -38,7 +37,8 @@ def calibrate(
     """
     inner = unwrap(model)
     controller = controller_of(inner)
-    methods = [controller.methods[name] for name in _ORDER if name in controller.methods]
+    # Registry order (slimkit/methods.py): pruning first, quantization then observes the pruned model.
+    methods = [method for method in in_order(controller.methods) if _uses_data(method)]
     if not methods:
         raise SlimkitError(
             f"calibrate: {type(inner).__name__} was prepared without a 'prune' or 'quant' recipe section; "
@@ -62,4 +62,9 @@ def needs_calibration(model: nn.Module) -> bool:
     controller = controller_of(unwrap(model), required=False)
     if controller is None:
         return False
-    return any(controller.methods[n].waits_for_calibration() for n in _ORDER if n in controller.methods)
+    return any(method.waits_for_calibration() for method in in_order(controller.methods))
+
+
+def _uses_data(method: Method) -> bool:
+    """Whether a method learns from calibration data at all (it overrides ``Method.calibrate``)."""
+    return type(method).calibrate is not Method.calibrate

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import SlimkitError
 from .folder_checks import check_slimkit_block, library_of
 from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config
+from .methods import hub_blocks
 from .report import load_instructions
 from .safe_build import read_header
 
@@ -41,16 +42,9 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     file = folder / CONFIG_NAME
     library = library_of(config, file)
     block = check_slimkit_block(config["slimkit"], file) if "slimkit" in config else {}
-    if block:
-        from .prune.manifest import MANIFEST_FORMAT
-        from .prune.manifest_checks import check_block as check_pruning
-        from .quant.hub_block import BLOCK_FORMAT
-        from .quant.hub_checks import check_block as check_quantization
-
-        if "pruning" in block:
-            check_pruning(block["pruning"], MANIFEST_FORMAT)
-        if "quantization" in block:
-            check_quantization(block["quantization"], BLOCK_FORMAT)
+    for method in hub_blocks():  # every registered method's block: type-checked before it is shown
+        if method.name in block:
+            method.call("validate", block[method.name])
     header = read_header(folder / WEIGHTS_NAME)
     params, dtypes = 0, Counter()
     for shape, dtype in header.values():
@@ -69,8 +63,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         "parameters": params,
         "file_bytes": header.file_bytes,
         "load_with": load_instructions(library, block),
-        "pruning": block.get("pruning"),
-        "quantization": block.get("quantization"),
+        **{method.name: block.get(method.name) for method in hub_blocks()},  # pruning, quantization, ...
         "recipe": block.get("recipe"),
         "report": block.get("report"),
     }
@@ -93,24 +86,9 @@ def format_info(info: dict[str, Any]) -> str:
         ("file size", _human(info["file_bytes"], "B")),
         ("slimkit format", str(info["format_version"] or "none (a plain folder)")),
     ]
-    pruning, quant = info.get("pruning"), info.get("quantization")
-    if isinstance(pruning, dict):
-        text = f"{len(pruning.get('tensors', {}))} tensors resized"
-        if pruning.get("heads"):  # {attention module: [query heads, key/value heads]}
-            counts = sorted({tuple(v) if isinstance(v, list) else (v,) for v in pruning["heads"].values()})
-            text += ", heads per layer " + ", ".join("/".join(map(str, c)) for c in counts)
-        for stack, entry in (pruning.get("layers") or {}).items():
-            text += f", {stack}: {len(entry['kept'])} of {entry['total']} blocks kept"
-        if pruning.get("config"):
-            text += f", config rewritten: {', '.join(sorted(pruning['config']))}"
-        rows.append(("pruning", text))
-    if isinstance(quant, dict):
-        text = f"{len(quant.get('layers', {}))} int8 layers ({quant.get('backend', '?')} kernels)"
-        if quant.get("folded_batchnorms"):
-            text += f", {len(quant['folded_batchnorms'])} BatchNorms folded"
-        if quant.get("embeddings"):
-            text += f", {len(quant['embeddings'])} int8 embeddings (weight-only)"
-        rows.append(("quantization", text))
+    for method in hub_blocks():
+        if isinstance(info.get(method.name), dict) and method.summary is not None:
+            rows.append((method.name, method.call("summary", info[method.name])))
     if info.get("report"):
         from .report import report_rows
 

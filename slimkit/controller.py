@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
 from .errors import SlimkitError
+from .methods import in_order, reshapes
 from .modules import SLIMKIT_ATTR
 
 CONTROLLER_ATTR = "_slimkit"
@@ -41,18 +42,20 @@ class SlimkitModule(nn.Module):
 
 
 class Method:
-    """One compression method attached to a model (distill, prune, quant).
+    """One compression method attached to a model (distill, prune, quant, or one registered
+    with :func:`slimkit.register_method`).
 
     ``prepare`` keeps parameter shapes (masks, fake-quant, hooks); ``convert`` changes the
     architecture once, after training. State that must survive a checkpoint is registered as
     parameters / buffers under ``controller.state`` (the ``slimkit`` child).
     """
 
-    name: str = ""
+    name: str = ""  # the recipe section; set from the registry (slimkit.register_method)
 
-    def __init__(self, controller: Controller, config: Any) -> None:
+    def __init__(self, controller: Controller, config: Any, example_inputs: Any = None) -> None:
         self.controller = controller
         self.config = config
+        self.example_inputs = example_inputs  # what prepare traces the model with (may be None)
 
     def prepare(self, model: nn.Module) -> None:
         """Attach to the model before the optimizer is built."""
@@ -136,7 +139,7 @@ class Controller:
     def recipe(self) -> Any:
         from .recipe import Recipe
 
-        return Recipe(**self.recipe_sections)
+        return Recipe.from_sections(self.recipe_sections)
 
     @property
     def step(self) -> int:
@@ -215,8 +218,13 @@ class Controller:
 
         transposed = self.adapter.transposed_linear_types()
         widths, heads = layer_widths(model, transposed), self._heads(model)
-        if "prune" in self.methods:
-            model = self.methods["prune"].convert(model)
+        # Registry order (slimkit/methods.py); the report's widths and float MACs are measured
+        # after the methods whose convert reshapes layers (pruning), before the others (INT8).
+        ordered = in_order(self.methods)
+        reshaping = [i for i, method in enumerate(ordered) if reshapes(method.name)]
+        split = reshaping[-1] + 1 if reshaping else 0
+        for method in ordered[:split]:
+            model = method.convert(model)
         inputs = self.example_inputs
         macs = None
         if inputs is not None:  # MACs of the float architecture: int8 kernels are not counted
@@ -226,9 +234,8 @@ class Controller:
             "channels": kept_layers(widths, layer_widths(model, transposed)),
             "heads": kept_layers(heads, self._heads(model)),
         }
-        for name in sorted(set(self.methods) - {"prune", "distill"}) + ["distill"]:
-            if name in self.methods:
-                model = self.methods[name].convert(model)
+        for method in ordered[split:]:
+            model = method.convert(model)
         self.detach(model)
         report: dict[str, Any] = {"kept": kept}
         if inputs is not None:

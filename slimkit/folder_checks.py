@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .methods import hub_blocks
 from .recipe_io import short_repr
 
 MAX_CONFIG_DEPTH = 32  # transformers / timm configs nest a few levels (sub-configs, rope_scaling)
@@ -102,7 +103,7 @@ def check_slimkit_block(block: Any, file: Path | str) -> dict[str, Any]:
     sha = block.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _SHA):
         raise fail(file, "slimkit.weights_sha256", f"must be 64 lowercase hex digits, got {short_repr(sha)}")
-    for name in ("recipe", "report", "pruning", "quantization"):
+    for name in ("recipe", "report", *(method.name for method in hub_blocks())):
         if name in block:
             expect_mapping(block[name], file, f"slimkit.{name}")
     return block

@@ -30,6 +30,7 @@ from .adapters import adapter_for_library, get_adapter
 from .atomic import interrupted_swap, replace_folder
 from .errors import FormatError, SlimkitError
 from .folder_checks import check_slimkit_block, check_tree, library_of
+from .methods import hub_blocks
 from .modules import SLIMKIT_ATTR
 from .safe_build import (
     Header,
@@ -51,45 +52,10 @@ _MANAGED = (WEIGHTS_NAME, PLOT_NAME, CARD_NAME, CONFIG_NAME)  # written in this 
 MAX_CONFIG_BYTES = 64 << 20
 
 
-# ----------------------------------------------------------------------------------------
-# method blocks: how pruning / quantization describe and rebuild their architecture changes
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Block:
-    name: str
-    describe: Callable[[nn.Module], dict | None]  # model -> JSON-able block, or None if not applicable
-    rebuild: Callable[[nn.Module, dict], nn.Module]  # fresh base model + block -> final structure
-    check: Callable[[nn.Module, Path], None] | None = None  # loaded model -> FormatError on bad values
-
-
-_BLOCKS: dict[str, Block] = {}
-
-
-def register_block(name: str, describe: Callable, rebuild: Callable, check: Callable | None = None) -> None:
-    """Let a method record what it changed (``describe``) and redo it on load (``rebuild``).
-
-    On load, pruning is replayed before quantization, then any other block. ``rebuild`` runs
-    on the meta device (it must create tensors on the device of the ones it replaces) and must
-    raise ``FormatError`` on malformed blocks; ``check`` then sees the loaded values (e.g. that
-    INT8 scales are finite and positive) and raises ``FormatError`` naming the tensor.
-    """
-    _BLOCKS[name] = Block(name, describe, rebuild, check)
-
-
-# Architecture changes are replayed in the order they were made: pruning slices the float
-# model, quantization then swaps its layers. Blocks registered by other packages come after.
-_ORDER = ("pruning", "quantization")
-
-
-def _blocks_in_order() -> list[Block]:
-    return sorted(_BLOCKS.values(), key=lambda b: _ORDER.index(b.name) if b.name in _ORDER else len(_ORDER))
-
-
-def _load_method_blocks() -> None:
-    # The method packages register their blocks on import; they need only torch.
-    from . import prune, quant  # noqa: F401
+# The method blocks (``pruning``, ``quantization``, any registered method's) come from the
+# method registry (slimkit/methods.py), in its order: pruning slices the float model first,
+# quantization then swaps its layers. The registry names each block's functions by reference,
+# so this module imports no method package, and no method package imports this one.
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,7 +109,6 @@ def _write_folder(
     save_file(state, str(weights), metadata={"format": "pt", "slimkit_format": str(FORMAT_VERSION)})
     _fsync(weights)
 
-    _load_method_blocks()
     block: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "version": __version__,
@@ -155,8 +120,8 @@ def _write_folder(
         recipe = getattr(getattr(model, "_slimkit_info", None), "recipe", None)
     if recipe is not None:
         block["recipe"] = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
-    for method in _blocks_in_order():
-        described = method.describe(model)
+    for method in hub_blocks():
+        described = method.call("describe", model)
         if described:
             block[method.name] = described
     # Whether transformers / timm alone can load the folder: said first by the card and `slimkit info`.
@@ -305,9 +270,9 @@ def _check_checksum(file: Path, expected_sha: str | None) -> None:
 
 def _replay(block: dict[str, Any], names: tuple[str, ...] | None = None) -> Callable[[nn.Module], nn.Module]:
     def rebuild(model: nn.Module) -> nn.Module:
-        for method in _blocks_in_order():
+        for method in hub_blocks():
             if method.name in block and (names is None or method.name in names):
-                model = method.rebuild(model, block[method.name])
+                model = method.call("rebuild", model, block[method.name])
         return model
 
     return rebuild
@@ -331,10 +296,14 @@ def _build_checked(adapter: Any, config: dict[str, Any], block: dict[str, Any], 
         check_cpu_build(base_bytes, header)
         model = _replay(block)(adapter.build(config))
         model.load_state_dict(load_file(str(header.file)), strict=False)
-    for method in _blocks_in_order():
-        if method.name in block and method.check is not None:
-            method.check(model, header.file)
+    _check_loaded(model, block, header.file)
     return model
+
+
+def _check_loaded(model: nn.Module, block: dict[str, Any], file: Path) -> None:
+    for method in hub_blocks():
+        if method.name in block:
+            method.call("check", model, file)
 
 
 def _load_into_instance(model: nn.Module, block: dict[str, Any], header: Header) -> nn.Module:
@@ -343,9 +312,7 @@ def _load_into_instance(model: nn.Module, block: dict[str, Any], header: Header)
     model = _replay(block)(model)
     check_against_header(model, header)
     model.load_state_dict(load_file(str(header.file)), strict=False)
-    for method in _blocks_in_order():
-        if method.name in block and method.check is not None:
-            method.check(model, header.file)
+    _check_loaded(model, block, header.file)
     return model
 
 
@@ -399,7 +366,6 @@ def from_pretrained(
     _check_version(block, file)
     _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))
     header = read_header(folder / WEIGHTS_NAME)
-    _load_method_blocks()
     if model is not None:
         _check_instance(model, block, config, file)
         model = _load_into_instance(model, block, header)
@@ -419,7 +385,6 @@ def build_architecture(path: str | os.PathLike, blocks: tuple[str, ...] = ("prun
     adapter = adapter_for_library(library_of(config, file))
     block = check_slimkit_block(config.pop("slimkit", None) or {"format_version": FORMAT_VERSION}, file)
     adapter.check_config(config, file)
-    _load_method_blocks()
     return _replay(block, blocks)(adapter.build(config)).eval()
 
 

@@ -1,4 +1,5 @@
-"""Recipes: one file, three optional sections (``distill``, ``prune``, ``quant``).
+"""Recipes: one file, three optional sections (``distill``, ``prune``, ``quant``), and one more
+for each method registered with :func:`slimkit.register_method`.
 
 Each section is a config dataclass that validates itself; ``Recipe.from_file`` reads YAML or
 JSON and ``Recipe.to_dict`` round-trips. See the README's "Recipe reference" for every field.
@@ -15,6 +16,9 @@ from typing import Any, ClassVar, Literal
 from ._config import Config, help_field
 from .errors import ConfigError
 from .recipe_io import short_repr
+from .recipe_quant import ActivationQuantConfig as ActivationQuantConfig  # re-exported: slimkit.recipe's names
+from .recipe_quant import QuantConfig
+from .recipe_quant import WeightQuantConfig as WeightQuantConfig
 
 # ----------------------------------------------------------------------------------------
 # distill
@@ -263,133 +267,58 @@ class PruneConfig(Config):
 
 
 # ----------------------------------------------------------------------------------------
-# quant
-# ----------------------------------------------------------------------------------------
-
-Observer = Literal["minmax", "moving_average_minmax", "histogram", "percentile"]
-
-
-@dataclasses.dataclass
-class WeightQuantConfig(Config):
-    """How weights are fake-quantized: int8, per output channel, symmetric by default."""
-
-    bits: int = help_field(8, "bit width; only 8 is supported")
-    granularity: Literal["per_channel", "per_tensor"] = help_field("per_channel", "per_channel | per_tensor")
-    symmetric: bool = help_field(True, "symmetric (zero-point 0) or affine")
-    observer: Observer = help_field("minmax", "how the range is estimated")
-    percentile: float = help_field(99.99, "percentile / histogram observers: the kept quantile in percent")
-
-    def validate(self, path: str) -> None:
-        if self.bits != 8:
-            self.fail(path, "bits", f"only 8-bit quantization is supported, got {self.bits}")
-        if not 50.0 < self.percentile <= 100.0:
-            self.fail(path, "percentile", f"must be in (50, 100], got {self.percentile}")
-
-
-@dataclasses.dataclass
-class ActivationQuantConfig(WeightQuantConfig):
-    """How activations are fake-quantized: 8-bit, per tensor, affine by default."""
-
-    granularity: Literal["per_tensor"] = help_field("per_tensor", "activations are quantized per tensor")
-    symmetric: bool = help_field(False, "symmetric or affine (default)")
-    observer: Observer = help_field("moving_average_minmax", "how the range is estimated")
-    averaging_constant: float = help_field(0.01, "moving_average_minmax: the EMA factor")
-
-    def validate(self, path: str) -> None:
-        super().validate(path)
-        if not 0.0 < self.averaging_constant <= 1.0:
-            self.fail(path, "averaging_constant", f"must be in (0, 1], got {self.averaging_constant}")
-
-
-@dataclasses.dataclass
-class QuantConfig(Config):
-    """Quantization-aware training (fake-quant), PTQ calibration and INT8 conversion."""
-
-    section: ClassVar[str] = "quant"
-
-    mode: Literal["qat", "ptq", "dynamic"] = help_field("qat", "qat | ptq (static calibration) | dynamic")
-    weights: WeightQuantConfig = help_field(
-        dataclasses.MISSING, "how weights are fake-quantized", default_factory=WeightQuantConfig
-    )
-    activations: ActivationQuantConfig = help_field(
-        dataclasses.MISSING, "how activations are fake-quantized", default_factory=ActivationQuantConfig
-    )
-    learn_scales: bool = help_field(False, "learn scale and zero-point (LSQ-style)")
-    fold_bn: bool = help_field(True, "fold BatchNorm into the preceding conv during QAT")
-    start_step: int = help_field(0, "step at which fake-quant switches on")
-    freeze_observers_step: int | None = help_field(None, "step after which ranges stop updating")
-    freeze_bn_step: int | None = help_field(None, "step after which BN statistics stop updating")
-    exclude: list[str] = help_field([], "module names or fnmatch patterns kept in floating point")
-    embeddings: bool | None = help_field(
-        None,
-        "also store nn.Embedding tables as int8, one symmetric scale per row (weight-only: lookups return "
-        "float); embeddings tied to another module's weight stay float. null (default): on for Hugging Face "
-        "transformers models (measured on MiniLM: QAT+KD cosine 0.99479 vs 0.99485 without), off for others",
-    )
-    equalization: bool = help_field(
-        False,
-        "cross-layer equalization at prepare (Nagel et al. 2019): rescale consecutive Conv2d / Linear pairs "
-        "joined by ReLU, pooling or BatchNorm (depthwise convs included) so their weight ranges match; the "
-        "float function is unchanged",
-    )
-    bias_correction: bool = help_field(
-        False,
-        "during slimkit.calibrate, measure each layer's mean output shift caused by weight rounding and "
-        "subtract it from the bias (PTQ, or calibrate before QAT)",
-    )
-    compile: Literal["auto", "always", "never"] = help_field(
-        "auto",
-        "how the converted model runs: auto compiles models with INT8 convolutions on their first inference "
-        "call (torch.compile, one graph per input shape; others run eagerly), always, or never (eager oneDNN "
-        "kernels only); slimkit.quant.set_compile changes it later",
-    )
-    conv_outputs: bool = help_field(
-        True,
-        "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
-        "so INT8 CNNs stay uint8 between layers (as onnxruntime's quantize_static); false: layer inputs only",
-    )
-
-    def validate(self, path: str) -> None:
-        if self.start_step < 0:
-            self.fail(path, "start_step", f"must be >= 0, got {self.start_step}")
-        if not self.weights.symmetric:
-            self.fail(
-                path,
-                "weights.symmetric",
-                "false is not supported: the INT8 kernels (oneDNN, onnxruntime) take symmetric int8 "
-                "weights (zero-point 0); use true",
-            )
-        if self.weights.observer == "moving_average_minmax":
-            self.fail(
-                path,
-                "weights.observer",
-                "'moving_average_minmax' is for activations; weights are seen whole every step, so "
-                "use 'minmax', 'percentile' or 'histogram'",
-            )
-        if self.bias_correction and self.mode == "dynamic":
-            self.fail(
-                path,
-                "bias_correction",
-                "needs calibration data (slimkit.calibrate), which mode 'dynamic' has none of; use mode ptq or qat",
-            )
-        for name in ("freeze_observers_step", "freeze_bn_step"):
-            value = getattr(self, name)
-            if value is not None and value < self.start_step:
-                self.fail(path, name, f"must be >= start_step ({self.start_step}), got {value}")
-
-
-# ----------------------------------------------------------------------------------------
 # the recipe
 # ----------------------------------------------------------------------------------------
 
 
+# Sections of methods registered by other packages (slimkit.register_method): name -> Config class.
+_EXTRA_SECTIONS: dict[str, type[Config]] = {}
+_BUILTIN_SECTIONS = ("distill", "prune", "quant")
+
+
+def register_section(name: str, config: type[Config] | None) -> None:
+    """Let recipes carry the section ``name`` read by ``config`` (None: forget it). Called by
+    :func:`slimkit.register_method`; the three built-in sections are the Recipe's own fields."""
+    if name in _BUILTIN_SECTIONS:
+        return
+    if config is None:
+        _EXTRA_SECTIONS.pop(name, None)
+    else:
+        _EXTRA_SECTIONS[name] = config
+
+
 @dataclasses.dataclass
 class Recipe(Config):
-    """A full recipe. Any section may be left out."""
+    """A full recipe. Any section may be left out.
+
+    The built-in sections are fields (``recipe.prune``); a registered method's section is in
+    ``recipe.section(name)`` (every present one: ``recipe.sections()``)."""
 
     distill: DistillConfig | None = help_field(None, "knowledge distillation")
     prune: PruneConfig | None = help_field(None, "pruning")
     quant: QuantConfig | None = help_field(None, "quantization")
+    # Sections of registered methods (not init fields: Recipe(prune=...) keeps its signature).
+    extra: dict[str, Config] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_sections(cls, sections: dict[str, Config | dict | None]) -> Recipe:
+        """A recipe of the given sections (name -> config object or plain dict)."""
+        present = {k: v for k, v in sections.items() if v is not None}
+        unknown = [k for k in present if k not in _BUILTIN_SECTIONS and k not in _EXTRA_SECTIONS]
+        if unknown or not all(isinstance(v, Config) for v in present.values()):  # from_dict checks and names them
+            return cls.from_dict({k: v.to_dict() if isinstance(v, Config) else v for k, v in present.items()})
+        recipe = cls(**{k: v for k, v in present.items() if k in _BUILTIN_SECTIONS})
+        recipe.extra = {k: v for k, v in present.items() if k not in _BUILTIN_SECTIONS}
+        return recipe
+
+    def sections(self) -> dict[str, Config]:
+        """Every section present, name -> config (built-in ones first)."""
+        own = {name: getattr(self, name) for name in _BUILTIN_SECTIONS if getattr(self, name) is not None}
+        return {**own, **self.extra}
+
+    def section(self, name: str) -> Config | None:
+        """The section ``name`` (a built-in or a registered method's), or None if absent."""
+        return getattr(self, name) if name in _BUILTIN_SECTIONS else self.extra.get(name)
 
     def validate(self, path: str) -> None:
         if self.prune is not None and self.quant is not None and self.prune.structured and self.quant.equalization:
@@ -435,7 +364,28 @@ class Recipe(Config):
 
     @classmethod
     def from_dict(cls, data: Any, path: str | None = None) -> Recipe:
-        return super().from_dict(data, "" if path is None else path)  # type: ignore[return-value]
+        path = "" if path is None else path
+        if not isinstance(data, dict) or not any(key in _EXTRA_SECTIONS for key in data):
+            return super().from_dict(data, path)  # type: ignore[return-value]
+        own = {k: v for k, v in data.items() if k not in _EXTRA_SECTIONS}
+        extra = {
+            key: _EXTRA_SECTIONS[key].from_dict(value, f"{path}.{key}" if path else key)
+            for key, value in data.items()
+            if key in _EXTRA_SECTIONS and value is not None
+        }
+        recipe = super().from_dict(own, path)
+        recipe.extra = extra
+        return recipe  # type: ignore[return-value]
+
+    @classmethod
+    def load(cls, source: Recipe | dict | str | Path) -> Recipe:
+        """A recipe from any of the forms ``slimkit.prepare`` takes: a Recipe (returned as is),
+        a plain dict (``from_dict``) or the path of a YAML / JSON file (``from_file``)."""
+        if isinstance(source, Recipe):
+            return source
+        if isinstance(source, dict):
+            return cls.from_dict(source)
+        return cls.from_file(source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -461,4 +411,5 @@ class Recipe(Config):
             path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if v is not None}
+        own = {k: v for k, v in super().to_dict().items() if v is not None}
+        return {**own, **{name: config.to_dict() for name, config in self.extra.items()}}

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import IncompatibleError
 from ..modules import get_module
 
 
@@ -29,7 +30,10 @@ def hidden_states(output: Any) -> torch.Tensor:
         for item in output.values():
             if isinstance(item, torch.Tensor):
                 return item
-    raise TypeError(f"cannot find a tensor in a module output of type {type(output).__name__}")
+    raise IncompatibleError(
+        f"cannot find a tensor in a module output of type {type(output).__name__}; name a module that returns "
+        "a tensor (or a tuple / dict / ModelOutput holding one) in distill.features"
+    )
 
 
 class FeatureCapture:

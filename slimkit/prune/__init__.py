@@ -7,20 +7,17 @@
     small = slimkit.convert(model)             # units physically removed from every coupled layer
 
 This package imports torch only; Torch-Pruning's dependency graph is imported when a model
-is prepared for channel pruning. Importing it registers the ``pruning`` block of saved folders.
+is prepared for channel pruning. The ``pruning`` block of saved folders is
+registered in slimkit/methods.py (by reference: this package never imports ``slimkit.hub``).
 """
 
 from __future__ import annotations
 
-from ..hub import register_block
-from . import manifest
 from .depth import block_scores, rank_blocks
 from .metrics import count_macs, count_parameters
 from .pruner import Pruner
 from .schedule import pruning_points, target_at, target_at_point
 from .units import Member, UnitGroup
-
-register_block("pruning", manifest.describe, manifest.rebuild)
 
 
 def summary(model) -> dict:

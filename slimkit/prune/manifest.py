@@ -148,3 +148,21 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
             manifest_checks.set_size_attribute(module, module_name, attr, value)
     model.__dict__[MANIFEST_ATTR] = dict(block)
     return model
+
+
+def validate(block: dict) -> None:
+    """Type-check a ``pruning`` block alone (``slimkit info``); ``FormatError`` naming the field."""
+    manifest_checks.check_block(block, MANIFEST_FORMAT)
+
+
+def summary(block: dict) -> str:
+    """One line for ``slimkit info``: tensors resized, heads per layer, blocks kept, config rewritten."""
+    text = f"{len(block.get('tensors', {}))} tensors resized"
+    if block.get("heads"):  # {attention module: [query heads, key/value heads]}
+        counts = sorted({tuple(v) if isinstance(v, list) else (v,) for v in block["heads"].values()})
+        text += ", heads per layer " + ", ".join("/".join(map(str, c)) for c in counts)
+    for stack, entry in (block.get("layers") or {}).items():
+        text += f", {stack}: {len(entry['kept'])} of {entry['total']} blocks kept"
+    if block.get("config"):
+        text += f", config rewritten: {', '.join(sorted(block['config']))}"
+    return text

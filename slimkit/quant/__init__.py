@@ -9,14 +9,13 @@
     slimkit.export_onnx(int8, "out/model.onnx", x)                       # QDQ INT8 for onnxruntime
 
 This package imports torch only; torchao, onnx and onnxruntime are imported when compiling,
-exporting or running ONNX. Importing it registers the ``quantization`` block of saved folders.
+exporting or running ONNX. The ``quantization`` block of saved folders is
+registered in slimkit/methods.py (by reference: this package never imports ``slimkit.hub``).
 """
 
 from __future__ import annotations
 
 from ..calibration import calibrate
-from ..hub import register_block
-from . import hub_block, hub_checks
 from .compiled import compile
 from .embeddings import is_int8_embedding
 from .int8 import int8_engine_problem, is_int8_layer
@@ -24,8 +23,6 @@ from .layers import register_plain_forward
 from .onnx_export import export_onnx, onnx_session, run_onnx
 from .quantizer import Quantizer, phase_at
 from .runtime import runtime_report, set_compile
-
-register_block("quantization", hub_block.describe, hub_block.rebuild, hub_checks.check_loaded)
 
 __all__ = [
     "Quantizer",

@@ -124,3 +124,18 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
 
 
 __all__ = ["describe", "rebuild"]
+
+
+def validate(block: dict) -> None:
+    """Type-check a ``quantization`` block alone (``slimkit info``); ``FormatError`` naming the field."""
+    check_block(block, BLOCK_FORMAT)
+
+
+def summary(block: dict) -> str:
+    """One line for ``slimkit info``: INT8 layers and their kernels, folded BatchNorms, INT8 embeddings."""
+    text = f"{len(block.get('layers', {}))} int8 layers ({block.get('backend', '?')} kernels)"
+    if block.get("folded_batchnorms"):
+        text += f", {len(block['folded_batchnorms'])} BatchNorms folded"
+    if block.get("embeddings"):
+        text += f", {len(block['embeddings'])} int8 embeddings (weight-only)"
+    return text

@@ -72,7 +72,7 @@ def export_onnx(
         raise IncompatibleError(
             f"export_onnx: {type(model).__name__} is still prepared for training (fake-quant, masks or KD "
             "hooks attached). Export the deployable model: small = slimkit.convert(model) (or "
-            "slimkit.convert(copy.deepcopy(model)) to keep training), then slimkit.export_onnx(small, ...)."
+            "slimkit.convert(model, inplace=False) to keep training), then slimkit.export_onnx(small, ...)."
         )
     try:
         import onnxscript  # noqa: F401  (the exporter's ONNX function library)

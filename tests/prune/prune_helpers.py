@@ -384,7 +384,7 @@ def train_steps(model: nn.Module, inputs: Any, task: str, steps: int = 1, lr: fl
 
 def masked_tensors_are_zero(model: nn.Module) -> bool:
     """Every weight / bias slice the pruner masks is exactly zero."""
-    plan = model._slimkit.methods["prune"]._plan  # built by the last slimkit.step
+    plan = slimkit.methods_of(model)["prune"]._plan  # built by the last slimkit.step
     assert plan, "the pruner masks nothing"
     return all(float((t.detach() * (keep == 0)).abs().max()) == 0.0 for t, keep in plan)
 
@@ -395,7 +395,7 @@ def run_case(case: Case, folder: Path) -> dict[str, Any]:
     inputs = case.inputs()
     params_before, macs_before = count_parameters(model), count_macs(model, inputs)
     slimkit.prepare(model, {"prune": case.prune}, example_inputs=inputs, measure=case.measure)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     assert count_parameters(model) == params_before  # masks only while training
 
     train_steps(model, inputs, case.task)

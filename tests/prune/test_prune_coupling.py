@@ -21,7 +21,7 @@ def _randomise_bn(model):
 
 def _prune(model, x, **section):
     slimkit.prepare(model, {"prune": section}, example_inputs=x)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     masked = logits(model, x)
     small = slimkit.convert(model)
     torch.testing.assert_close(logits(small, x), masked, rtol=1e-5, atol=1e-5)
@@ -104,7 +104,7 @@ def test_magnitude_importances_remove_the_weakest_units(importance):
         model.bn1.weight[weak] = 0.01  # bn_scale sees gamma
         model.conv2.weight[:, weak] *= 0.01
     slimkit.prepare(model, {"prune": {"channels": 0.5, "importance": importance}}, example_inputs=X)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     group = next(i for i, g in enumerate(pruner.channels.groups) if g.root == "conv1")
     pruned = pruner.channels.split(pruner.state.channels_pruned)[group]
     assert pruned.nonzero().flatten().tolist() == weak
@@ -115,7 +115,7 @@ def test_taylor_accumulates_weight_times_gradient_since_the_last_point():
     model = ConvNet(widths=(8, 8))
     recipe = {"prune": {"channels": 0.5, "importance": "taylor", "schedule": {"start_step": 3}}}
     slimkit.prepare(model, recipe, example_inputs=X)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     group = next(i for i, g in enumerate(pruner.channels.groups) if g.root == "conv1")
     offset = pruner.channels.offsets[group]
     expected = torch.zeros(8)
@@ -141,7 +141,7 @@ def test_a_unit_pruned_once_stays_pruned():
     model = ConvNet(widths=(16, 16))
     recipe = {"prune": {"channels": 0.75, "schedule": {"kind": "iterative", "end_step": 2, "stages": 2}}}
     slimkit.prepare(model, recipe, example_inputs=X)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     group = next(i for i, g in enumerate(pruner.channels.groups) if g.root == "conv1")
     slimkit.step(model, 1)
     first = pruner.channels.split(pruner.state.channels_pruned)[group].clone()

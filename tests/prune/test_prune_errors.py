@@ -121,6 +121,6 @@ def test_heads_on_a_single_key_value_group_model_prune_nothing_but_channels():
     model = hf_model("llama")
     model.config.num_key_value_heads = 1  # the pruner reads the projections' shapes, not the config
     slimkit.prepare(model, {"prune": {"heads": 0.5, "channels": 0.5}})
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     assert pruner.heads.groups  # 2 key/value groups: one can go
     assert all(g.size == 2 for g in pruner.heads.groups)

@@ -19,7 +19,7 @@ def _weights(model, pruner):
 def test_unstructured_local_prunes_each_layer_by_magnitude():
     model = ConvNet()
     slimkit.prepare(model, {"prune": {"sparsity": 0.6}}, example_inputs=X)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     assert set(pruner.sparse_weights) == {"conv1", "conv2"}  # stem and classifier excluded
     train_steps(model, X, "classification", steps=2)
     for weight in _weights(model, pruner).values():
@@ -34,7 +34,7 @@ def test_unstructured_global_uses_one_threshold():
     with torch.no_grad():
         model.conv1.weight.mul_(1e-6)  # all of conv1 is below every weight of conv2
     slimkit.prepare(model, {"prune": {"sparsity": 0.3, "scope": "global"}}, example_inputs=X)
-    weights = _weights(model, model._slimkit.methods["prune"])
+    weights = _weights(model, slimkit.methods_of(model)["prune"])
     total = sum(w.numel() for w in weights.values())
     assert int((weights["conv2"] == 0).sum()) == int(0.3 * total) - weights["conv1"].numel()
     assert bool((weights["conv1"] == 0).all())
@@ -44,7 +44,7 @@ def test_two_four_keeps_two_of_every_four_inputs_and_saves_dense(tmp_path):
     model = hf_model("bert")
     inputs = token_batch()
     slimkit.prepare(model, {"prune": {"nm": "2:4"}}, example_inputs=inputs)
-    pruner = model._slimkit.methods["prune"]
+    pruner = slimkit.methods_of(model)["prune"]
     train_steps(model, inputs, "classification", steps=2)
     assert pruner.sparse_weights and not any("classifier" in n for n in pruner.sparse_weights)
     for name, weight in _weights(model, pruner).items():

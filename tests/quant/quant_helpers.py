@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -93,4 +91,4 @@ def cnn_loss(model, batch):
 
 
 def convert_copy(model: nn.Module) -> nn.Module:
-    return slimkit.convert(copy.deepcopy(model))
+    return slimkit.convert(model, inplace=False)

@@ -159,7 +159,7 @@ def test_qat_follows_start_step_and_trains_through_the_ste():
 def test_gpt2_tied_wte_stays_float_and_wpe_is_quantized():
     model = tiny_gpt2()
     slimkit.prepare(model, {"quant": {"mode": "ptq", "embeddings": True}})
-    quantizer = model._slimkit.methods["quant"]
+    quantizer = slimkit.methods_of(model)["quant"]
     assert sorted(quantizer.skipped_tied) == ["lm_head", "transformer.wte"]
     assert list(quantizer.embeddings) == ["transformer.wpe"]
     slimkit.calibrate(model, [token_batch(seed=0)])
@@ -171,7 +171,7 @@ def test_gpt2_tied_wte_stays_float_and_wpe_is_quantized():
 
 def test_exclude_keeps_an_embedding_float():
     model = _ptq_bert(exclude=["bert.embeddings.word_embeddings"])
-    assert list(model._slimkit.methods["quant"].embeddings) == [
+    assert list(slimkit.methods_of(model)["quant"].embeddings) == [
         "bert.embeddings.position_embeddings",
         "bert.embeddings.token_type_embeddings",
     ]
@@ -181,7 +181,7 @@ def test_exclude_keeps_an_embedding_float():
 
 def test_embeddings_are_float_unless_asked_for():
     model = _ptq_bert(embeddings=False)
-    assert not model._slimkit.methods["quant"].embeddings
+    assert not slimkit.methods_of(model)["quant"].embeddings
     assert not is_qat_embedding(model.bert.embeddings.word_embeddings)
 
 

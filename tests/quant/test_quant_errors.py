@@ -40,7 +40,7 @@ def test_unsupported_layers_are_listed_with_the_exclude_entry():
     assert 'quant.exclude: ["attn", "temporal"]' in message
     assert "attn.out_proj" not in message  # children of a reported module are not listed again
     model = slimkit.prepare(WithAttention(), {"quant": {"exclude": ["attn", "temporal"]}})
-    assert sorted(model._slimkit.methods["quant"].layers) == ["head", "proj"]
+    assert sorted(slimkit.methods_of(model)["quant"].layers) == ["head", "proj"]
 
 
 def test_a_conv_subclass_with_its_own_forward_is_reported():
@@ -159,7 +159,7 @@ def test_register_plain_forward_makes_an_equivalent_subclass_quantizable():
     with pytest.raises(UnsupportedModelError, match="MyLinear overrides Linear.forward"):
         slimkit.prepare(Net(), {"quant": {}})
     slimkit.quant.register_plain_forward(MyLinear)
-    assert list(slimkit.prepare(Net(), {"quant": {}})._slimkit.methods["quant"].layers) == ["fc"]
+    assert list(slimkit.methods_of(slimkit.prepare(Net(), {"quant": {}}))["quant"].layers) == ["fc"]
 
 
 def test_timm_linear_is_quantized_like_nn_linear():

@@ -51,7 +51,7 @@ def test_fake_quant_conv_bn_pair_equals_its_folded_int8_conv():
     model = ConvBN(nn.Conv2d(3, 8, 3, padding=1), _random_bn(8)).eval()
     x = torch.randn(4, 3, 9, 9)
     slimkit.prepare(model, {"quant": {"mode": "ptq"}}, example_inputs=x)
-    assert model._slimkit.methods["quant"].folded == {"conv": "bn"}
+    assert slimkit.methods_of(model)["quant"].folded == {"conv": "bn"}
     slimkit.calibrate(model, [x])
     with torch.no_grad():
         fake = model(x)
@@ -88,7 +88,7 @@ def test_only_convs_read_by_their_batchnorm_alone_are_folded():
 def test_small_cnn_folds_every_conv_bn_pair():
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {}}, example_inputs=torch.randn(2, 1, 8, 8))
-    assert model._slimkit.methods["quant"].folded == {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"}
+    assert slimkit.methods_of(model)["quant"].folded == {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"}
     assert type(model.bn1).__name__ == "FoldingBatchNorm2d" and isinstance(model.bn1, nn.BatchNorm2d)
 
 

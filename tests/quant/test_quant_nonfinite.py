@@ -15,7 +15,7 @@ from slimkit.errors import CalibrationError, NonFiniteError
 
 
 def _quantizers(model):
-    return model._slimkit.methods["quant"].quantizers  # introspection of observer state
+    return slimkit.methods_of(model)["quant"].quantizers  # introspection of observer state
 
 
 @pytest.mark.parametrize("observer", ["moving_average_minmax", "minmax", "histogram"])

@@ -70,7 +70,7 @@ def test_timm_resnet18_qat_int8_and_onnx(tmp_path):
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
     recipe = {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2, "compile": "never"}}  # eager kernels
     slimkit.prepare(model, recipe, example_inputs=batches[0][0])
-    assert len(model._slimkit.methods["quant"].folded) == 20  # every conv of resnet18 has its BN
+    assert len(slimkit.methods_of(model)["quant"].folded) == 20  # every conv of resnet18 has its BN
     train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
     held_out = torch.randn(64, 3, 32, 32, generator=g)
     fake = logits_of(model, held_out)
@@ -112,7 +112,7 @@ def test_hf_models_int8_and_onnx(factory, loss, mode, tmp_path):
 def test_gpt2_keeps_the_tied_lm_head_in_float():
     model = tiny_gpt2()
     slimkit.prepare(model, {"quant": {}})
-    quantizer = model._slimkit.methods["quant"]
+    quantizer = slimkit.methods_of(model)["quant"]
     assert quantizer.skipped_tied == ["transformer.wte", "lm_head"]  # embeddings on by default: wte is tied too
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "QATConv1D"
     assert isinstance(model.lm_head, nn.Linear) and not hasattr(model.lm_head, "input_quantizer")

@@ -65,7 +65,7 @@ def test_equalization_keeps_the_float_function_and_equalizes_ranges():
     before = _ranges(model)
     assert all((a / b).max() / (a / b).min() > 10 for a, b in before.values())  # far from equal to start
     slimkit.prepare(model, {"quant": {"mode": "ptq", "equalization": True}}, example_inputs=x)
-    pairs = [(p.producer, p.consumer) for p in model._slimkit.methods["quant"].equalized]
+    pairs = [(p.producer, p.consumer) for p in slimkit.methods_of(model)["quant"].equalized]
     assert pairs == [("conv1", "dw"), ("dw", "pw"), ("pw", "fc")]  # through ReLU, max-pool, depthwise, mean
     assert torch.allclose(logits_of(model, x), expected, atol=1e-5, rtol=1e-5)  # not calibrated: float
     for name, (a, b) in _ranges(model).items():
@@ -85,7 +85,7 @@ def test_equalization_stops_at_relu6_and_residual_branches():
 
     model = Blocked().eval()
     slimkit.prepare(model, {"quant": {"mode": "ptq", "equalization": True}}, example_inputs=torch.randn(2, 3, 8, 8))
-    assert model._slimkit.methods["quant"].equalized == []
+    assert slimkit.methods_of(model)["quant"].equalized == []
 
 
 def _int8(model, data, **quant):

@@ -32,7 +32,7 @@ def _ptq(model, x, **quant):
 
 def test_resnet18_sites_cover_conv_outputs_and_residual_adds():
     model = _ptq(_resnet18(), torch.randn(4, 3, 32, 32))
-    quantizer = model._slimkit.methods["quant"]
+    quantizer = slimkit.methods_of(model)["quant"]
     plan = quantizer.plan
     # stem ReLU, per block: ReLU after conv1, conv2 output (an add operand), ReLU after the add;
     # the three downsample convs (the other add operand); max-pool passes the stem's qparams on
@@ -58,7 +58,7 @@ def test_resnet18_sites_cover_conv_outputs_and_residual_adds():
 
 def test_conv_outputs_false_quantizes_layer_inputs_only():
     model = _ptq(_resnet18(), torch.randn(4, 3, 32, 32), conv_outputs=False)
-    quantizer = model._slimkit.methods["quant"]
+    quantizer = slimkit.methods_of(model)["quant"]
     assert not quantizer.plan.sites and len(quantizer.quantizers) == 21
     int8 = slimkit.convert(model)
     assert not any(site_of(m) for m in int8.modules())
@@ -67,7 +67,7 @@ def test_conv_outputs_false_quantizes_layer_inputs_only():
 def test_small_cnn_residual_add_is_a_site():
     x = torch.randn(8, 1, 12, 12)
     model = _ptq(SmallCNN(), x)
-    plan = model._slimkit.methods["quant"].plan
+    plan = slimkit.methods_of(model)["quant"].plan
     # conv1 -> bn1 -> relu feeds conv2 and the add: its site is on bn1 (the functional ReLU keeps
     # values on its grid); the add (functional) is read by relu -> conv3, whose input quantizer
     # covers it; conv3 -> bn3 -> relu is quantized where it enters the pool
@@ -119,7 +119,7 @@ def test_a_site_that_never_ran_is_reported():
     x = torch.randn(4, 3, 32, 32)
     model = _resnet18()
     slimkit.prepare(model, {"quant": {"mode": "ptq"}}, example_inputs=x)
-    quantizer = model._slimkit.methods["quant"]
+    quantizer = slimkit.methods_of(model)["quant"]
     slimkit.calibrate(model, [x])
     # an add operand (read by no layer) that never saw data
     quantizer.quantizers["layer1.0.bn2.output_quantizer"].observer.observed.zero_()
@@ -147,7 +147,7 @@ def test_compiled_resnet18_runs_every_conv_with_a_uint8_output():
 def test_eager_int8_skips_sites_that_only_int8_layers_read():
     x = torch.randn(4, 3, 32, 32)
     model = _ptq(_resnet18(), x)
-    plan = model._slimkit.methods["quant"].plan
+    plan = slimkit.methods_of(model)["quant"].plan
     only_layers = {name for name, site in plan.sites.items() if site.read_by_layers_only}
     # a block's inner ReLU feeds only its conv2, and a stage's last output only the next stage's
     # conv1 and downsample conv; every other add output also feeds an add (identity shortcut) or
