@@ -4,13 +4,17 @@ PyTorch's CPU kernels run on OpenMP threads, which by default spin for a while a
 parallel region waiting for the next one. On a machine where other processes compete for the
 cores, those spinning threads take time from the threads doing work: on a shared 2-core VM a
 Trainer-route training step took 7.6 s instead of 1.4 s without ``OMP_WAIT_POLICY=PASSIVE``.
-On a quiet machine spinning can save the wake-up latency of small ops instead. Which default
-is right is measured by ``benchmarks/omp_wait_policy.py``; :data:`DEFAULT` holds the decision:
+On a quiet machine spinning saves the wake-up latency instead: measured on the same 2-core VM
+while it was quiet (``benchmarks/omp_wait_policy.py --rounds 3``), ``PASSIVE`` made the training
+step 1.13x, resnet18 FP32 inference 1.55x and its INT8 inference 2.17x *slower*. So slimkit
+never sets it by default, and warns only when the machine is oversubscribed when a model is
+prepared (1-minute load average above the number of cores). :data:`DEFAULT` holds the decision:
 
 * ``"set"``: ``import slimkit`` sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and torch is
   not imported yet (OpenMP reads the variable once, when torch loads its runtime); later, the
   warning below is given instead;
-* ``"warn"``: ``slimkit.prepare`` warns once per process, with the fix, when it is unset;
+* ``"warn"``: ``slimkit.prepare`` warns once per process, with the fix, when it is unset and
+  the machine is busy (:func:`busy`);
 * ``"off"``: nothing.
 
 ``SLIMKIT_OMP_WAIT_POLICY=set|warn|off`` overrides the default; an ``OMP_WAIT_POLICY`` that the
@@ -41,6 +45,14 @@ def apply_default() -> bool:
     return True
 
 
+def busy() -> bool:
+    """More runnable processes than cores over the last minute (where the OS reports it)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # Windows has no load average
+        return False
+
+
 def warn_once() -> None:
     """At ``slimkit.prepare``: the warning of the ``"warn"`` policy (and of ``"set"`` when torch
     was imported before slimkit, too late to set it), once per process."""
@@ -49,12 +61,13 @@ def warn_once() -> None:
         return
     import torch
 
-    if torch.get_num_threads() < 2:
+    if torch.get_num_threads() < 2 or not busy():
         return
     _warned = True
     warnings.warn(
-        "slimkit: OpenMP threads spin while waiting (OMP_WAIT_POLICY is unset), which can make each training "
-        "step and inference several times slower when other processes share the cores. Start Python with "
+        "slimkit: this machine is busy (load average above its core count) and OpenMP threads spin while waiting "
+        "(OMP_WAIT_POLICY is unset), which can make each training step and inference several times slower while "
+        "other processes share the cores. Start Python with "
         "OMP_WAIT_POLICY=PASSIVE (export OMP_WAIT_POLICY=PASSIVE), or set SLIMKIT_OMP_WAIT_POLICY=off to "
         "silence this.",
         UserWarning,

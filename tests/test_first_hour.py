@@ -79,11 +79,17 @@ def test_the_set_policy_makes_passive_the_default_before_torch_loads():
     assert _python(f"import slimkit; {show}", SLIMKIT_OMP_WAIT_POLICY="off") == "None"
 
 
-def test_prepare_warns_once_with_the_fix_when_the_policy_is_unset(monkeypatch):
+def test_prepare_warns_once_with_the_fix_when_the_policy_is_unset_on_a_busy_machine(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("SLIMKIT_OMP_WAIT_POLICY", "warn")
     monkeypatch.setattr(slimkit.omp, "_warned", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quiet machine: spinning is faster there, no warning
+        slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
     with pytest.warns(UserWarning, match="OMP_WAIT_POLICY=PASSIVE"):
         slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
     with warnings.catch_warnings():
@@ -98,6 +104,8 @@ def test_no_warning_when_the_policy_is_set_or_silenced(monkeypatch, env):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(slimkit.omp, "_warned", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))  # busy: only the settings silence it
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)

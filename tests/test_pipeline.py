@@ -164,4 +164,4 @@ def test_shipped_recipes_load_and_fit_their_models(minilm_path):
     slimkit.compute_loss(student, student(**ids)).backward()
     slimkit.step(student)
     values = slimkit.log_values(student)
-    assert "distill/feature.encoder.layer.5" in values and values["prune/heads"] == 0.5
+    assert "distill/feature.encoder.layer.5" in values and values["prune/heads"] == 0.25
