@@ -295,9 +295,10 @@ def minilm_experiment(args) -> dict:
             print(f"  MiniLM {int(ratio * 100)}% {row['method']:50s} {row}", flush=True)
     for row in depth_rows(dense, data, args.layers):
         model = row.pop("model", None)
+        method = f"slimkit removed layers: {row['layers']}"
         if model is not None:
-            models[(f"slimkit layers {row['layers']}", 0.0)] = model
-        rows.append({"method": f"slimkit removed layers: {row['layers']}", **row})
+            models[(method, 0.0)] = model
+        rows.append({"method": method, "ratio": 0.0, **row})
     embeddings, ort_speedup = ort_dynamic(dense, data)
     rows.append(
         {
@@ -314,7 +315,7 @@ def minilm_experiment(args) -> dict:
         iters=1,
     )
     for row in rows:
-        key = f"{row['method']}@{row['ratio']}"
+        key = f"{row['method']}@{row.get('ratio', 0.0)}"
         if key in speeds:
             row["speedup_b32x128"] = round(speeds["dense"]["median_s"] / speeds[key]["median_s"], 3)
     out["rows"] = rows
@@ -402,7 +403,7 @@ def digits_experiment(args) -> dict:
         iters=3,
     )
     for row in out["rows"]:
-        key = f"{row['method']}@{row['ratio']}"
+        key = f"{row['method']}@{row.get('ratio', 0.0)}"
         row["speedup_b256"] = round(speeds["dense"]["median_s"] / speeds[key]["median_s"], 3)
     return out
 
