@@ -29,7 +29,6 @@ damaged checkpoints, saying which file is damaged, and returns the newest intact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from .atomic import ordinary_permissions
+from .atomic import ordinary_permissions, sha256_file
 from .errors import FormatError
 
 _STEP_DIR = re.compile(r"step-(\d+)\Z")
@@ -160,14 +159,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path: str | Path) -> None:
     """Raise a ``FormatError`` naming the first missing, truncated or altered file of a
     checkpoint (checked against its ``checksums.json``)."""
@@ -194,7 +185,7 @@ def verify_checkpoint(path: str | Path) -> None:
             raise FormatError(f"{listing} lists {name!r}, which is not a checkpoint file name")
         if not file.is_file():
             raise FormatError(f"{file} is missing (listed in {CHECKSUMS}); the checkpoint is incomplete")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise FormatError(f"{file} is damaged: its SHA-256 differs from the one in {CHECKSUMS}")
 
 
@@ -270,7 +261,7 @@ def save_checkpoint(
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
             ordinary_permissions(file)
-            checksums[file.name] = _sha256(file)
+            checksums[file.name] = sha256_file(file)
         (staging / CHECKSUMS).write_text(json.dumps({"format": 1, "files": checksums}, indent=1))
         ordinary_permissions(staging / CHECKSUMS)
         ordinary_permissions(staging, directory=True)

@@ -14,7 +14,6 @@ save, or a corrupt one, is reported by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import adapter_for_library, get_adapter
-from .atomic import interrupted_swap, replace_folder
+from .atomic import interrupted_swap, replace_folder, sha256_file
 from .errors import FormatError, SlimkitError
 from .folder_checks import check_slimkit_block, check_tree, library_of
 from .methods import hub_blocks
@@ -79,14 +78,6 @@ def student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -114,7 +105,7 @@ def _write_folder(
         "version": __version__,
         "library": adapter.library,
         "class": type(model).__name__,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     }
     if recipe is None:
         recipe = getattr(getattr(model, "_slimkit_info", None), "recipe", None)
@@ -261,7 +252,7 @@ def _check_version(block: dict[str, Any], file: Path) -> None:
 def _check_checksum(file: Path, expected_sha: str | None) -> None:
     if not file.is_file():
         raise FormatError(f"{file} is missing; save the model again with slimkit.save_pretrained")
-    if expected_sha is not None and _sha256(file) != expected_sha:
+    if expected_sha is not None and sha256_file(file) != expected_sha:
         raise FormatError(
             f"{file} does not match {file.parent / CONFIG_NAME} (SHA-256 differs): the file is corrupt or "
             "from another save. Save the model again."
