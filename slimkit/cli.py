@@ -15,21 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SlimkitError
-from .folder_checks import check_slimkit_block, library_of
+from .folder_checks import architecture_of, check_slimkit_block, library_of
 from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config
 from .methods import hub_blocks
 from .report import load_instructions
 from .safe_build import read_header
-
-
-def _architecture(config: dict[str, Any]) -> str:
-    name = config.get("architecture")
-    if isinstance(name, str):
-        return name
-    names = config.get("architectures")
-    if isinstance(names, list) and names and isinstance(names[0], str):
-        return names[0]
-    return "?"
 
 
 def folder_info(path: str | Path) -> dict[str, Any]:
@@ -51,7 +41,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         n = math.prod(shape)
         dtypes[dtype] += n
         params += n
-    architecture = _architecture(config)
+    architecture = architecture_of(config) or "?"
     return {
         "folder": str(folder),
         "architecture": architecture,

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .json_bounds import exceeded_bound
 from .methods import hub_blocks
 from .recipe_io import short_repr
 
 MAX_CONFIG_DEPTH = 32  # transformers / timm configs nest a few levels (sub-configs, rope_scaling)
 MAX_CONFIG_VALUES = 1_000_000
 MAX_DIM = 1 << 31  # no tensor dimension (or size attribute) of a real model is larger
+LIBRARIES = ("timm", "transformers", "torch")  # the libraries whose models a slimkit folder holds
 
 
 def fail(file: Path | str, field: str, message: str) -> FormatError:
@@ -27,18 +29,11 @@ def fail(file: Path | str, field: str, message: str) -> FormatError:
 
 def check_tree(config: Any, file: Path | str) -> None:
     """Bounded depth and size (iteratively: a deeply nested file must not hit the stack)."""
-    stack, count = [(config, 1)], 0
-    while stack:
-        value, depth = stack.pop()
-        count += 1
-        if depth > MAX_CONFIG_DEPTH:
-            raise FormatError(f"{file} is nested more than {MAX_CONFIG_DEPTH} levels deep; not a model config")
-        if count > MAX_CONFIG_VALUES:
-            raise FormatError(f"{file} holds more than {MAX_CONFIG_VALUES:,} values; not a model config")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
+    bound = exceeded_bound(config, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES)
+    if bound == "depth":
+        raise FormatError(f"{file} is nested more than {MAX_CONFIG_DEPTH} levels deep; not a model config")
+    if bound == "values":
+        raise FormatError(f"{file} holds more than {MAX_CONFIG_VALUES:,} values; not a model config")
 
 
 def is_count(value: Any, minimum: int = 0) -> bool:
@@ -97,7 +92,7 @@ def check_slimkit_block(block: Any, file: Path | str) -> dict[str, Any]:
     if "version" in block and not isinstance(block["version"], str):
         raise fail(file, "slimkit.version", f"must be a string, got {short_repr(block['version'])}")
     if "library" in block:
-        expect_str(block["library"], file, "slimkit.library", ("timm", "transformers", "torch"))
+        expect_str(block["library"], file, "slimkit.library", LIBRARIES)
     if "class" in block:
         expect_str(block["class"], file, "slimkit.class")
     sha = block.get("weights_sha256")
@@ -110,12 +105,28 @@ def check_slimkit_block(block: Any, file: Path | str) -> dict[str, Any]:
 
 
 def library_of(config: dict[str, Any], file: Path | str) -> str:
-    """Which library's config this is: the slimkit block says, else transformers' / timm's keys."""
+    """Which library wrote this ``config.json`` (``"transformers"``, ``"timm"`` or ``"torch"``):
+    the one place slimkit decides it (``from_pretrained``, ``build_architecture``, ``slimkit
+    info`` and the model card all ask here). The slimkit block says; a plain folder is told by
+    its keys: transformers' ``model_type``, timm's ``architecture``. Anything else is a
+    ``FormatError`` naming ``file``."""
     block = config.get("slimkit")
     if isinstance(block, dict) and "library" in block:
-        return expect_str(block["library"], file, "slimkit.library", ("timm", "transformers", "torch"))
+        return expect_str(block["library"], file, "slimkit.library", LIBRARIES)
     if "model_type" in config:
         return "transformers"
     if "architecture" in config:
         return "timm"
     raise FormatError(f"{file} holds neither a transformers config ('model_type') nor a timm config ('architecture')")
+
+
+def architecture_of(config: dict[str, Any]) -> str | None:
+    """The model's architecture name in a config: timm's ``architecture``, or the first of
+    transformers' ``architectures`` (None when neither is a string)."""
+    name = config.get("architecture")
+    if isinstance(name, str):
+        return name
+    names = config.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .json_bounds import exceeded_bound
 
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: real recipes are a few hundred bytes
 MAX_NODES = 100_000  # scalars, lists and mappings after expanding every alias
@@ -99,19 +100,11 @@ def load_yaml(text: str, where: str) -> Any:
 
 
 def _json_depth_ok(value: Any, where: str) -> None:
-    stack = [(value, 1)]
-    count = 0
-    while stack:
-        item, depth = stack.pop()
-        count += 1
-        if depth > MAX_DEPTH:
-            raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; a recipe is a few levels deep")
-        if count > MAX_NODES:
-            raise ConfigError(f"{where}: holds more than {MAX_NODES:,} values; a recipe is a few dozen")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+    bound = exceeded_bound(value, MAX_DEPTH, MAX_NODES)
+    if bound == "depth":
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; a recipe is a few levels deep")
+    if bound == "values":
+        raise ConfigError(f"{where}: holds more than {MAX_NODES:,} values; a recipe is a few dozen")
 
 
 def read_recipe_file(path: Path) -> Any:

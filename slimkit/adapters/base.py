@@ -7,6 +7,7 @@ the core only knows this interface and the fallback for plain ``nn.Module``s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -163,6 +164,8 @@ class ModelAdapter:
         return False
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
+        """Inputs of ``batch_size`` samples the model can be called with (a tensor, a tuple or a
+        dict of keyword tensors), for tracing and measuring when the user passes none."""
         raise UnsupportedModelError(
             f"{type(model).__name__}: slimkit cannot guess example inputs for this model; "
             "pass example_inputs=... (a tensor, a tuple of tensors or a dict of keyword tensors)."
@@ -170,6 +173,8 @@ class ModelAdapter:
 
     # -- hub-style folders ---------------------------------------------------------------------
     def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The family's own ``config.json`` content for ``model`` (``save_pretrained`` adds the
+        ``"slimkit"`` block to it)."""
         raise UnsupportedModelError(
             f"save_pretrained: {type(model).__name__} is neither a Hugging Face PreTrainedModel nor a "
             "timm model, so no config.json can rebuild it. Wrap it in one of those, or save its "
@@ -177,7 +182,19 @@ class ModelAdapter:
         )
 
     def build(self, config: dict[str, Any]) -> nn.Module:  # pragma: no cover - abstract for torch
+        """A fresh model (random weights) from ``config`` (a ``config.json`` without its
+        ``"slimkit"`` block); ``from_pretrained`` calls it on the meta device, then replays the
+        method blocks and loads the weights."""
         raise UnsupportedModelError("plain PyTorch models cannot be rebuilt from config.json")
+
+    def load_plain(self, folder: Path) -> nn.Module:
+        """Load a folder the family's own library wrote (no ``"slimkit"`` block), with that
+        library's loader (safetensors only, local files only). ``from_pretrained`` calls it after
+        checking the declared shapes against the weights file's header."""
+        raise UnsupportedModelError(
+            f"{folder}: {type(self).__name__} (library {self.library!r}) cannot load a folder that slimkit did "
+            "not write; save the model with slimkit.save_pretrained, or load it with its own library"
+        )
 
     def check_config(self, config: dict[str, Any], file: Any) -> None:
         """Raise ``FormatError`` (naming ``file`` and the field) for a config value that would make
