@@ -24,6 +24,7 @@ from .errors import (
 )
 from .hub import from_pretrained, save_pretrained
 from .methods import HubBlock, register_method, registered_methods
+from .model_info import ModelInfo, model_info
 from .quant import export_onnx
 from .recipe import (
     ActivationQuantConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "FormatError",
     "HubBlock",
     "IncompatibleError",
+    "ModelInfo",
     "ModuleNameError",
     "PruneConfig",
     "QuantConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "from_pretrained",
     "log_values",
     "methods_of",
+    "model_info",
     "needs_calibration",
     "prepare",
     "register_method",

@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .errors import SlimkitError
 from .methods import in_order, reshapes
+from .model_info import ModelInfo, model_info, set_model_info
 from .modules import SLIMKIT_ATTR
 
 CONTROLLER_ATTR = "_slimkit"
@@ -242,8 +243,9 @@ class Controller:
             report.update(
                 before=self.baseline, after=measure(model, inputs, macs=macs), latency=latency_setting(inputs)
             )
-        report["methods"] = dict(model.__dict__.get("_slimkit_report") or {})
-        model.__dict__["_slimkit_info"].report = report
+        info = model_info(model)
+        report["methods"] = dict(info.method_notes)
+        info.report = report
         return model
 
     def detach(self, model: nn.Module) -> None:
@@ -258,17 +260,8 @@ class Controller:
             del model._modules[SLIMKIT_ATTR]
         if CONTROLLER_ATTR in model.__dict__:
             del model.__dict__[CONTROLLER_ATTR]
-        source = getattr(model.__dict__.get("_slimkit_info"), "folder", None)  # where it was loaded from
-        object.__setattr__(model, "_slimkit_info", _ConvertedInfo(self.recipe, folder=source))
-
-
-class _ConvertedInfo:
-    """What a converted model remembers of how it was made (for save_pretrained's block)."""
-
-    def __init__(self, recipe: Any, report: dict[str, Any] | None = None, folder: str | None = None) -> None:
-        self.recipe = recipe
-        self.report = report or {}
-        self.folder = folder  # the folder the model was loaded from, if any (its extra files are kept)
+        previous = model_info(model) or ModelInfo()  # where it was loaded from; what methods noted
+        set_model_info(model, ModelInfo(self.recipe, folder=previous.folder, method_notes=previous.method_notes))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .atomic import interrupted_swap, replace_folder, sha256_file
 from .errors import FormatError, SlimkitError
 from .folder_checks import check_slimkit_block, check_tree, library_of
 from .methods import hub_blocks
+from .model_info import ModelInfo, model_info, set_model_info
 from .modules import SLIMKIT_ATTR
 from .safe_build import (
     Header,
@@ -108,7 +108,7 @@ def _write_folder(
         "weights_sha256": sha256_file(weights),
     }
     if recipe is None:
-        recipe = getattr(getattr(model, "_slimkit_info", None), "recipe", None)
+        recipe = getattr(model_info(model), "recipe", None)
     if recipe is not None:
         block["recipe"] = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
     for method in hub_blocks():
@@ -117,7 +117,7 @@ def _write_folder(
             block[method.name] = described
     # Whether transformers / timm alone can load the folder: said first by the card and `slimkit info`.
     block["native_load"] = "quantization" not in block and _builds_natively(adapter, model, config)
-    report = dict(getattr(getattr(model, "_slimkit_info", None), "report", None) or {})
+    report = dict(getattr(model_info(model), "report", None) or {})
     if extra_report:
         report["metrics"] = {**report.get("metrics", {}), **extra_report}
     if report:
@@ -129,7 +129,7 @@ def _write_folder(
 
         plot_kept(kept, folder / PLOT_NAME)
 
-    source = files_from or getattr(getattr(model, "_slimkit_info", None), "folder", None)
+    source = files_from or getattr(model_info(model), "folder", None)
     if adapter.extra_files(model, source, folder):  # e.g. sentence-transformers' modules.json and pooling
         block["sentence_transformers"] = True
     if card is not None:
@@ -351,7 +351,7 @@ def from_pretrained(
             meta, _ = build_on_meta(lambda: adapter.build(config), lambda m: m, header, file)
             check_plain_folder(meta, header)
         model = adapter.load_plain(folder)
-        object.__setattr__(model, "_slimkit_info", _LoadedInfo(folder=str(folder), block={}))
+        set_model_info(model, ModelInfo(folder=str(folder)))
         return model.to(device).eval()
     block = check_slimkit_block(block, file)
     _check_version(block, file)
@@ -362,8 +362,7 @@ def from_pretrained(
         model = _load_into_instance(model, block, header)
     else:
         model = _build_checked(adapter, config, block, header)
-    info = _LoadedInfo(folder=str(folder), block=block)
-    object.__setattr__(model, "_slimkit_info", info)
+    set_model_info(model, ModelInfo(recipe=block.get("recipe"), report=block.get("report") or {}, folder=str(folder)))
     return model.to(device).eval()
 
 
@@ -377,17 +376,3 @@ def build_architecture(path: str | os.PathLike, blocks: tuple[str, ...] = ("prun
     block = check_slimkit_block(config.pop("slimkit", None) or {"format_version": FORMAT_VERSION}, file)
     adapter.check_config(config, file)
     return _replay(block, blocks)(adapter.build(config)).eval()
-
-
-@dataclass
-class _LoadedInfo:
-    folder: str
-    block: dict[str, Any]
-
-    @property
-    def recipe(self) -> Any:
-        return self.block.get("recipe")
-
-    @property
-    def report(self) -> dict[str, Any]:
-        return self.block.get("report") or {}

@@ -23,6 +23,7 @@ from ..adapters import call_model
 from ..controller import Controller, Method
 from ..distributed import full_tensor, mul_mask_
 from ..errors import ConfigError, UnsupportedModelError
+from ..model_info import add_method_notes
 from ..modules import get_module, user_named_modules
 from ..recipe import PruneConfig
 from . import importance, manifest
@@ -582,7 +583,7 @@ class Pruner(Method):
         return model
 
     def _report(self, model: nn.Module, values: dict[str, float]) -> None:
-        report = dict(model.__dict__.get("_slimkit_report") or {})
+        report = {}
         names = {
             "prune/channels": "channels / MLP neurons removed",
             "prune/heads": "attention heads removed",
@@ -595,7 +596,7 @@ class Pruner(Method):
         if self.depth is not None:
             gone = [b.name for b in self.depth.removed_blocks()]
             report[names["prune/layers"]] = f"{len(gone)} of {len(self.depth.blocks)} ({', '.join(gone) or 'none'})"
-        model.__dict__["_slimkit_report"] = report
+        add_method_notes(model, report)
 
     def remove(self, model: nn.Module) -> None:
         self._clear_deferred()
