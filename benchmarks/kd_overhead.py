@@ -33,7 +33,6 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -171,11 +170,9 @@ def measure(case, rounds: int) -> dict:
 
 def digits_accuracy(seeds: list[int], kd_steps: int) -> dict:
     """Held-out digits accuracy: the demo's student alone vs distilled (recipes/digits_kd.yaml)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
-    import distill
-
+    from slimkit.plugins import digits_demo as demo
     from slimkit.plugins.data import digits
+    from slimkit.plugins.distill_run import DistillOptions, run_distillation
 
     shift = 2
     runs = []
@@ -191,12 +188,18 @@ def digits_accuracy(seeds: list[int], kd_steps: int) -> dict:
             slimkit.save_pretrained(demo.make_model(demo.STUDENT_CHANNELS), f"{tmp}/init{seed}")
             alone = slimkit.from_pretrained(f"{tmp}/init{seed}")
             demo.train_alone(alone, data, kd_steps, shift, seed)
-            metrics = distill.main(
-                ["--teacher", f"{tmp}/teacher", "--student", f"{tmp}/init{seed}"]
-                + ["--recipe", str(ROOT / "recipes" / "digits_kd.yaml"), "--output-dir", f"{tmp}/kd{seed}"]
-                + ["--dataset", "digits", "--max-steps", str(kd_steps), "--shift", str(shift)]
-                + ["--batch-size", str(demo.BATCH), "--seed", str(seed)]
+            options = DistillOptions(
+                teacher=f"{tmp}/teacher",
+                student=f"{tmp}/init{seed}",
+                recipe=str(ROOT / "recipes" / "digits_kd.yaml"),
+                output_dir=f"{tmp}/kd{seed}",
+                dataset="digits",
+                max_steps=kd_steps,
+                shift=shift,
+                batch_size=demo.BATCH,
+                seed=seed,
             )
+            metrics = run_distillation(options)
             distilled = metrics["student"]["accuracy"]
             runs.append({"seed": seed, "alone": demo.accuracy(alone, data), "distilled": distilled})
             print(f"digits seed {seed}: alone {runs[-1]['alone']:.2%}, distilled {runs[-1]['distilled']:.2%}")

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """The full pipeline (distill -> prune -> QAT -> INT8), stage by stage, on digits and on MiniLM.
 
-* **digits**: ``scripts/demo.py``: a ResNet-18-layout teacher (2.8M parameters), a 15x smaller
-  student distilled, channel-pruned (50%) and quantized with ``recipes/digits_pipeline.yaml``.
-* **MiniLM**: ``recipes/minilm_pipeline.yaml`` in one ``scripts/distill.py`` run on the
-  ``stdlib-docs`` sentences: the real all-MiniLM-L6-v2 as teacher, the student a copy of it
-  (all 6 layers) that ``slimkit.calibrate`` prunes at step 0 (heads and FFN neurons, data-aware
-  importance, least-squares reconstruction, on the first training sentences), then KD recovery
-  on token states, then QAT, then INT8. Quality: the mean cosine between the student's and the
+* **digits**: ``scripts/demo.py`` (``slimkit.plugins.digits_demo.run_demo``): a ResNet-18-layout
+  teacher (2.8M parameters), a 15x smaller student distilled, channel-pruned (50%) and
+  quantized with ``recipes/digits_pipeline.yaml``.
+* **MiniLM**: ``recipes/minilm_pipeline.yaml`` in one ``scripts/distill.py`` run
+  (``slimkit.plugins.distill_run.run_distillation``) on the ``stdlib-docs`` sentences: the
+  real all-MiniLM-L6-v2 as teacher, the student a copy of it (all 6 layers) that
+  ``slimkit.calibrate`` prunes at step 0 (heads and FFN neurons, data-aware importance,
+  least-squares reconstruction, on the first training sentences), then KD recovery on token
+  states, then QAT, then INT8. Quality: the mean cosine between the student's and the
   teacher's mean-pooled sentence embeddings on held-out sentences, and the Spearman correlation
   of their pairwise cosine similarities; the zero-effort baseline, onnxruntime's
   ``quantize_dynamic`` of the teacher, is measured in the same run.
@@ -38,14 +40,13 @@ import torch  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.hub import build_architecture  # noqa: E402
-from slimkit.report import tensor_bytes  # noqa: E402
+from slimkit.plugins.digits_demo import run_demo  # noqa: E402
+from slimkit.plugins.distill_run import DistillOptions, run_distillation  # noqa: E402
+from slimkit.report import interleaved_latencies, tensor_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import demo  # noqa: E402
-import distill  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' shared helpers (int8_common, prune_quality)
 
 
 def minilm_recipe(path: Path, steps: int) -> dict:
@@ -61,7 +62,7 @@ def minilm_recipe(path: Path, steps: int) -> dict:
 
 def digits(rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        summary = demo.main(["--output-dir", tmp])
+        summary = run_demo(tmp, ROOT / "recipes" / "digits_pipeline.yaml")
     stages = summary["stages"]
     teacher = stages[0]
     return {
@@ -120,12 +121,20 @@ def minilm(steps: int, rounds: int, recipe_path: Path, lr: float) -> dict:
         tmp = Path(tmp)
         (tmp / "recipe.json").write_text(json.dumps(recipe))
         started = time.perf_counter()
-        metrics = distill.main(
-            ["--teacher", str(teacher_dir), "--student", str(teacher_dir), "--recipe", str(tmp / "recipe.json"),
-             "--output-dir", str(tmp / "student"), "--dataset", "stdlib-docs", "--max-steps", str(steps),
-             "--batch-size", "16", "--max-length", "64", "--lr", str(lr), "--dropout", "off",
-             "--calibration-batches", "32"]
-        )  # fmt: skip
+        options = DistillOptions(
+            teacher=str(teacher_dir),
+            student=str(teacher_dir),
+            recipe=str(tmp / "recipe.json"),
+            output_dir=str(tmp / "student"),
+            dataset="stdlib-docs",
+            max_steps=steps,
+            batch_size=16,
+            max_length=64,
+            lr=lr,
+            dropout="off",
+            calibration_batches=32,
+        )
+        metrics = run_distillation(options)
         seconds = time.perf_counter() - started
         teacher = slimkit.from_pretrained(teacher_dir).eval()
         int8 = slimkit.from_pretrained(tmp / "student").eval()
@@ -149,7 +158,7 @@ def minilm(steps: int, rounds: int, recipe_path: Path, lr: float) -> dict:
         with torch.inference_mode():
             compiled(**batch)  # compiles for this shape
             models = {"teacher": teacher, "pruned": pruned, "int8": int8, "int8_compiled": compiled, "ort_dynamic": ort}
-            speed = demo.latencies(models, batch, rounds)
+            speed = interleaved_latencies(models, batch, rounds)
         sizes = {"teacher": tensor_bytes(teacher), "pruned": tensor_bytes(pruned), "int8": tensor_bytes(int8)}
         sizes.update(int8_compiled=sizes["int8"], ort_dynamic=(tmp / "dynamic.onnx").stat().st_size)
         sizes["teacher_onnx"] = fp32_onnx.stat().st_size

@@ -1,4 +1,4 @@
-"""Helpers for plain ``accelerate`` loops (what ``scripts/distill.py`` uses).
+"""Helpers for plain ``accelerate`` loops (what :mod:`slimkit.plugins.distill_run` uses).
 
 The loop itself is slimkit's plain-loop API; accelerate only wraps and places things:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +51,32 @@ def gather_log_values(accelerator: Accelerator, model: nn.Module) -> dict[str, f
     return {k: gather_mean(accelerator, v) for k, v in sorted(values.items())}
 
 
-def save_student(accelerator: Accelerator, model: nn.Module, path: str | Path, extra_files: Any = None) -> nn.Module:
+def save_student(
+    accelerator: Accelerator,
+    model: nn.Module,
+    path: str | Path,
+    extra_files: Callable[[Path], Any] | None = None,
+    *,
+    report: dict[str, Any] | Callable[[nn.Module], dict[str, Any]] | None = None,
+    files_from: str | Path | None = None,
+) -> nn.Module:
     """Convert the (unwrapped) student on every process and save it from the main one.
 
     Every process converts, so that all of them hold the same final architecture; only the
-    main process writes. ``extra_files`` is a callable ``f(path)`` run on the main process after
-    the save (e.g. a tokenizer's ``save_pretrained``). Returns the converted model.
+    main process writes. ``report`` (measured values for the model card and ``config.json``)
+    is a dict, or a function of the converted model run on the main process only (e.g. its
+    held-out accuracy); ``files_from`` is a folder whose extra files (sentence-transformers'
+    ``modules.json`` and pooling) are copied along (see ``slimkit.save_pretrained``).
+    ``extra_files`` is a callable ``f(path)`` run on the main process after the save (e.g. a
+    tokenizer's ``save_pretrained``). Returns the converted model.
     """
     accelerator.wait_for_everyone()
     small = slimkit.convert(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
-        slimkit.save_pretrained(small, path)
+        values = report(small) if callable(report) else report
+        slimkit.save_pretrained(small, path, report=values, files_from=files_from)
         if extra_files is not None:
-            extra_files(path)
+            extra_files(Path(path))
     accelerator.wait_for_everyone()
     return small
 

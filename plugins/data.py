@@ -227,3 +227,23 @@ def load_task_data(
     if name == "stdlib-docs":
         return stdlib_docs(seed=seed)
     return local(name, channels, size, seed=seed)
+
+
+def task_tensors(data: TaskData, split: str, tokenizer: Any = None, max_length: int = 64):
+    """A ``TensorDataset`` of one split (``"train"`` / ``"eval"``): (images, labels), or
+    (input_ids, attention_mask, labels) tokenized to ``max_length`` for text."""
+    from torch.utils.data import TensorDataset
+
+    part = getattr(data, split)
+    if data.kind == "image":
+        return TensorDataset(part.inputs, part.labels)
+    enc = tokenizer(part.inputs, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], part.labels)
+
+
+def as_call(batch: tuple[torch.Tensor, ...], kind: str) -> tuple[tuple | dict, torch.Tensor]:
+    """(model inputs, labels) of a :func:`task_tensors` batch, in the model's calling convention:
+    ``(images,)`` for image models, ``{"input_ids", "attention_mask"}`` for text models."""
+    if kind == "image":
+        return (batch[0],), batch[1]
+    return {"input_ids": batch[0], "attention_mask": batch[1]}, batch[2]

@@ -35,9 +35,22 @@ class Config:
     """Base of every config section."""
 
     section: ClassVar[str] = ""
+    # What the model is once this section's phase has run ("pruned"): names a run's stages.
+    stage_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.validate(_PATH.get() or self.section)
+
+    # -- schedule ---------------------------------------------------------------------
+    def phase_start(self) -> int | None:
+        """The optimizer step at which this section starts changing the model in training (a
+        phase a loop may want to score the model before), or None if it starts no phase."""
+        return None
+
+    def fit_problems(self, max_steps: int, source: str) -> list[str]:
+        """Why this section's schedule cannot finish in ``max_steps`` optimizer steps (``source``
+        names where that number came from); empty when it fits. See ``Recipe.check_fits``."""
+        return []
 
     # -- validation -------------------------------------------------------------------
     def validate(self, path: str) -> None:  # overridden by sections

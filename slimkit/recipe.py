@@ -89,6 +89,7 @@ class DistillConfig(Config):
     """Knowledge distillation: alpha*T^2*KL(teacher||student) + (1-alpha)*task + features + attention."""
 
     section: ClassVar[str] = "distill"
+    stage_name: ClassVar[str] = "distilled"
 
     temperature: float = help_field(4.0, "softmax temperature T (> 0)")
     alpha: float = help_field(0.5, "weight of the logit KD term; the task loss gets 1 - alpha")
@@ -100,6 +101,9 @@ class DistillConfig(Config):
     chunk_tokens: int | None = help_field(
         None, "positions per chunk of the logit KD loss (null: about 4M logits per chunk, 128 tokens at 32k vocabulary)"
     )
+
+    def phase_start(self) -> int | None:
+        return 0  # distillation trains the student from the first step
 
     def validate(self, path: str) -> None:
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
@@ -159,6 +163,7 @@ class PruneConfig(Config):
     """Structured pruning (channels, MLP neurons, heads) and unstructured / N:M masks."""
 
     section: ClassVar[str] = "prune"
+    stage_name: ClassVar[str] = "pruned"
 
     channels: float = help_field(0.0, "fraction of prunable conv channels / MLP neurons to remove")
     heads: float = help_field(0.0, "fraction of attention heads to remove (never all of a layer)")
@@ -243,6 +248,21 @@ class PruneConfig(Config):
                 self.fail(path, "nm", f"expected 'N:M' with 0 < N < M, such as '2:4', got {self.nm!r}")
         if self.sparsity and self.nm:
             self.fail(path, "nm", "use either sparsity (unstructured) or nm (N:M), not both")
+
+    def phase_start(self) -> int | None:
+        return self.schedule.start_step
+
+    def fit_problems(self, max_steps: int, source: str) -> list[str]:
+        """Pruning must reach its last step (``schedule.end_step``, or ``start_step`` for one-shot)."""
+        if not (self.structured or self.sparsity or self.nm):
+            return []
+        field = "start_step" if self.schedule.kind == "one_shot" else "end_step"
+        if self.schedule.last_step <= max_steps:
+            return []
+        return [
+            f"prune.schedule.{field} is {self.schedule.last_step} but the run stops after {source}={max_steps} "
+            f"steps, so pruning would never finish; lower prune.schedule.{field} or raise {source}"
+        ]
 
     @property
     def structured(self) -> bool:
@@ -341,26 +361,29 @@ class Recipe(Config):
         """Refuse, before training starts, a schedule that cannot finish in ``max_steps``
         optimizer steps (``source`` names where that number came from, e.g. ``--max-steps``).
 
-        Pruning must reach its last step (``prune.schedule.end_step``, or ``start_step`` for
-        one-shot) and QAT must train at least one step after ``quant.start_step``; otherwise
-        the run would only fail at ``convert``, after all the training time was spent."""
-        problems = []
-        if self.prune is not None and (self.prune.structured or self.prune.sparsity or self.prune.nm):
-            schedule = self.prune.schedule
-            field = "start_step" if schedule.kind == "one_shot" else "end_step"
-            if schedule.last_step > max_steps:
-                problems.append(
-                    f"prune.schedule.{field} is {schedule.last_step} but the run stops after {source}={max_steps} "
-                    f"steps, so pruning would never finish; lower prune.schedule.{field} or raise {source}"
-                )
-        if self.quant is not None and self.quant.mode == "qat" and self.quant.start_step >= max_steps:
-            problems.append(
-                f"quant.start_step is {self.quant.start_step} but the run stops after {source}={max_steps} steps, "
-                f"so QAT would never train (fake-quant ranges would never be observed); set quant.start_step "
-                f"below {max_steps} or raise {source}"
-            )
+        Each section says what it needs (``Config.fit_problems``): pruning must reach its last
+        step, QAT must train at least one step after ``quant.start_step``; otherwise the run
+        would only fail at ``convert``, after all the training time was spent."""
+        problems = [p for config in self.sections().values() for p in config.fit_problems(max_steps, source)]
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def phase_ends(self) -> dict[int, str]:
+        """Steps at which a training phase ends -> the stage the model has reached there (where a
+        loop scores it before the next phase begins): e.g. ``{270: "distilled", 540: "pruned"}``
+        for KD from step 0, pruning from step 270 and QAT from step 540.
+
+        Each section says when its phase starts (``Config.phase_start``) and what the model is
+        after it (``Config.stage_name``); a phase starting at step 0 ends no earlier one."""
+        sections = list(self.sections().values())  # distill, prune, quant, then registered sections
+        starts = sorted((c.phase_start(), i) for i, c in enumerate(sections) if c.phase_start() is not None)
+        points: dict[int, str] = {}
+        reached = "trained"  # a run without a phase from step 0 (no distill) only trains at first
+        for step, i in starts:  # phases starting at the same step: the later section names the stage
+            if step > 0:
+                points.setdefault(step, reached)
+            reached = sections[i].stage_name or reached
+        return points
 
     @classmethod
     def from_dict(cls, data: Any, path: str | None = None) -> Recipe:

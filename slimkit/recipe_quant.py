@@ -51,6 +51,7 @@ class QuantConfig(Config):
     """Quantization-aware training (fake-quant), PTQ calibration and INT8 conversion."""
 
     section: ClassVar[str] = "quant"
+    stage_name: ClassVar[str] = "quantized"
 
     mode: Literal["qat", "ptq", "dynamic"] = help_field("qat", "qat | ptq (static calibration) | dynamic")
     weights: WeightQuantConfig = help_field(
@@ -93,6 +94,19 @@ class QuantConfig(Config):
         "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
         "so INT8 CNNs stay uint8 between layers (as onnxruntime's quantize_static); false: layer inputs only",
     )
+
+    def phase_start(self) -> int | None:
+        return self.start_step if self.mode == "qat" else None  # PTQ and dynamic do not train
+
+    def fit_problems(self, max_steps: int, source: str) -> list[str]:
+        """QAT must train at least one step after ``start_step``."""
+        if self.mode != "qat" or self.start_step < max_steps:
+            return []
+        return [
+            f"quant.start_step is {self.start_step} but the run stops after {source}={max_steps} steps, "
+            f"so QAT would never train (fake-quant ranges would never be observed); set quant.start_step "
+            f"below {max_steps} or raise {source}"
+        ]
 
     def validate(self, path: str) -> None:
         if self.start_step < 0:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from .folder_checks import architecture_of, library_of
 from .modules import SLIMKIT_ATTR
 
 
@@ -146,11 +149,11 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 def model_card(model: nn.Module, config: dict[str, Any]) -> str:
     """README.md for a saved folder: base model, recipe, before -> after, metrics."""
     block = config.get("slimkit", {})
-    base = config.get("architecture") or (config.get("architectures") or [type(model).__name__])[0]
+    base = architecture_of(config) or type(model).__name__
     report = block.get("report") or {}
     if not report.get("after"):
         report = {**report, "after": summary(model)}
-    library = block.get("library", "")
+    library = library_of(config, "config.json")
     lines = [f"# {base} (slimkit)", ""]
     if not loads_natively(library, block):
         lines += [
@@ -158,7 +161,7 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        f"Saved by slimkit {block.get('version', '')} from a `{block.get('library', '?')}` "
+        f"Saved by slimkit {block.get('version', '')} from a `{library}` "
         f"`{block.get('class', type(model).__name__)}`"
         + (f", made with the recipe below ({', '.join(block['recipe'])})." if block.get("recipe") else "."),
         "",
@@ -196,7 +199,7 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
         "```python",
         "import slimkit",
         'model = slimkit.from_pretrained("<this folder>")'
-        if block.get("library") != "torch"
+        if library != "torch"
         else f'model = slimkit.from_pretrained("<this folder>", model={block.get("class", "MyNet")}(...))',
         "```",
         *_sentence_transformers_lines(block),
@@ -328,9 +331,6 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, warmup: int = 3) -> float:
     """Median wall time of one forward in milliseconds (inference mode)."""
-    import statistics
-    import time
-
     from .adapters import call_model
 
     # A converted INT8 model compiles itself on its first inference call (slimkit.quant.runtime);
@@ -345,3 +345,24 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, wa
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def interleaved_latencies(models: dict[str, nn.Module], inputs: Any, rounds: int = 15) -> dict[str, float]:
+    """Median forward time (ms) of each model on ``inputs`` (a tensor or a dict of kwargs),
+    interleaved round by round, the order reversed every other round, so that drift (another
+    process, CPU clocks) hits all of them alike. Each model is warmed up once first."""
+
+    def run(model: nn.Module) -> Any:
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    for model in models.values():
+        model.eval()
+        run(model)  # warm-up: oneDNN primitives, allocator
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
+            start = time.perf_counter()
+            run(models[name])
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
