@@ -21,25 +21,21 @@ from torch import nn
 
 from ..adapters import call_model
 from ..controller import Controller, Method
-from ..distributed import full_tensor, mul_mask_
-from ..errors import ConfigError, UnsupportedModelError
+from ..distributed import mul_mask_
 from ..model_info import add_method_notes
-from ..modules import get_module, user_named_modules
+from ..modules import get_module
 from ..recipe import PruneConfig
-from . import importance, manifest
+from . import manifest
 from .blocks import block_module, remove_blocks, renamer
-from .checks import check_round_to, nm_message
 from .data_aware import PointData, missing_data_error
 from .depth import DepthPruning, setup_depth
-from .graph import channel_groups
-from .heads import head_group, set_head_counts, tie_groups
-from .obs import obs_scores
-from .oneshot import calibrate_point, reconstruct_point, sensitivity_allocation
+from .discovery import find_channel_groups, find_head_groups, find_sparse_weights
+from .heads import set_head_counts
+from .oneshot import calibrate_point, reconstruct_point
+from .points import prune_to_point
 from .schedule import due_point, pruning_points, target_at_point
 from .scope import pruned_scope
-from .selection import choose, select
 from .slicing import remove_units
-from .sparse import input_dim, magnitude_masks, nm_mask
 from .state import PruneState, UnitKind, broadcast, distributed
 from .units import UnitGroup, apply_zero_plan, zero_plan
 from .verify import find_inexact
@@ -85,7 +81,9 @@ class Pruner(Method):
         self.excluded = self._excluded(model)
         layouts = adapter.attention_heads(model) if cfg.width else []
         if cfg.heads > 0:
-            self.heads = UnitKind("heads", self._head_groups(model, layouts), cfg.heads, None)
+            self.heads = UnitKind(
+                "heads", find_head_groups(model, layouts, self.excluded, self.included), cfg.heads, None
+            )
         if cfg.channels > 0:
             self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
         if cfg.width and cfg.verify:
@@ -99,7 +97,9 @@ class Pruner(Method):
                     memo={id(self.controller): self.controller},
                     finish=lambda probe, groups, masks: set_head_counts(probe, adapter, groups, masks),
                 )
-        sparse_shapes = self._sparse_setup(model)
+        self.sparse_weights, sparse_shapes = find_sparse_weights(
+            model, cfg, self.excluded, self.included, self.transposed
+        )
         gradient = cfg.importance if cfg.gradient_based else None
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.state = PruneState(self.channels.total, self.heads.total, gradient, sparse_shapes).to(device)
@@ -131,102 +131,12 @@ class Pruner(Method):
                 model, self.config, self.controller.adapter, self._inputs(model), {id(self.controller): self.controller}
             )
 
-    def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
-        if not layouts:
-            candidates = [
-                n
-                for n, m in user_named_modules(model)
-                if n and ("attn" in n.rsplit(".", 1)[-1].lower() or "attention" in type(m).__name__.lower())
-            ]
-            raise UnsupportedModelError(
-                f"prune.heads: slimkit knows no attention heads in {type(model).__name__}. It prunes the "
-                "heads of timm ViT-style Attention (fused qkv) and of Hugging Face BERT / ViT / GPT-2 / "
-                "Llama-style attention. "
-                + (
-                    f"Modules that look like attention here: {candidates[:6]}; "
-                    if candidates
-                    else "No module here looks like attention; "
-                )
-                + "set prune.heads: 0 (MLP neurons and channels are still pruned with prune.channels)."
-            )
-        groups = []
-
-        def left_whole(layout) -> bool:
-            projections = [m for m, _ in (*layout.query, *layout.key_value, *layout.output)]
-            if any(n in self.excluded for n in (layout.name, *projections)):
-                return True
-            return self.included is not None and not any(n in self.included for n in (layout.name, *projections))
-
-        # Layers that share per-head modules (MPNet's position bias) lose the same heads, so
-        # leaving one of them whole leaves them all whole.
-        whole = {s for layout in layouts if left_whole(layout) for s in layout.shared}
-        for layout in layouts:
-            if left_whole(layout) or whole.intersection(layout.shared):
-                continue
-            if layout.unsupported:
-                raise UnsupportedModelError(
-                    f"prune.heads: cannot remove heads of {layout.name!r} exactly: {layout.unsupported}. "
-                    f"Add it to prune.exclude (exclude: [{layout.name!r}]) or set prune.heads: 0."
-                )
-            if layout.num_kv_heads > 1:
-                groups.append(head_group(layout))
-        return tie_groups(groups)
-
     def _channel_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
-        attention = {m for layout in layouts for m, _ in (*layout.query, *layout.key_value, *layout.output)}
-        names = {}
-        for name, module in user_named_modules(model):
-            names.setdefault(module, name)
         with self.controller.suspended():
-            groups, self.skipped = channel_groups(
-                model,
-                self._inputs(model),
-                names=names,
-                transposed=self.transposed,
-                attention=attention,
-                attention_outputs={m for layout in layouts for m, _ in layout.output},
-                excluded=self.excluded,
-                included=self.included,
+            groups, self.skipped = find_channel_groups(
+                model, self._inputs(model), layouts, self.transposed, self.excluded, self.included, self.config.round_to
             )
-        groups = [g for g in groups if g.size > g.min_keep]
-        if not groups:
-            reasons = "; ".join(f"{root}: {why}" for root, why in list(self.skipped.items())[:6])
-            raise UnsupportedModelError(
-                f"prune.channels: {type(model).__name__} has no channel group slimkit can prune "
-                f"exactly ({reasons or 'no conv / linear layer was traced'}). Set prune.channels: 0, "
-                "or remove modules from prune.exclude (or name them in prune.include)."
-            )
-        check_round_to(groups, self.config.round_to)
         return groups
-
-    def _sparse_setup(self, model: nn.Module) -> list[torch.Size]:
-        cfg = self.config
-        if not cfg.sparsity and not cfg.nm:
-            return []
-        shapes, widths = [], set()
-        for name, module in user_named_modules(model):
-            if name in self.excluded or isinstance(module, nn.Embedding):
-                continue
-            if self.included is not None and name not in self.included:
-                continue
-            is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in self.transposed
-            weight = getattr(module, "weight", None)
-            if not is_layer or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-                continue
-            widths.add(int(weight.shape[input_dim(module, self.transposed)]))
-            if cfg.nm and weight.shape[input_dim(module, self.transposed)] % int(cfg.nm.split(":")[1]):
-                logger.info("prune.nm: %s stays dense (its input size is not a multiple of M)", name)
-                continue
-            self.sparse_weights.append(name)
-            shapes.append(weight.shape)
-        if not shapes and cfg.nm and widths:
-            raise ConfigError(nm_message(cfg.nm, widths))
-        if not shapes:
-            raise UnsupportedModelError(
-                f"prune: {type(model).__name__} has no linear / conv weight left for "
-                f"{'prune.nm' if cfg.nm else 'prune.sparsity'} after prune.exclude"
-            )
-        return shapes
 
     # ------------------------------------------------------------------------------------
     # training
@@ -325,7 +235,7 @@ class Pruner(Method):
                 "forwards in the last prune.statistics_steps steps); ranking by l2 and not refitting",
                 point,
             )
-        self._prune_to(model, point)
+        prune_to_point(self, model, point)
         refit = self.config.reconstruct if reconstruct is None else reconstruct
         if refit and self.data is not None:
             self._broadcast_refit(reconstruct_point(self, before, self._pruned()))
@@ -373,98 +283,6 @@ class Pruner(Method):
             f"prune: no pruning point is due at step {self.controller.step} (schedule starts at "
             f"{cfg.schedule.start_step}; later points record training forwards)"
         )
-
-    def _score(self, model: nn.Module, kind: UnitKind, i: int, method: str, stat, pruned, target) -> torch.Tensor:
-        group = kind.groups[i]
-        if method in ("activation", "obs") and self.data is not None:
-            if method == "obs":
-                flat_id = i + (len(self.channels.groups) if kind is self.heads else 0)
-                cfg = self.config
-                share = cfg.max_layer_ratio if cfg.scope == "global" else target
-                score = obs_scores(self.data, flat_id, pruned, cfg.damping, int(share * group.size + 1e-9) + 1)
-            else:
-                score = importance.activation(model, group, self.transposed, self.data.stats())
-            if score is not None:
-                return score
-            logger.info("prune: no recorded input reads %s; ranking it by l2", group.describe())
-        return importance.scores(
-            model, group, "l2" if method in ("activation", "obs") else method, self.transposed, stat
-        )
-
-    def _prune_to(self, model: nn.Module, point: int) -> None:
-        cfg = self.config
-        changed = []
-        for kind in (self.channels, self.heads):
-            target = target_at_point(cfg.schedule, kind.final, point)
-            if not kind.groups:
-                continue
-            flat = getattr(self.state, f"{kind.name}_pruned")
-            stats = getattr(self.state, f"{kind.name}_{cfg.importance}", None) if cfg.gradient_based else None
-            if target > 0:
-                method = cfg.importance
-                if method in ("taylor", "fisher") and not bool((stats > 0).any()):
-                    logger.warning(
-                        "prune: no gradients were seen since the last pruning point; ranking %s by l2 "
-                        "magnitude at step %d",
-                        kind.name,
-                        point,
-                    )
-                    method = "l2"
-                stat_parts = kind.split(stats) if stats is not None else [None] * len(kind.groups)
-                pruned = [p.cpu() for p in kind.split(flat)]
-                scores = [
-                    self._score(model, kind, i, method, s, p, target)
-                    for i, (s, p) in enumerate(zip(stat_parts, pruned))
-                ]
-                new = self._select(kind, scores, pruned, target)
-                flat.copy_(torch.cat(new).to(flat.device))
-                changed.append(flat)
-            if stats is not None:
-                stats.zero_()  # gradient sums restart at every pruning point
-        changed += self._update_sparse(model, point)
-        broadcast(changed)
-
-    def _select(self, kind: UnitKind, scores: list, pruned: list[torch.Tensor], target: float) -> list[torch.Tensor]:
-        cfg = self.config
-        if cfg.scope == "global" and cfg.allocation == "sensitivity":
-            counts = sensitivity_allocation(self, kind, scores, pruned, target)
-            if counts is not None:
-                return [choose(g, s, p, c) for g, s, p, c in zip(kind.groups, scores, pruned, counts)]
-            logger.warning(
-                "prune: %s: no recorded inputs for allocation by sensitivity (call slimkit.calibrate, or set "
-                "prune.allocation: score); spreading the ratio by normalised scores",
-                kind.name,
-            )
-        return select(
-            kind.groups,
-            scores,
-            pruned,
-            target,
-            scope=cfg.scope,
-            max_layer_ratio=cfg.max_layer_ratio,
-            round_to=kind.round_to,
-        )
-
-    def _update_sparse(self, model: nn.Module, point: int) -> list[torch.Tensor]:
-        cfg = self.config
-        if not self.sparse_weights:
-            return []
-        keeps = [getattr(self.state, f"keep_{i}") for i in range(len(self.sparse_weights))]
-        modules = [get_module(model, n) for n in self.sparse_weights]
-        weights = [full_tensor(m.weight) for m in modules]  # FSDP2: whole weights (a collective)
-        if cfg.nm:
-            if int(self.state.last_point) >= 0:
-                return []  # N:M is a pattern, not a ratio: set once, at the first pruning point
-            n, m = (int(v) for v in cfg.nm.split(":"))
-            for module, weight, keep in zip(modules, weights, keeps):
-                keep.copy_(nm_mask(weight, n, m, input_dim(module, self.transposed)))
-            return keeps
-        target = target_at_point(cfg.schedule, cfg.sparsity, point)
-        if target <= 0:
-            return []
-        for keep, new in zip(keeps, magnitude_masks(weights, keeps, target, cfg.scope)):
-            keep.copy_(new)
-        return keeps
 
     def _after_load(self) -> None:
         # A checkpoint restored the state: a point it already did no longer waits for data.
