@@ -246,3 +246,19 @@ def test_one_walker_bounds_depth_and_size():
     # the dict, the list and its items: 50 values
     assert exceeded_bound({"a": list(range(48))}, max_depth=5, max_values=50) is None
     assert exceeded_bound({"a": list(range(49))}, max_depth=5, max_values=50) == "values"
+
+
+def test_no_script_or_benchmark_imports_a_script():
+    """scripts/*.py are entry points: what they share lives in the library (issue 14)."""
+    import ast
+
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    offenders = []
+    for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            offenders += [f"{path.name}: import {n}" for n in names if n.split(".")[0] in scripts]
+    assert not offenders
+    path_edits = [p.name for p in (ROOT / "benchmarks").glob("*.py") if '"scripts"' in p.read_text()]
+    assert not path_edits, f"{path_edits} put scripts/ on sys.path"
