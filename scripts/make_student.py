@@ -13,49 +13,17 @@ the teacher runs on calibration sentences (``--calibration``: ``stdlib-docs`` by
 local data set with a ``text`` column) and the layers whose skipping moves its output least
 (``--layer-importance output_cosine``, or ShortGPT's ``block_influence``) are dropped, one at a
 time, until K are left.
+
+This script only reads the flags: the work is ``slimkit.plugins.shallow_student``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import slimkit
-from slimkit.errors import SlimkitError
-from slimkit.plugins.hf import layer_subset_student
-from slimkit.prune import rank_blocks
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def calibration_batches(teacher_dir: str, source: str, sentences: int, batch_size: int, max_length: int) -> list:
-    """Tokenized calibration batches from the training split of ``source`` (``stdlib-docs`` or a
-    local data set with a ``text`` column)."""
-    from transformers import AutoTokenizer
-
-    from slimkit.plugins.data import load_task_data
-
-    texts = list(load_task_data(source, kind="text").train.inputs)[:sentences]
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    return [
-        dict(
-            tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-        )
-        for i in range(0, len(texts), batch_size)
-    ]
-
-
-def choose_layers(teacher, batches: list, keep: int, importance: str) -> tuple[list[int], list[str]]:
-    """The teacher layer indices to keep (ascending) and the names removed, in removal order."""
-    total = teacher.config.num_hidden_layers
-    if not 0 < keep < total:
-        raise SlimkitError(f"--num-layers {keep}: the teacher has {total} layers; keep between 1 and {total - 1}")
-    removed = rank_blocks(teacher, batches, total - keep, importance=importance)
-    gone = {int(name.rsplit(".", 1)[1]) for name in removed}
-    return [i for i in range(total) if i not in gone], removed
+from slimkit.plugins.shallow_student import choose_layers, save_shallow_student, text_calibration_batches
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -74,14 +42,12 @@ def main(argv: list[str] | None = None) -> Path:
     if args.layers:
         layers = [int(i) for i in args.layers.split(",")]
     else:
-        batches = calibration_batches(args.teacher, args.calibration, args.calibration_sentences, 32, args.max_length)
+        batches = text_calibration_batches(
+            args.teacher, args.calibration, args.calibration_sentences, 32, args.max_length
+        )
         layers, removed = choose_layers(teacher, batches, args.num_layers, args.layer_importance)
         print(f"removed (least influential first, {args.layer_importance}): {', '.join(removed)}")
-    student = layer_subset_student(teacher, layers)
-    out = slimkit.save_pretrained(student, args.output_dir)
-    for name in TOKENIZER_FILES:
-        if (Path(args.teacher) / name).exists():
-            shutil.copy(Path(args.teacher) / name, out / name)
+    out = save_shallow_student(args.teacher, teacher, layers, args.output_dir)
     print(f"{out}: layers {layers} of the teacher's {teacher.config.num_hidden_layers}")
     return out
 

@@ -262,3 +262,18 @@ def test_no_script_or_benchmark_imports_a_script():
     assert not offenders
     path_edits = [p.name for p in (ROOT / "benchmarks").glob("*.py") if '"scripts"' in p.read_text()]
     assert not path_edits, f"{path_edits} put scripts/ on sys.path"
+
+
+def test_shallow_student_keeps_the_layers_asked_and_the_tokenizer_files(tmp_path):
+    from slimkit.plugins.shallow_student import choose_layers, save_shallow_student
+
+    teacher = tiny_hf("bert-base", seed=6, num_hidden_layers=3)
+    teacher.save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    out = save_shallow_student(tmp_path / "t", teacher, [0, 2], tmp_path / "s")
+    student = slimkit.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2 and (out / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    kept = [layer.output.dense.weight for layer in student.encoder.layer]
+    assert torch.equal(kept[1], teacher.encoder.layer[2].output.dense.weight)
+    with pytest.raises(SlimkitError, match="--num-layers 3: the teacher has 3 layers; keep between 1 and 2"):
+        choose_layers(teacher, [], 3, "output_cosine")

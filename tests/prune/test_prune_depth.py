@@ -197,20 +197,22 @@ def test_depth_errors_name_the_fix():
 def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path):
     """``make_student.py --num-layers`` drops the two layers whose removal moves MiniLM's outputs
     least on stdlib-docs sentences (checked against every 4-layer student scored the same way)."""
+    import importlib.util
     import itertools
-    import sys
 
     from slimkit.plugins.hf import layer_subset_student
+    from slimkit.plugins.shallow_student import text_calibration_batches
     from tests.models import ROOT
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_student
+    spec = importlib.util.spec_from_file_location("make_student_script", ROOT / "scripts" / "make_student.py")
+    make_student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_student)
 
     args = ["--teacher", str(minilm_path), "--num-layers", "4", "--calibration-sentences", "8"]
     out = make_student.main([*args, "--output-dir", str(tmp_path / "s")])
     student = slimkit.from_pretrained(out)
     teacher = slimkit.from_pretrained(minilm_path)
-    batch = make_student.calibration_batches(str(minilm_path), "stdlib-docs", 8, 32, 128)[0]
+    batch = text_calibration_batches(str(minilm_path), "stdlib-docs", 8, 32, 128)[0]
     mask = batch["attention_mask"].bool()
 
     def cost(kept):
