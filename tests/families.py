@@ -142,9 +142,9 @@ def hf_model(kind: str, seed: int = 0, **overrides: Any) -> nn.Module:
     return model_cls(config)
 
 
-def token_batch(n: int = 2, length: int = 12, seed: int = 1, vocab: int = 100) -> dict[str, torch.Tensor]:
+def token_batch(batch: int = 2, length: int = 12, seed: int = 1, vocab: int = 100) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, length), generator=g)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
