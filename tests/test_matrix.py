@@ -26,6 +26,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: what cosine does not see, a wrong scale."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def assert_int8_matches(int8: torch.Tensor, fake: torch.Tensor) -> None:
+    """The INT8 kernels compute what fake-quant simulated, up to float rounding (measured 2e-8 to
+    4e-7 on every family that passes): a wrong scale or zero point anywhere shows up here."""
+    assert torch.isfinite(int8).all()
+    assert relative_error(int8, fake) < 1e-4, relative_error(int8, fake)
+
+
 def prepared(family: Family, recipe: dict, **kwargs) -> tuple[torch.nn.Module, object]:
     model = family.build()
     inputs = family.inputs()
@@ -68,8 +80,7 @@ def check_ptq(family: Family, tmp_path) -> None:
     fake = logits(model, inputs)
     small = slimkit.convert(model)
     int8 = logits(small, inputs)
-    assert torch.isfinite(int8).all()
-    assert cosine(int8, fake) > 0.99, cosine(int8, fake)  # the INT8 kernels compute what fake-quant simulated
+    assert_int8_matches(int8, fake)
     assert cosine(int8, float_out) > family.ptq_cosine, cosine(int8, float_out)
     torch.testing.assert_close(round_trip(small, inputs, tmp_path / "ptq"), int8, rtol=0, atol=1e-5)
 
@@ -81,8 +92,7 @@ def check_qat(family: Family, tmp_path) -> None:
     fake = logits(model, inputs)
     small = slimkit.convert(model)
     int8 = logits(small, inputs)
-    assert torch.isfinite(int8).all()
-    assert cosine(int8, fake) > 0.99, cosine(int8, fake)
+    assert_int8_matches(int8, fake)
 
 
 def check_kd(family: Family, tmp_path) -> None:
@@ -115,14 +125,27 @@ def check_pipeline(family: Family, tmp_path) -> None:
     small = slimkit.convert(model)
     assert count_parameters(small) < params
     int8 = logits(small, inputs)
-    assert cosine(int8, fake) > 0.99, cosine(int8, fake)
+    assert_int8_matches(int8, fake)
     torch.testing.assert_close(round_trip(small, inputs, tmp_path / "pipeline"), int8, rtol=0, atol=1e-5)
 
 
 METHODS = {"prune": check_prune, "ptq": check_ptq, "qat": check_qat, "kd": check_kd, "pipeline": check_pipeline}
 
 # (family, method) -> reason: combinations that fail today and are known to
+VIT_INT8_INPUT = (
+    "HF ViT after convert: INT8 logits 4-12% off the fake-quant ones (relative L2; 1e-7 with the patch "
+    "embedding excluded): ViTModel.forward casts pixel_values to patch_embeddings.projection.weight.dtype, "
+    "which the INT8 conv makes torch.int8, so the images are truncated to integers"
+)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("hf_vit", "ptq"): VIT_INT8_INPUT,
+    ("hf_vit", "qat"): VIT_INT8_INPUT,
+    ("hf_vit", "pipeline"): VIT_INT8_INPUT,
+    ("timm_mobilenetv3", "qat"): (
+        "QAT with fold_bn and BatchNorm still updating (no freeze_bn_step): INT8 logits 3% off the "
+        "fake-quant ones (relative L2) on MobileNetV3; 2e-7 with freeze_bn_step, fold_bn false or "
+        "conv_outputs false, and on ResNet with the same recipe"
+    ),
     ("hf_gpt2", "pipeline"): (
         "prune + quant on GPT-2: convert fails after training with IncompatibleError 'cannot slice a "
         "QATConv1D' (pruning's slicing does not know quant's fake-quant wrapper of HF Conv1D)"
@@ -134,7 +157,7 @@ def _cases():
     for family in FAMILIES:
         for method in METHODS:
             reason = KNOWN_FAILURES.get((family, method))
-            marks = [pytest.mark.xfail(strict=True, raises=slimkit.SlimkitError, reason=reason)] if reason else []
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             yield pytest.param(family, method, id=f"{family}-{method}", marks=marks)
 
 
