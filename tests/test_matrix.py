@@ -103,8 +103,10 @@ def check_kd(family: Family, tmp_path) -> None:
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=family.inputs(), measure=False)
     batch = family.batches(1, size=8)  # 8 inputs: batch statistics of 2 make BatchNorm CNNs' losses jump
     losses = train_steps(student, batch, 6, task=family.task, lr=3e-3)
-    terms = slimkit.log_values(student)
+    terms = slimkit.log_values(student)  # averaged over the 6 steps
     assert terms["distill/kd"] > 0 and torch.isfinite(torch.tensor(losses)).all()
+    mix = 0.5 * terms["distill/kd"] + 0.5 * terms["distill/task"]  # alpha 0.5: the loss trained is the mix
+    assert sum(losses) / len(losses) == pytest.approx(mix, rel=1e-4)
     assert losses[-1] < losses[0], losses
 
 
