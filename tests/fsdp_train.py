@@ -35,7 +35,7 @@ from torch.distributed.fsdp import fully_shard
 import slimkit
 from slimkit.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from slimkit.distributed import is_dtensor
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 KD = {
     "temperature": 2.0,
@@ -83,8 +83,8 @@ def local_numel(model) -> int:
 def run(out: Path, name: str) -> dict:
     how, recipe_name, *flag = name.split("-")
     rank = dist.get_rank()
-    teacher = tiny_hf("bert", seed=1, num_hidden_layers=4, hidden_size=48)
-    student = tiny_hf("bert", seed=2)
+    teacher = hf_model("bert", seed=1, num_hidden_layers=4, hidden_size=48)
+    student = hf_model("bert", seed=2)
     record = {"teacher_full_numel": sum(p.numel() for p in teacher.parameters())}
     if how == "late":
         shard(teacher)

@@ -1,4 +1,4 @@
-"""Tiny timm and Hugging Face models built from configs (no downloads), shared by the tests."""
+"""Paths and process helpers shared by the tests (the tiny models live in tests/families.py)."""
 
 from __future__ import annotations
 
@@ -7,97 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_bert_config(**overrides):
-    import transformers
-
-    base = dict(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    base.update(overrides)
-    return transformers.BertConfig(**base)
-
-
-def tiny_hf(kind: str, seed: int = 0, **overrides):
-    """Tiny HF models: bert (sequence classification), vit, gpt2, llama (GQA), bert-base (no head)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    if kind == "bert":
-        return transformers.BertForSequenceClassification(tiny_bert_config(**overrides))
-    if kind == "bert-base":
-        return transformers.BertModel(tiny_bert_config(**overrides))
-    if kind == "vit":
-        cfg = dict(
-            image_size=16,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=5,
-        )
-        cfg.update(overrides)
-        return transformers.ViTForImageClassification(transformers.ViTConfig(**cfg))
-    if kind == "gpt2":
-        cfg = dict(
-            vocab_size=128,
-            n_positions=64,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        cfg.update(overrides)
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
-    if kind == "llama":
-        cfg = dict(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        cfg.update(overrides)
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-    raise ValueError(kind)
-
-
-def tiny_timm(kind: str, seed: int = 0, num_classes: int = 10, **overrides):
-    """Tiny timm models (random weights): resnet, convnext, vit."""
-    import timm
-
-    torch.manual_seed(seed)
-    if kind == "resnet":
-        args = dict(channels=(8, 16, 32, 64))
-    elif kind == "resnet-wide":
-        args = dict(channels=(16, 32, 64, 128))
-    elif kind == "convnext":
-        args = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
-    elif kind == "vit":
-        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
-    else:
-        raise ValueError(kind)
-    args.update(overrides)
-    name = {"resnet": "resnet18", "resnet-wide": "resnet18", "convnext": "convnext_atto", "vit": "vit_tiny_patch16_224"}
-    return timm.create_model(name[kind], pretrained=False, num_classes=num_classes, **args)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import slimkit
 from slimkit.cli import folder_info, main
-from tests.models import tiny_timm
+from tests.families import timm_model
 
 
 def test_info_reads_config_and_header_only(tmp_path, capsys, minilm_path):
-    model = tiny_timm("resnet")
+    model = timm_model("resnet")
     slimkit.save_pretrained(model, tmp_path / "m")
     info = folder_info(tmp_path / "m")
     assert info["architecture"] == "resnet18" and info["library"] == "timm" and info["format_version"] == 1
@@ -29,9 +29,9 @@ def test_info_errors_exit_2_with_the_file_named(tmp_path):
 
 
 def _pruned_hf(scope, kind="bert"):
-    from tests.models import tiny_hf
+    from tests.families import hf_model
 
-    model = tiny_hf(kind)
+    model = hf_model(kind)
     slimkit.prepare(model, {"prune": {"heads": 0.5, "channels": 0.5, "scope": scope, "verify": False}})
     slimkit.step(model, 0)
     return slimkit.convert(model)

@@ -11,7 +11,7 @@ import slimkit
 from benchmarks.memory import peak_bytes  # counts the tensors a step allocates (CPU too)
 from slimkit.distill import attention_kd, feature_loss, logit_kd, task_cross_entropy
 from slimkit.distill.losses import logit_kd_and_ce
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 
 def reference(s, t, labels, mask, T, alpha):
@@ -121,7 +121,7 @@ def test_kd_step_peak_memory_stays_near_a_plain_ce_step():
 def test_causal_lm_task_loss_is_the_models_own_cross_entropy(kind):
     """slimkit keeps the labels from the LM and computes its CE in the KD pass: the mixed loss is
     alpha * KD + (1 - alpha) * (the model's own loss), with and without num_items_in_batch."""
-    student, teacher = tiny_hf(kind), tiny_hf(kind, seed=1)
+    student, teacher = hf_model(kind), hf_model(kind, seed=1)
     plain = copy.deepcopy(student)
     slimkit.prepare(student, {"distill": {"alpha": 0.25, "temperature": 2.0}}, teacher=teacher)
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def lm_step_peaks(monkeypatch, take_over: bool) -> tuple[int, int]:
     if not take_over:
         monkeypatch.setattr(HFAdapter, "loss_is_token_cross_entropy", lambda self, model: False)
     kw = dict(vocab_size=8192, n_positions=128, bos_token_id=0, eos_token_id=0)
-    student, teacher = tiny_hf("gpt2", **kw), tiny_hf("gpt2", seed=1, **kw)
+    student, teacher = hf_model("gpt2", **kw), hf_model("gpt2", seed=1, **kw)
     plain = copy.deepcopy(student).train()
     slimkit.prepare(student, {"distill": {"alpha": 0.5}}, teacher=teacher)
     student.train()

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import slimkit
 from slimkit import IncompatibleError, uniform_layer_map
 from slimkit.distill import align, attention_kd, build_projector, feature_loss, logit_kd, task_cross_entropy
 
@@ -26,19 +27,14 @@ def test_logit_kd_matches_direct_formula(T):
 
 
 def test_mixed_loss_formula_against_direct_computation():
-    from slimkit.controller import Controller
-    from slimkit.distill import Distiller
-    from slimkit.recipe import DistillConfig
-
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
-    Controller(student)
-    d = Distiller(student._slimkit, DistillConfig(temperature=3.0, alpha=0.25), teacher, torch.randn(2, 4))
-    student._slimkit.add(d, student)
+    recipe = {"distill": {"temperature": 3.0, "alpha": 0.25}}
+    slimkit.prepare(student, recipe, teacher=teacher, example_inputs=torch.randn(2, 4), measure=False)
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     student.train()
     out = student(x)
-    loss = d.compute_loss(out, y, None, None)
+    loss = slimkit.compute_loss(student, out, labels=y)
     with torch.no_grad():
         t_logits = teacher(x)
     expected = 0.25 * direct_kd(out, t_logits, 3.0) + 0.75 * F.cross_entropy(out, y)

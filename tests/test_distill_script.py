@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import slimkit
-from tests.models import ROOT, accelerate_launch, copy_tokenizer, tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
+from tests.models import ROOT, accelerate_launch, copy_tokenizer
 
 SCRIPT = ROOT / "scripts" / "distill.py"
 
@@ -39,7 +40,7 @@ PIPELINE = {
 @pytest.mark.slow
 def test_two_processes_run_the_whole_pipeline_with_the_same_masks(tmp_path):
     # the teacher is a timm model name (random weights, 3 channels), the student a folder
-    slimkit.save_pretrained(tiny_timm("resnet", seed=2), tmp_path / "student")
+    slimkit.save_pretrained(timm_model("resnet", seed=2), tmp_path / "student")
     recipe = write_recipe(tmp_path / "r.json", PIPELINE)
     out = tmp_path / "out"
     args = [
@@ -84,7 +85,7 @@ def test_two_processes_run_the_whole_pipeline_with_the_same_masks(tmp_path):
 @pytest.mark.slow
 def test_one_process_text_student_on_the_builtin_and_a_local_dataset(tmp_path, minilm_path):
     for name, layers in (("teacher", 2), ("student", 1)):
-        model = tiny_hf("bert", seed=layers, vocab_size=30522, num_hidden_layers=layers, num_labels=6)
+        model = hf_model("bert", seed=layers, vocab_size=30522, num_hidden_layers=layers, num_labels=6)
         model.save_pretrained(tmp_path / name)
     copy_tokenizer(minilm_path, tmp_path / "teacher")  # the student borrows the teacher's tokenizer
     recipe = write_recipe(tmp_path / "r.json", {"distill": {"alpha": 0.5}})
@@ -160,8 +161,8 @@ def test_a_killed_run_keeps_its_checkpoints_and_resumes_exactly(tmp_path):
     import signal
     import time
 
-    slimkit.save_pretrained(tiny_timm("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
-    slimkit.save_pretrained(tiny_timm("resnet", seed=2, in_chans=1), tmp_path / "student")
+    slimkit.save_pretrained(timm_model("resnet-wide", seed=1, in_chans=1), tmp_path / "teacher")
+    slimkit.save_pretrained(timm_model("resnet", seed=2, in_chans=1), tmp_path / "student")
     recipe = write_recipe(tmp_path / "r.json", PIPELINE)  # killed mid-pruning or mid-QAT
     common = [
         "--teacher",

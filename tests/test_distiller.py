@@ -8,26 +8,14 @@ import torch.nn.functional as F
 
 import slimkit
 from slimkit import IncompatibleError, ModuleNameError, SlimkitError, UnsupportedModelError
-from tests.models import tiny_timm
+from tests.families import timm_model, train_steps
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([1, 2, 3, 4])
 
 
-def train_steps(model, steps=3, lr=0.05, x=X, y=Y):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = slimkit.compute_loss(model, model(x), labels=y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        slimkit.step(model)
-    return optimizer
-
-
 def resnet_pair(features=True):
-    teacher, student = tiny_timm("resnet-wide", seed=1), tiny_timm("resnet", seed=2)
+    teacher, student = timm_model("resnet-wide", seed=1), timm_model("resnet", seed=2)
     recipe = {"distill": {"temperature": 2.0, "alpha": 0.5}}
     if features:
         recipe["distill"]["features"] = [{"student": "layer3", "teacher": "layer3"}]
@@ -39,7 +27,8 @@ def test_teacher_is_frozen_untouched_and_never_part_of_the_student(tmp_path):
     before = copy.deepcopy(teacher.state_dict())
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=X[:2])
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    optimizer = train_steps(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+    train_steps(student, (X, Y), 3, optimizer=optimizer)
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), key  # bit-equal, BN running stats included
     assert all(p.grad is None for p in teacher.parameters())
@@ -68,16 +57,16 @@ def test_projectors_train_and_are_never_saved(tmp_path):
     projector = student.slimkit.projectors["layer3__to__layer3"]
     assert isinstance(projector, torch.nn.Conv2d) and (projector.in_channels, projector.out_channels) == (32, 64)
     start = projector.weight.detach().clone()
-    train_steps(student)
+    train_steps(student, (X, Y), 3, lr=0.05, momentum=0.0)
     assert not torch.equal(projector.weight, start)
     assert any(k.startswith("slimkit.projectors.") for k in student.state_dict())  # checkpoints keep them
     small = slimkit.convert(student)
-    assert not hasattr(small, "slimkit") and not hasattr(small, "_slimkit")
+    assert slimkit.methods_of(small) == {} and "slimkit" not in dict(small.named_children())
     slimkit.save_pretrained(small, tmp_path / "s")
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "s" / "model.safetensors")
-    assert set(saved) == set(tiny_timm("resnet").state_dict())
+    assert set(saved) == set(timm_model("resnet").state_dict())
     assert not any("slimkit" in k or "projector" in k for k in saved)
 
 
@@ -136,12 +125,12 @@ def test_eval_and_no_grad_forwards_skip_the_teacher():
 )
 def test_timm_families_train_with_features_and_attention(kind, features, attention):
     wide = {"convnext": {"dims": (16, 32, 64, 128)}, "vit": {"embed_dim": 48, "num_heads": 6, "depth": 4}}[kind]
-    teacher = tiny_timm(kind, seed=1, **wide)
-    student = tiny_timm(kind, seed=2)
+    teacher = timm_model(kind, seed=1, **wide)
+    student = timm_model(kind, seed=2)
     recipe = {"distill": {"features": features, "attention": attention}}
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=X[:2])
     before = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("slimkit")}
-    train_steps(student, steps=2, lr=0.01)
+    train_steps(student, (X, Y), 2, lr=0.01, momentum=0.0)
     terms = slimkit.log_values(student)
     assert terms["distill/kd"] > 0 and terms["distill/task"] > 0
     feature_terms = [k for k in terms if k.startswith("distill/feature.")]
@@ -156,7 +145,7 @@ def test_timm_families_train_with_features_and_attention(kind, features, attenti
 
 
 def test_timm_attention_probabilities_match_an_explicit_computation():
-    vit = tiny_timm("vit", seed=0).eval()
+    vit = timm_model("vit", seed=0).eval()
     store = {}
     adapter = slimkit.adapters.get_adapter(vit)
     handles = adapter.capture_attention(vit, "blocks.1.attn", store)
@@ -182,12 +171,12 @@ def test_module_names_not_in_the_model_list_close_matches():
     assert "distill.features[0].student" in msg and "'layer_3' is not in ResNet" in msg and "layer3" in msg
     recipe = {"distill": {"features": [{"student": "blocks.*", "teacher": "layer*"}]}}
     with pytest.raises(ModuleNameError, match="distill.features.0..student: student module 'blocks.0'"):
-        slimkit.prepare(tiny_timm("resnet"), recipe, teacher=teacher, example_inputs=X[:2])
+        slimkit.prepare(timm_model("resnet"), recipe, teacher=teacher, example_inputs=X[:2])
 
 
 def test_features_no_projector_can_align_are_refused():
-    teacher = tiny_timm("vit", seed=1)
-    student = tiny_timm("resnet", seed=2)
+    teacher = timm_model("vit", seed=1)
+    student = timm_model("resnet", seed=2)
     recipe = {"distill": {"features": [{"student": "layer4", "teacher": "blocks.1"}]}}
     with pytest.raises(IncompatibleError, match=r"student 'layer4' \(\[B, C, H, W\] maps .* teacher 'blocks.1'"):
         slimkit.prepare(student, recipe, teacher=teacher, example_inputs=X[:2])
@@ -199,18 +188,18 @@ def test_other_error_paths():
         slimkit.prepare(student, recipe, example_inputs=X[:2])
     attention = {"distill": {"attention": [{"student": "layer1", "teacher": "layer1"}]}}
     with pytest.raises(UnsupportedModelError, match="not a timm Attention block"):
-        slimkit.prepare(tiny_timm("resnet"), attention, teacher=teacher, example_inputs=X[:2])
-    other = tiny_timm("resnet", num_classes=7)
+        slimkit.prepare(timm_model("resnet"), attention, teacher=teacher, example_inputs=X[:2])
+    other = timm_model("resnet", num_classes=7)
     with pytest.raises(IncompatibleError, match="student logits have 7 classes but teacher logits have 10"):
         slimkit.prepare(other, recipe, teacher=teacher, example_inputs=X[:2])
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=X[:2])
     with pytest.raises(SlimkitError, match="already prepared for 'distill'"):
         slimkit.prepare(student, recipe, teacher=teacher, example_inputs=X[:2])
     with pytest.raises(SlimkitError, match="was not prepared by slimkit"):
-        slimkit.convert(tiny_timm("resnet"))
+        slimkit.convert(timm_model("resnet"))
     with pytest.raises(SlimkitError, match="must not be a submodule of the student"):
-        holder = tiny_timm("resnet")
-        holder.add_module("inner_teacher", tiny_timm("resnet"))
+        holder = timm_model("resnet")
+        holder.add_module("inner_teacher", timm_model("resnet"))
         slimkit.prepare(holder, recipe, teacher=holder.inner_teacher, example_inputs=X[:2])
 
 
@@ -219,13 +208,13 @@ def test_sequential_models_keep_working_when_prepared():
     student = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
     )
-    teacher = tiny_timm("resnet", seed=1).eval()
+    teacher = timm_model("resnet", seed=1).eval()
     with torch.no_grad():
         before = student(X)
     slimkit.prepare(student, {"distill": {"alpha": 0.5}}, teacher=teacher, example_inputs=X[:2])
     with torch.no_grad():
         assert torch.equal(student.eval()(X), before)
-    train_steps(student, steps=1)
+    train_steps(student, (X, Y), 1, lr=0.05, momentum=0.0)
     assert "distill/kd" in slimkit.log_values(student)
     small = slimkit.convert(student)
     assert len(small) == 4

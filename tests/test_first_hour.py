@@ -15,7 +15,8 @@ import slimkit
 import slimkit.omp
 from slimkit import SlimkitError
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import ROOT, copy_tokenizer, tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
+from tests.models import ROOT, copy_tokenizer
 from tests.test_recipe_hardening import _distill_script
 
 # --- 19: a data set with only a text column -----------------------------------------------------------
@@ -40,7 +41,7 @@ def _args(tmp_path, teacher, dataset):
 
 def test_an_unlabelled_text_dataset_distils_an_encoder_without_a_head(tmp_path, minilm_path):
     for name, layers in (("teacher", 2), ("student", 1)):
-        tiny_hf("bert-base", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
+        hf_model("bert-base", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
     copy_tokenizer(minilm_path, tmp_path / "teacher")
     metrics = _distill_script().main(_args(tmp_path, tmp_path / "teacher", _text_only(tmp_path / "texts.jsonl")))
     assert metrics["train_samples"] == 32 and metrics["eval_samples"] == 8
@@ -50,7 +51,7 @@ def test_an_unlabelled_text_dataset_distils_an_encoder_without_a_head(tmp_path, 
 
 def test_an_unlabelled_dataset_for_a_classifier_teacher_says_what_to_add(tmp_path, minilm_path):
     for name, layers in (("teacher", 2), ("student", 1)):
-        tiny_hf("bert", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
+        hf_model("bert", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
     copy_tokenizer(minilm_path, tmp_path / "teacher")
     args = _args(tmp_path, tmp_path / "teacher", _text_only(tmp_path / "texts.jsonl"))
     args[args.index(str(tmp_path / "r.json"))] = str(tmp_path / "kd.json")
@@ -88,13 +89,13 @@ def test_prepare_warns_once_with_the_fix_when_the_policy_is_unset_on_a_busy_mach
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a quiet machine: spinning is faster there, no warning
-        slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
+        slimkit.prepare(timm_model("resnet"), {"distill": {}}, teacher=timm_model("resnet"), measure=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
     with pytest.warns(UserWarning, match="OMP_WAIT_POLICY=PASSIVE"):
-        slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
+        slimkit.prepare(timm_model("resnet"), {"distill": {}}, teacher=timm_model("resnet"), measure=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
-        slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
+        slimkit.prepare(timm_model("resnet"), {"distill": {}}, teacher=timm_model("resnet"), measure=False)
 
 
 @pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "PASSIVE"}, {"SLIMKIT_OMP_WAIT_POLICY": "off"}])
@@ -108,19 +109,19 @@ def test_no_warning_when_the_policy_is_set_or_silenced(monkeypatch, env):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        slimkit.prepare(tiny_timm("resnet"), {"distill": {}}, teacher=tiny_timm("resnet"), measure=False)
+        slimkit.prepare(timm_model("resnet"), {"distill": {}}, teacher=timm_model("resnet"), measure=False)
 
 
 # --- 21: dropout off on the Trainer route -------------------------------------------------------------
 
 
 def _with_dropout():
-    return tiny_hf("bert", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    return hf_model("bert", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
 
 
 @pytest.mark.parametrize("dropout", ["off", "keep"])
 def test_the_recipe_turns_dropout_off_for_the_trainer_route(dropout):
-    student, teacher = _with_dropout(), tiny_hf("bert", seed=1)
+    student, teacher = _with_dropout(), hf_model("bert", seed=1)
     slim_callbacks(student, {"distill": {"dropout": dropout}}, teacher=teacher)
     student.train()
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -132,14 +133,14 @@ def test_the_recipe_turns_dropout_off_for_the_trainer_route(dropout):
 
 
 def test_disable_dropout_reaches_float_attributes_too():
-    llama = tiny_hf("llama", attention_dropout=0.2)
+    llama = hf_model("llama", attention_dropout=0.2)
     changed = slimkit.disable_dropout(llama)
     assert "model.layers.0.self_attn.attention_dropout" in changed
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in llama.model.layers)
-    vit = tiny_timm("vit", drop_rate=0.2, drop_path_rate=0.1, attn_drop_rate=0.1)
+    vit = timm_model("vit", drop_rate=0.2, drop_path_rate=0.1, attn_drop_rate=0.1)
     changed = slimkit.disable_dropout(vit)
     assert "head_drop.p" in changed and any(name.endswith("drop_prob") for name in changed)
-    resnet = tiny_timm("resnet", drop_rate=0.2)  # a float read in forward_head
+    resnet = timm_model("resnet", drop_rate=0.2)  # a float read in forward_head
     assert "drop_rate" in slimkit.disable_dropout(resnet) and resnet.drop_rate == 0.0
     vit.train()
     x = torch.randn(2, 3, 32, 32)
@@ -150,7 +151,7 @@ def test_disable_dropout_reaches_float_attributes_too():
 def test_trainer_trains_with_dropout_off(tmp_path):
     from tests.test_hf_trainer import ToyText, make_args
 
-    student, teacher = _with_dropout(), tiny_hf("bert", seed=1)
+    student, teacher = _with_dropout(), hf_model("bert", seed=1)
     callbacks = slim_callbacks(student, {"distill": {"dropout": "off"}}, teacher=teacher)
     trainer = transformers.Trainer(
         model=student, args=make_args(tmp_path, max_steps=2), train_dataset=ToyText(), callbacks=callbacks
@@ -167,7 +168,7 @@ def test_the_distill_script_is_quiet_in_a_log_file(tmp_path, minilm_path):
     """A text run (transformers, hence torchao, imported; QAT; INT8 save) writing to a pipe, as
     a log file would get it: no dependency notices, a few progress lines rather than one per step."""
     for name, layers in (("teacher", 2), ("student", 1)):
-        tiny_hf("bert-base", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
+        hf_model("bert-base", seed=layers, vocab_size=30522, num_hidden_layers=layers).save_pretrained(tmp_path / name)
     copy_tokenizer(minilm_path, tmp_path / "teacher")
     recipe = tmp_path / "r.json"
     features = [{"student": "encoder.layer.0", "teacher": "encoder.layer.1"}]

@@ -5,7 +5,7 @@ import torch
 
 import slimkit
 from slimkit.adapters import get_adapter
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 IDS = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
 MASK = torch.tensor([[1] * 10, [1] * 7 + [0] * 3, [1] * 10])
@@ -16,10 +16,10 @@ MASK = torch.tensor([[1] * 10, [1] * 7 + [0] * 3, [1] * 10])
     [("bert", "bert.encoder.layer.1.attention"), ("gpt2", "transformer.h.1"), ("llama", "model.layers.1.self_attn")],
 )
 def test_captured_probabilities_equal_eager_attentions_and_other_layers_are_untouched(kind, layer):
-    model = tiny_hf(kind).eval()
+    model = hf_model(kind).eval()
     with torch.no_grad():
         reference = model(input_ids=IDS, attention_mask=MASK).logits
-    eager = tiny_hf(kind)
+    eager = hf_model(kind)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         expected = eager.eval()(input_ids=IDS, attention_mask=MASK, output_attentions=True).attentions[1]
@@ -37,7 +37,7 @@ def test_captured_probabilities_equal_eager_attentions_and_other_layers_are_unto
 
 
 def test_hook_writes_the_mixed_loss_into_hf_outputs():
-    teacher, student = tiny_hf("bert", seed=1, num_hidden_layers=4, hidden_size=48), tiny_hf("bert", seed=2)
+    teacher, student = hf_model("bert", seed=1, num_hidden_layers=4, hidden_size=48), hf_model("bert", seed=2)
     recipe = {
         "distill": {
             "alpha": 0.4,
@@ -75,7 +75,7 @@ def test_hook_writes_the_mixed_loss_into_hf_outputs():
 
 
 def test_embedding_model_distils_features_only():
-    teacher, student = tiny_hf("bert-base", seed=1), tiny_hf("bert-base", seed=2, num_hidden_layers=1)
+    teacher, student = hf_model("bert-base", seed=1), hf_model("bert-base", seed=2, num_hidden_layers=1)
     recipe = {"distill": {"features": [{"student": "encoder.layer.0", "teacher": "encoder.layer.1", "loss": "cosine"}]}}
     slimkit.prepare(student, recipe, teacher=teacher)
     student.train()
@@ -83,11 +83,11 @@ def test_embedding_model_distils_features_only():
     assert out.loss.item() == pytest.approx(slimkit.log_values(student)["distill/feature.encoder.layer.0"])
     out.loss.backward()
     with pytest.raises(slimkit.IncompatibleError, match="returns no logits, and the recipe has no distill.features"):
-        slimkit.prepare(tiny_hf("bert-base"), {"distill": {}}, teacher=teacher)
+        slimkit.prepare(hf_model("bert-base"), {"distill": {}}, teacher=teacher)
 
 
 def test_causal_lm_kd_through_the_hook_uses_shifted_positions():
-    teacher, student = tiny_hf("gpt2", seed=1, n_layer=3), tiny_hf("gpt2", seed=2)
+    teacher, student = hf_model("gpt2", seed=1, n_layer=3), hf_model("gpt2", seed=2)
     slimkit.prepare(student, {"distill": {"alpha": 1.0, "temperature": 1.0}}, teacher=teacher)
     student.train()
     labels = IDS.masked_fill(MASK == 0, -100)
@@ -103,7 +103,7 @@ def test_causal_lm_kd_through_the_hook_uses_shifted_positions():
 def test_num_items_in_batch_normalises_kd_like_the_task_loss():
     """transformers' Trainer passes num_items_in_batch (label count of the accumulated batch):
     the KD terms are then summed per item and divided by it, like the task loss."""
-    teacher, student = tiny_hf("gpt2", seed=1), tiny_hf("gpt2", seed=2)
+    teacher, student = hf_model("gpt2", seed=1), hf_model("gpt2", seed=2)
     slimkit.prepare(student, {"distill": {"alpha": 1.0, "temperature": 1.0}}, teacher=teacher)
     student.train()
     plain = student(input_ids=IDS, labels=IDS).loss
@@ -112,7 +112,7 @@ def test_num_items_in_batch_normalises_kd_like_the_task_loss():
 
 
 def test_hf_vit_classifier_distils_with_features_and_attention():
-    teacher, student = tiny_hf("vit", seed=1, num_hidden_layers=4), tiny_hf("vit", seed=2, hidden_size=16)
+    teacher, student = hf_model("vit", seed=1, num_hidden_layers=4), hf_model("vit", seed=2, hidden_size=16)
     recipe = {
         "distill": {
             "features": [{"student": "vit.layers.*", "teacher": "vit.layers.*"}],
@@ -137,7 +137,7 @@ def test_layer_subset_student_copies_the_kept_layers(tmp_path, minilm_path):
     from slimkit.plugins.hf import layer_subset_student
     from tests.models import ROOT
 
-    gpt2 = tiny_hf("gpt2", n_layer=4)
+    gpt2 = hf_model("gpt2", n_layer=4)
     student = layer_subset_student(gpt2, [0, 3])
     assert student.config.num_hidden_layers == 2 and len(student.transformer.h) == 2
     assert torch.equal(student.transformer.h[1].attn.c_attn.weight, gpt2.transformer.h[3].attn.c_attn.weight)

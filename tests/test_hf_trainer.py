@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file
 
 from slimkit.plugins.hf import DistillationCallback, slim_callbacks
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 RECIPE = {
     "distill": {
@@ -62,8 +62,8 @@ def make_args(tmp_path, **kw):
 
 
 def pair(seed=2):
-    teacher = tiny_hf("bert", seed=1, num_hidden_layers=4, hidden_size=48)
-    return teacher, tiny_hf("bert", seed=seed)
+    teacher = hf_model("bert", seed=1, num_hidden_layers=4, hidden_size=48)
+    return teacher, hf_model("bert", seed=seed)
 
 
 def test_stock_trainer_backpropagates_and_logs_the_mixed_loss(tmp_path):
@@ -173,7 +173,7 @@ def test_fsdp_is_refused_clearly(tmp_path):
 
 
 def test_causal_lm_trainer_with_kd(tmp_path):
-    teacher, student = tiny_hf("gpt2", seed=1, n_layer=3), tiny_hf("gpt2", seed=2)
+    teacher, student = hf_model("gpt2", seed=1, n_layer=3), hf_model("gpt2", seed=2)
     ds = [{"input_ids": r, "labels": r} for r in ToyText().ids]
     recipe = {"distill": {"alpha": 0.5, "features": [{"student": "transformer.h.*", "teacher": "transformer.h.*"}]}}
     trainer = transformers.Trainer(

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import slimkit
 from slimkit import FormatError
 from slimkit.hub import FORMAT_VERSION
-from tests.models import tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -26,7 +26,7 @@ def hf_inputs(kind):
 
 @pytest.mark.parametrize("kind", ["resnet", "convnext", "vit"])
 def test_timm_round_trip_is_bit_exact_and_loads_with_timm(kind, tmp_path):
-    model = tiny_timm(kind).eval()
+    model = timm_model(kind).eval()
     slimkit.save_pretrained(model, tmp_path / kind)
     again = slimkit.from_pretrained(tmp_path / kind)
     assert type(again) is type(model) and not again.training
@@ -49,7 +49,7 @@ def test_timm_round_trip_is_bit_exact_and_loads_with_timm(kind, tmp_path):
     ],
 )
 def test_hf_round_trip_is_bit_exact_and_loads_with_automodel(kind, auto, tmp_path):
-    model = tiny_hf(kind).eval()
+    model = hf_model(kind).eval()
     slimkit.save_pretrained(model, tmp_path / kind)
     again = slimkit.from_pretrained(tmp_path / kind)
     plain = auto.from_pretrained(tmp_path / kind).eval()
@@ -81,7 +81,7 @@ def test_real_minilm_folder_loads_and_round_trips(minilm_path, tmp_path):
 
 
 def test_model_card_and_recipe_are_written(tmp_path):
-    teacher, student = tiny_timm("resnet-wide"), tiny_timm("resnet")
+    teacher, student = timm_model("resnet-wide"), timm_model("resnet")
     recipe = {"distill": {"alpha": 0.2}}
     slimkit.prepare(student, recipe, teacher=teacher, example_inputs=IMAGES)
     slimkit.save_pretrained(slimkit.convert(student), tmp_path / "s")
@@ -92,7 +92,7 @@ def test_model_card_and_recipe_are_written(tmp_path):
 
 def test_a_failed_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
     target = tmp_path / "m"
-    old = tiny_timm("resnet", seed=0)
+    old = timm_model("resnet", seed=0)
     slimkit.save_pretrained(old, target)
     (target / "notes.txt").write_text("mine")  # files slimkit does not manage survive saves
     before = {p.name: p.read_bytes() for p in target.iterdir()}
@@ -104,7 +104,7 @@ def test_a_failed_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr("slimkit.hub.save_file", broken)
     with pytest.raises(OSError, match="No space left"):
-        slimkit.save_pretrained(tiny_timm("resnet", seed=1), target)
+        slimkit.save_pretrained(timm_model("resnet", seed=1), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     with pytest.raises(OSError):
         slimkit.save_pretrained(old, tmp_path / "new")
@@ -116,8 +116,8 @@ def test_a_failed_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
 
 
 def test_a_save_over_an_existing_folder_replaces_it(tmp_path):
-    slimkit.save_pretrained(tiny_timm("resnet", seed=0), tmp_path / "m")
-    new = tiny_timm("resnet", seed=1).eval()
+    slimkit.save_pretrained(timm_model("resnet", seed=0), tmp_path / "m")
+    new = timm_model("resnet", seed=1).eval()
     slimkit.save_pretrained(new, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(slimkit.from_pretrained(tmp_path / "m")(IMAGES), new(IMAGES))
@@ -125,7 +125,7 @@ def test_a_save_over_an_existing_folder_replaces_it(tmp_path):
 
 def test_broken_folders_get_errors_that_name_the_file(tmp_path):
     folder = tmp_path / "m"
-    slimkit.save_pretrained(tiny_timm("resnet"), folder)
+    slimkit.save_pretrained(timm_model("resnet"), folder)
     weights, config = folder / "model.safetensors", folder / "config.json"
 
     with pytest.raises(FormatError, match="is not a folder"):
@@ -157,7 +157,7 @@ def test_broken_folders_get_errors_that_name_the_file(tmp_path):
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     folder = tmp_path / "m"
-    slimkit.save_pretrained(tiny_timm("resnet"), folder)
+    slimkit.save_pretrained(timm_model("resnet"), folder)
     meta = json.loads((folder / "config.json").read_text())
     del meta["slimkit"]["weights_sha256"]
     (folder / "config.json").write_text(json.dumps(meta))
@@ -171,7 +171,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
 
 def test_no_pickle_and_no_remote_code(tmp_path):
     folder = tmp_path / "plain"
-    model = tiny_hf("bert")
+    model = hf_model("bert")
     model.save_pretrained(folder)
     os.remove(folder / "model.safetensors")
     torch.save(model.state_dict(), folder / "pytorch_model.bin")

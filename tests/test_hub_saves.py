@@ -12,7 +12,7 @@ import torch
 import slimkit
 import slimkit.atomic
 from slimkit import FormatError
-from tests.models import tiny_timm
+from tests.families import timm_model
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -23,7 +23,7 @@ def outputs(folder):
 
 
 def test_a_rename_that_fails_half_way_never_mixes_old_and_new_files(tmp_path, monkeypatch):
-    old, new = tiny_timm("resnet", seed=0).eval(), tiny_timm("resnet", seed=1).eval()
+    old, new = timm_model("resnet", seed=0).eval(), timm_model("resnet", seed=1).eval()
     slimkit.save_pretrained(old, tmp_path / "m")
     real_replace, calls = os.replace, []
 
@@ -43,7 +43,7 @@ def test_a_rename_that_fails_half_way_never_mixes_old_and_new_files(tmp_path, mo
 
 @pytest.mark.parametrize("exchange", ["fails", "unavailable"])
 def test_a_failed_swap_leaves_the_old_folder_whole_and_no_leftovers(tmp_path, monkeypatch, exchange):
-    old = tiny_timm("resnet", seed=0).eval()
+    old = timm_model("resnet", seed=0).eval()
     slimkit.save_pretrained(old, tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
     if exchange == "fails":
@@ -67,7 +67,7 @@ def test_a_failed_swap_leaves_the_old_folder_whole_and_no_leftovers(tmp_path, mo
         monkeypatch.setattr(slimkit.atomic, "_exchange", unavailable)
         monkeypatch.setattr(slimkit.atomic.os, "rename", rename)
     with pytest.raises(OSError, match="I/O error"):
-        slimkit.save_pretrained(tiny_timm("resnet", seed=1), tmp_path / "m")
+        slimkit.save_pretrained(timm_model("resnet", seed=1), tmp_path / "m")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -79,15 +79,15 @@ def test_the_fallback_swap_replaces_the_folder(tmp_path, monkeypatch):
         raise OSError(errno.ENOSYS, "renameat2 is not available")
 
     monkeypatch.setattr(slimkit.atomic, "_exchange", unavailable)
-    slimkit.save_pretrained(tiny_timm("resnet", seed=0), tmp_path / "m")
-    new = tiny_timm("resnet", seed=1).eval()
+    slimkit.save_pretrained(timm_model("resnet", seed=0), tmp_path / "m")
+    new = timm_model("resnet", seed=1).eval()
     slimkit.save_pretrained(new, tmp_path / "m")
     assert torch.equal(outputs(tmp_path / "m"), new(IMAGES))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_an_interrupted_fallback_swap_is_named_on_load(tmp_path):
-    slimkit.save_pretrained(tiny_timm("resnet"), tmp_path / "m")
+    slimkit.save_pretrained(timm_model("resnet"), tmp_path / "m")
     aside = tmp_path / ".m.old-abc123"
     aside.mkdir()
     os.rename(tmp_path / "m", aside / "m")  # killed between "rename aside" and "rename in"
@@ -97,12 +97,12 @@ def test_an_interrupted_fallback_swap_is_named_on_load(tmp_path):
 
 def test_unmanaged_files_and_folders_are_carried_and_stale_managed_ones_dropped(tmp_path):
     folder = tmp_path / "m"
-    slimkit.save_pretrained(tiny_timm("resnet"), folder)
+    slimkit.save_pretrained(timm_model("resnet"), folder)
     (folder / "tokenizer.json").write_text('{"mine": true}')
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text("{}")
     (folder / "kept.png").write_bytes(b"a plot of an earlier pruned model")  # managed by slimkit
-    slimkit.save_pretrained(tiny_timm("resnet", seed=3), folder)
+    slimkit.save_pretrained(timm_model("resnet", seed=3), folder)
     assert (folder / "tokenizer.json").read_text() == '{"mine": true}'
     assert (folder / "1_Pooling" / "config.json").read_text() == "{}"
     assert not (folder / "kept.png").exists()  # this save drew no plot
@@ -111,12 +111,12 @@ def test_unmanaged_files_and_folders_are_carried_and_stale_managed_ones_dropped(
 def test_saved_folders_get_ordinary_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
-        slimkit.save_pretrained(tiny_timm("resnet"), tmp_path / "m")
+        slimkit.save_pretrained(timm_model("resnet"), tmp_path / "m")
         assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
         for file in (tmp_path / "m").iterdir():
             assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
         os.chmod(tmp_path / "m", 0o750)  # a mode the owner chose is kept by later saves
-        slimkit.save_pretrained(tiny_timm("resnet", seed=1), tmp_path / "m")
+        slimkit.save_pretrained(timm_model("resnet", seed=1), tmp_path / "m")
         assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o750
         assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
     finally:

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import slimkit
 from slimkit import FormatError
 from slimkit.cli import main as cli_main
-from tests.models import tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -36,14 +36,14 @@ class AllocationGuard(TorchDispatchMode):
 
 
 def _pruned_timm():
-    model = tiny_timm("resnet")
+    model = timm_model("resnet")
     slimkit.prepare(model, {"prune": {"channels": 0.5, "verify": False}})
     slimkit.step(model, 0)
     return slimkit.convert(model)
 
 
 def _int8_timm():
-    model = tiny_timm("resnet").eval()
+    model = timm_model("resnet").eval()
     slimkit.prepare(model, {"quant": {"mode": "ptq"}}, example_inputs=IMAGES)
     slimkit.calibrate(model, [IMAGES])
     return slimkit.convert(model)
@@ -52,11 +52,11 @@ def _int8_timm():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
-    made = {"timm": tiny_timm("resnet"), "hf": tiny_hf("bert"), "pruned": _pruned_timm(), "int8": _int8_timm()}
+    made = {"timm": timm_model("resnet"), "hf": hf_model("bert"), "pruned": _pruned_timm(), "int8": _int8_timm()}
     for name, model in made.items():
         slimkit.save_pretrained(model, root / name)
     plain = root / "plain-hf"
-    tiny_hf("bert").save_pretrained(plain)
+    hf_model("bert").save_pretrained(plain)
     return {**{name: root / name for name in made}, "plain-hf": plain}
 
 

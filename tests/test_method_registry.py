@@ -23,7 +23,7 @@ from slimkit._config import Config, help_field
 from slimkit.cli import folder_info, format_info
 from slimkit.controller import Method
 from slimkit.errors import FormatError, ModuleNameError
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ def test_a_registered_method_is_prepared_converted_saved_and_rebuilt(lowrank, tm
     with pytest.raises(slimkit.ConfigError, match=r"lowrank\.rank: must be >= 1"):
         slimkit.Recipe.from_dict({"lowrank": {"rank": 0}})
 
-    model = tiny_hf("bert").eval()
+    model = hf_model("bert").eval()
     slimkit.prepare(model, recipe, example_inputs=_inputs())
     method = slimkit.methods_of(model)["lowrank"]
     assert isinstance(method, LowRank) and method.config.rank == 3
@@ -223,7 +223,7 @@ def test_a_registered_method_gets_a_trainer_callback(lowrank, tmp_path):
     transformers = pytest.importorskip("transformers")
     from slimkit.plugins.hf import SlimCallback, slim_callbacks
 
-    model = tiny_hf("bert")
+    model = hf_model("bert")
     callbacks = slim_callbacks(model, {"lowrank": {"modules": MODULES[:1], "rank": 2}})
     assert [(type(c), c.section) for c in callbacks] == [(SlimCallback, "lowrank")]
     ids = torch.randint(1, 128, (8, 10), generator=torch.Generator().manual_seed(1))

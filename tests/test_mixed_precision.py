@@ -8,13 +8,13 @@ import transformers
 
 import slimkit
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
 from tests.test_hf_trainer import ToyText, make_args
 from tests.test_pipeline import BERT_RECIPE, CNN_RECIPE, X, Y
 
 
 def plain_loop(bf16: bool):
-    teacher, student = tiny_timm("resnet-wide", seed=1), tiny_timm("resnet", seed=2)
+    teacher, student = timm_model("resnet-wide", seed=1), timm_model("resnet", seed=2)
     slimkit.prepare(student, CNN_RECIPE, teacher=teacher, example_inputs=X[:2])
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     losses, dtypes = [], set()
@@ -58,7 +58,7 @@ def test_autocast_bf16_trains_the_whole_recipe_close_to_fp32():
 
 
 def trainer_run(tmp_path, bf16: bool):
-    teacher, student = tiny_hf("bert", seed=1, num_hidden_layers=4, hidden_size=48), tiny_hf("bert", seed=2)
+    teacher, student = hf_model("bert", seed=1, num_hidden_layers=4, hidden_size=48), hf_model("bert", seed=2)
     callbacks = slim_callbacks(student, BERT_RECIPE, teacher=teacher)
     seen = set()
     layer = student.bert.encoder.layer[0].intermediate.dense

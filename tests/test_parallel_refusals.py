@@ -12,7 +12,8 @@ import transformers
 
 import slimkit
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import ROOT, accelerate_launch, tiny_hf
+from tests.families import hf_model
+from tests.models import ROOT, accelerate_launch
 from tests.test_hf_trainer import ToyText
 
 HERE = Path(__file__).parent
@@ -37,7 +38,7 @@ def test_trainer_fsdp_on_cpu_is_refused_with_the_way_out(tmp_path):
 def test_trainer_with_deepspeed_is_refused(tmp_path):
     """DeepSpeed is not installed here, so TrainingArguments cannot be built with a config:
     the field is set on real, validated arguments, as TrainingArguments(deepspeed=...) would."""
-    teacher, student = tiny_hf("bert", seed=1), tiny_hf("bert", seed=2)
+    teacher, student = hf_model("bert", seed=1), hf_model("bert", seed=2)
     callbacks = slim_callbacks(student, {"distill": {"alpha": 0.5}}, teacher=teacher)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True

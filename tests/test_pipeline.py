@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import slimkit
 from slimkit.cli import folder_info, format_info
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
 from tests.test_hf_trainer import ToyText, make_args
 
 X = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -29,7 +29,7 @@ BERT_RECIPE = {
 
 
 def test_plain_loop_runs_the_whole_recipe_and_saves_an_int8_pruned_folder(tmp_path):
-    teacher, student = tiny_timm("resnet-wide", seed=1), tiny_timm("resnet", seed=2)
+    teacher, student = timm_model("resnet-wide", seed=1), timm_model("resnet", seed=2)
     slimkit.prepare(student, CNN_RECIPE, teacher=teacher, example_inputs=X[:2])
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     phases = []
@@ -80,7 +80,7 @@ def test_plain_loop_runs_the_whole_recipe_and_saves_an_int8_pruned_folder(tmp_pa
 
 
 def trainer_run(tmp_path, name, max_steps=8, resume=None):
-    teacher, student = tiny_hf("bert", seed=1, num_hidden_layers=4, hidden_size=48), tiny_hf("bert", seed=2)
+    teacher, student = hf_model("bert", seed=1, num_hidden_layers=4, hidden_size=48), hf_model("bert", seed=2)
     args = make_args(tmp_path / name, max_steps=max_steps, save_strategy="steps", save_steps=5)
     callbacks = slim_callbacks(student, BERT_RECIPE, teacher=teacher)
     trainer = transformers.Trainer(model=student, args=args, train_dataset=ToyText(), callbacks=callbacks)
@@ -128,7 +128,7 @@ def test_combinations_that_cannot_work_are_refused_up_front(bad, tmp_path):
         with pytest.raises(slimkit.ConfigError, match=r"quant.start_step: QAT starts at step 2 .* until step 3"):
             slimkit.Recipe.from_dict(recipe)
     else:
-        teacher, student = tiny_hf("bert", seed=1), tiny_hf("bert", seed=2)
+        teacher, student = hf_model("bert", seed=1), hf_model("bert", seed=2)
         callbacks = slim_callbacks(student, BERT_RECIPE, teacher=teacher)
         with pytest.raises(slimkit.SlimkitError, match="FSDP through the Trainer / accelerate needs an accelerator"):
             callbacks[0].on_train_begin(type("Args", (), {"fsdp": ["full_shard"]})(), None, None)
@@ -150,8 +150,8 @@ def test_shipped_recipes_load_and_fit_their_models(minilm_path):
         slimkit.step(student)
         return slimkit.log_values(student)
 
-    vit_teacher = tiny_timm("vit", seed=1, depth=4, embed_dim=48, num_heads=4)
-    values = prepare_and_step(tiny_timm("vit", seed=2), vit_teacher, recipes["vit_pipeline"], X[:2])
+    vit_teacher = timm_model("vit", seed=1, depth=4, embed_dim=48, num_heads=4)
+    values = prepare_and_step(timm_model("vit", seed=2), vit_teacher, recipes["vit_pipeline"], X[:2])
     assert "distill/attention.blocks.1.attn" in values and "prune/heads" in values
 
     teacher = slimkit.from_pretrained(minilm_path)

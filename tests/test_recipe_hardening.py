@@ -10,7 +10,8 @@ import transformers
 import slimkit
 from slimkit import ConfigError, Recipe
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import ROOT, tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
+from tests.models import ROOT
 from tests.test_hf_trainer import ToyText, make_args
 
 # --- 6: YAML alias bombs ----------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_non_finite_numbers_are_refused_at_load(tmp_path, suffix, text, field):
     ],
 )
 def test_a_trainer_run_too_short_for_the_schedule_is_refused_before_training(tmp_path, recipe, field):
-    student = tiny_hf("bert")
+    student = hf_model("bert")
     trainer = transformers.Trainer(
         model=student, args=make_args(tmp_path), train_dataset=ToyText(), callbacks=slim_callbacks(student, recipe)
     )
@@ -137,7 +138,7 @@ def _distill_script():
 
 
 def test_distill_script_refuses_a_schedule_beyond_max_steps(tmp_path):
-    slimkit.save_pretrained(tiny_timm("resnet", seed=2), tmp_path / "student")
+    slimkit.save_pretrained(timm_model("resnet", seed=2), tmp_path / "student")
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"quant": {"start_step": 40}}))
     args = ["--teacher", "resnet18", "--student", str(tmp_path / "student"), "--recipe", str(recipe)]
@@ -151,20 +152,20 @@ def test_distill_script_refuses_a_schedule_beyond_max_steps(tmp_path):
 
 
 def test_round_to_at_least_every_layer_width_is_an_error():
-    model = tiny_timm("resnet")  # widest prunable layer: 64 channels
+    model = timm_model("resnet")  # widest prunable layer: 64 channels
     recipe = {"prune": {"channels": 0.5, "round_to": 64, "verify": False}}
     with pytest.raises(ConfigError, match=r"prune.round_to: 64 is at least the width of every prunable layer"):
         slimkit.prepare(model, recipe)
 
 
 def test_round_to_below_some_widths_warns_about_the_layers_it_leaves_whole(caplog):
-    model = tiny_timm("resnet")  # 8, 16, 32 and 64 channels
+    model = timm_model("resnet")  # 8, 16, 32 and 64 channels
     with caplog.at_level("WARNING", logger="slimkit.prune"):
         slimkit.prepare(model, {"prune": {"channels": 0.5, "round_to": 16, "verify": False}})
     assert "prune.round_to=16 is at least the width of" in caplog.text
 
 
 def test_an_absurd_nm_says_what_is_wrong():
-    model = tiny_timm("resnet")
+    model = timm_model("resnet")
     with pytest.raises(ConfigError, match=r"prune.nm: '3:1000000' needs weights whose input width is a multiple"):
         slimkit.prepare(model, {"prune": {"nm": "3:1000000"}})

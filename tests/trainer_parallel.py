@@ -16,12 +16,12 @@ import transformers
 
 import slimkit
 from slimkit.plugins.hf import slim_callbacks
-from tests.models import tiny_hf
+from tests.families import hf_model
 from tests.test_hf_trainer import ToyText
 
 
 def main(out: Path, version: int) -> None:
-    teacher, student = tiny_hf("bert", seed=1), tiny_hf("bert", seed=2)
+    teacher, student = hf_model("bert", seed=1), hf_model("bert", seed=2)
     callbacks = slim_callbacks(student, {"distill": {"alpha": 0.5}}, teacher=teacher)
     args = transformers.TrainingArguments(
         output_dir=str(out / "run"),

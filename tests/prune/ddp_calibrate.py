@@ -15,7 +15,7 @@ import transformers
 from accelerate import Accelerator
 
 import slimkit
-from tests.models import tiny_bert_config
+from tests.families import tiny_bert_config
 
 
 def digest(tensor: torch.Tensor) -> str:

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
-from prune_helpers import hf_model, training_args
+from prune_helpers import training_args
 
+import slimkit
 from slimkit.plugins.hf import slim_callbacks
+from tests.families import hf_model
 
 
 class LocalStatistics(transformers.TrainerCallback):
@@ -23,7 +25,7 @@ class LocalStatistics(transformers.TrainerCallback):
     all-reduces them."""
 
     def __init__(self, model):
-        self.pruner = model._slimkit.methods["prune"]
+        self.pruner = slimkit.methods_of(model)["prune"]
         self.local = None
         self.influence = None
 

@@ -14,8 +14,7 @@ from torch import nn
 
 import slimkit
 from slimkit.prune import count_macs, count_parameters
-
-IMAGE = (2, 3, 32, 32)
+from tests.families import IMAGE, ghostnet, hf_model, logits, timm_model, token_batch, train_steps
 
 
 class ConvNet(nn.Module):
@@ -40,74 +39,6 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1) if self.flatten else x.mean((2, 3)))
 
 
-def timm_model(name: str, **kwargs: Any) -> nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-
-
-def hf_model(kind: str) -> nn.Module:
-    import transformers as T
-
-    torch.manual_seed(0)
-    common = dict(num_hidden_layers=2, intermediate_size=64)
-    if kind == "bert":
-        config = T.BertConfig(hidden_size=32, num_attention_heads=4, vocab_size=100, num_labels=3, **common)
-        return T.BertForSequenceClassification(config)
-    if kind == "vit":
-        config = T.ViTConfig(hidden_size=32, num_attention_heads=4, image_size=16, patch_size=4, num_labels=3, **common)
-        return T.ViTForImageClassification(config)
-    if kind == "gpt2":
-        config = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
-        return T.GPT2LMHeadModel(config)
-    if kind == "llama":
-        config = T.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **common)
-        return T.LlamaForCausalLM(config)
-    encoder = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_labels=3, **common)
-    if kind == "distilbert":
-        config = T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3)
-        return T.DistilBertForSequenceClassification(config)
-    if kind == "albert":  # one layer shared by both passes
-        return T.AlbertForSequenceClassification(T.AlbertConfig(embedding_size=16, **encoder))
-    if kind == "deberta_v2":  # DeBERTa-v3's layout: relative attention both ways, shared key projections
-        config = T.DebertaV2Config(
-            **encoder,
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            position_buckets=8,
-            max_relative_positions=16,
-            share_att_key=True,
-            norm_rel_ebd="layer_norm",
-        )
-        return T.DebertaV2ForSequenceClassification(config)
-    if kind == "deberta_v2_pos_proj":  # separate position projections (share_att_key false)
-        config = T.DebertaV2Config(**encoder, relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=False)
-        return T.DebertaV2ForSequenceClassification(config)
-    if kind == "electra":
-        return T.ElectraForSequenceClassification(T.ElectraConfig(embedding_size=16, **encoder))
-    if kind == "mpnet":
-        return T.MPNetForSequenceClassification(T.MPNetConfig(**encoder))
-    if kind == "xlm_roberta":
-        return T.XLMRobertaForSequenceClassification(T.XLMRobertaConfig(pad_token_id=1, **encoder))
-    raise KeyError(kind)
-
-
-def ghostnet() -> nn.Module:
-    """timm's ghostnet_050 (GhostModules: a conv's output concatenated with a depthwise conv of
-    it), its BatchNorm statistics set from a few random batches so that random weights stay sane."""
-    model = timm_model("ghostnet_050")
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in norms:
-        bn.momentum = None  # a plain average of the batches below
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 64, 64))
-    for bn in norms:
-        bn.momentum = 0.1
-    return model
-
-
 def training_args(folder: Path, **overrides: Any):
     """TrainingArguments for the tiny Trainer runs: CPU, no reports, no checkpoints unless asked."""
     import transformers
@@ -124,12 +55,6 @@ def training_args(folder: Path, **overrides: Any):
         seed=0,
     )
     return transformers.TrainingArguments(**{**settings, **overrides})
-
-
-def token_batch(n: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 100, (n, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @dataclasses.dataclass
@@ -352,36 +277,6 @@ CASES = {
 }
 
 
-def call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def logits(model: nn.Module, inputs: Any) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = call(model, inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def loss_of(model: nn.Module, inputs: Any, task: str) -> torch.Tensor:
-    if isinstance(inputs, dict):
-        labels = inputs["input_ids"] if task == "causal_lm" else torch.tensor([0, 1])
-        return call(model, {**inputs, "labels": labels}).loss
-    return nn.functional.cross_entropy(call(model, inputs), torch.tensor([0, 1]))
-
-
-def train_steps(model: nn.Module, inputs: Any, task: str, steps: int = 1, lr: float = 1e-2) -> None:
-    """Plain-loop training: the optimizer moves every weight, slimkit.step re-applies masks."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    for _ in range(steps):
-        loss_of(model, inputs, task).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        slimkit.step(model)
-
-
 def masked_tensors_are_zero(model: nn.Module) -> bool:
     """Every weight / bias slice the pruner masks is exactly zero."""
     plan = slimkit.methods_of(model)["prune"]._plan  # built by the last slimkit.step
@@ -398,7 +293,7 @@ def run_case(case: Case, folder: Path) -> dict[str, Any]:
     pruner = slimkit.methods_of(model)["prune"]
     assert count_parameters(model) == params_before  # masks only while training
 
-    train_steps(model, inputs, case.task)
+    train_steps(model, inputs, task=case.task)
     assert masked_tensors_are_zero(model), "a masked weight moved during the optimizer step"
     logged = slimkit.log_values(model)
     masked = logits(model, inputs)

@@ -3,11 +3,12 @@ small hand-made models whose answers are known."""
 
 import pytest
 import torch
-from prune_helpers import ConvNet, hf_model, logits, token_batch
+from prune_helpers import ConvNet
 from torch import nn
 
 import slimkit
 from slimkit.prune import count_parameters
+from tests.families import hf_model, logits, token_batch
 
 
 def _randomise_bn(model):

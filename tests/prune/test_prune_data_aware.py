@@ -11,7 +11,7 @@ from torch import nn
 
 import slimkit
 from slimkit import IncompatibleError
-from tests.models import tiny_bert_config
+from tests.families import tiny_bert_config
 
 
 def trained_batchnorms(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:

@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 import transformers
-from prune_helpers import token_batch
 
 import slimkit
 from slimkit import ConfigError, UnsupportedModelError
 from slimkit.prune import rank_blocks
-from tests.models import tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model, token_batch
 
 
 def _last_hidden(model, batch):
@@ -36,19 +35,19 @@ def _identity_layer(bert, index):
 
 @pytest.mark.parametrize("importance", ["output_cosine", "block_influence"])
 def test_ranking_picks_the_block_that_does_nothing(importance):
-    model = tiny_hf("bert-base", num_hidden_layers=4)
+    model = hf_model("bert-base", num_hidden_layers=4)
     _identity_layer(model, 2)
     assert rank_blocks(model, _batches(), 1, importance=importance) == ["encoder.layer.2"]
-    timm_model = tiny_timm("resnet", layers=(1, 3, 1, 1), zero_init_last=False).eval()
+    resnet = timm_model("resnet", layers=(1, 3, 1, 1), zero_init_last=False).eval()
     with torch.no_grad():  # layer2.2's residual branch ends in a BatchNorm with zero scale: x + 0
-        timm_model.layer2[2].bn2.weight.zero_()
-        timm_model.layer2[2].bn2.bias.zero_()
+        resnet.layer2[2].bn2.weight.zero_()
+        resnet.layer2[2].bn2.bias.zero_()
     images = [torch.randn(4, 3, 32, 32) for _ in range(2)]
-    assert rank_blocks(timm_model, images, 1, importance=importance) == ["layer2.2"]
+    assert rank_blocks(resnet, images, 1, importance=importance) == ["layer2.2"]
 
 
 def test_uniform_depth_pruning_loads_with_plain_automodel(tmp_path):
-    model = tiny_hf("bert-base", num_hidden_layers=4)
+    model = hf_model("bert-base", num_hidden_layers=4)
     _identity_layer(model, 1)
     batches = _batches()
     slimkit.prepare(model, {"prune": {"layers": 0.5}}, example_inputs=batches[0])
@@ -68,7 +67,7 @@ def test_uniform_depth_pruning_loads_with_plain_automodel(tmp_path):
 
 
 def test_depth_and_width_together_round_trip_through_slimkit(tmp_path):
-    model = tiny_hf("bert", num_hidden_layers=3)
+    model = hf_model("bert", num_hidden_layers=3)
     batches = _batches()
     recipe = {"prune": {"layers": 1, "heads": 0.5, "channels": 0.5, "layer_importance": "block_influence"}}
     slimkit.prepare(model, recipe, example_inputs=batches[0])
@@ -131,7 +130,7 @@ def test_per_layer_config_fields_follow_the_kept_layers(tmp_path):
 def test_a_later_schedule_ranks_on_training_batches_and_resumes(tmp_path):
     """Cubic depth schedule from step 2: blocks are ranked by the influence measured on the
     training forwards, removed one after the other, and the state survives a state_dict."""
-    model = tiny_hf("bert", num_hidden_layers=4)
+    model = hf_model("bert", num_hidden_layers=4)
     batches = _batches(4)
     recipe = {
         "prune": {
@@ -156,7 +155,7 @@ def test_a_later_schedule_ranks_on_training_batches_and_resumes(tmp_path):
     assert removed == [0.0, 0.0, 0.25, 0.5, 0.5]
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in _removed_layer(model).parameters())
 
-    resumed = tiny_hf("bert", num_hidden_layers=4)
+    resumed = hf_model("bert", num_hidden_layers=4)
     slimkit.prepare(resumed, recipe, example_inputs=batches[0])
     resumed.load_state_dict(state)
     assert slimkit.log_values(resumed)["prune/layers"] == 0.25
@@ -184,10 +183,10 @@ def test_depth_errors_name_the_fix():
     with pytest.raises(UnsupportedModelError, match="one shared layer group 4 times.*num_hidden_layers"):
         slimkit.prepare(albert, {"prune": {"layers": 1}}, example_inputs=batch)
     with pytest.raises(ConfigError, match="has 2 removable blocks; removing 2 would leave none"):
-        slimkit.prepare(tiny_hf("bert-base"), {"prune": {"layers": 2}}, example_inputs=batch)
+        slimkit.prepare(hf_model("bert-base"), {"prune": {"layers": 2}}, example_inputs=batch)
     with pytest.raises(ConfigError, match="rounds down to 0 blocks"):
-        slimkit.prepare(tiny_hf("bert-base", num_hidden_layers=3), {"prune": {"layers": 0.2}}, example_inputs=batch)
-    model = tiny_hf("bert-base", num_hidden_layers=3)
+        slimkit.prepare(hf_model("bert-base", num_hidden_layers=3), {"prune": {"layers": 0.2}}, example_inputs=batch)
+    model = hf_model("bert-base", num_hidden_layers=3)
     _identity_layer(model, 1)
     slimkit.prepare(model, {"prune": {"layers": 1, "exclude": ["encoder.layer.1"]}}, example_inputs=batch)
     slimkit.calibrate(model, _batches())
@@ -229,7 +228,7 @@ def test_make_student_keeps_the_layers_that_matter_on_data(minilm_path, tmp_path
 
 def test_timm_blocks_leave_their_stages_and_load_back(tmp_path):
     """timm configs cannot express depth: the manifest removes the same blocks from a fresh model."""
-    model = tiny_timm("resnet", layers=(2, 2, 2, 2), zero_init_last=False)
+    model = timm_model("resnet", layers=(2, 2, 2, 2), zero_init_last=False)
     images = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     slimkit.prepare(model, {"prune": {"layers": 2, "channels": 0.25}}, example_inputs=images[0])
     assert slimkit.prune.summary(model)["layers"]["removable"] == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
@@ -264,7 +263,9 @@ DEPTH_FAMILIES = [
 @pytest.mark.parametrize("name", DEPTH_FAMILIES)
 def test_one_block_leaves_every_family(name, tmp_path):
     """Each family loses one block: skipped == removed, and the folder loads back (HF: natively too)."""
-    from prune_helpers import CASES, logits
+    from prune_helpers import CASES
+
+    from tests.families import logits
 
     case = CASES[name]
     model, inputs = case.build(), case.inputs()

@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from prune_helpers import hf_model, training_args
+from prune_helpers import training_args
 
 from slimkit.plugins.hf import slim_callbacks
+from tests.families import hf_model
 from tests.models import accelerate_launch
 
 HERE = Path(__file__).parent

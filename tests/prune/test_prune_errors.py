@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from prune_helpers import CASES, ConvNet, hf_model, run_case, timm_model
+from prune_helpers import CASES, ConvNet, run_case
 from torch import nn
 
 import slimkit
 from slimkit import FormatError, IncompatibleError, ModuleNameError, UnsupportedModelError
+from tests.families import hf_model, timm_model
 
 X = torch.randn(2, 3, 16, 16)
 

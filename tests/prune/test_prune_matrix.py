@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 import transformers
-from prune_helpers import CASES, logits, run_case
+from prune_helpers import CASES, run_case
+
+from tests.families import logits
 
 
 def _check_native_load(case, result, folder):

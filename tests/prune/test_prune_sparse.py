@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from prune_helpers import ConvNet, hf_model, logits, token_batch, train_steps
+from prune_helpers import ConvNet
 from safetensors.torch import load_file
 
 import slimkit
+from tests.families import hf_model, logits, token_batch, train_steps
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -21,7 +22,7 @@ def test_unstructured_local_prunes_each_layer_by_magnitude():
     slimkit.prepare(model, {"prune": {"sparsity": 0.6}}, example_inputs=X)
     pruner = slimkit.methods_of(model)["prune"]
     assert set(pruner.sparse_weights) == {"conv1", "conv2"}  # stem and classifier excluded
-    train_steps(model, X, "classification", steps=2)
+    train_steps(model, X, 2)
     for weight in _weights(model, pruner).values():
         assert int((weight == 0).sum()) == int(0.6 * weight.numel())
     logged = slimkit.log_values(model)
@@ -45,7 +46,7 @@ def test_two_four_keeps_two_of_every_four_inputs_and_saves_dense(tmp_path):
     inputs = token_batch()
     slimkit.prepare(model, {"prune": {"nm": "2:4"}}, example_inputs=inputs)
     pruner = slimkit.methods_of(model)["prune"]
-    train_steps(model, inputs, "classification", steps=2)
+    train_steps(model, inputs, 2)
     assert pruner.sparse_weights and not any("classifier" in n for n in pruner.sparse_weights)
     for name, weight in _weights(model, pruner).items():
         groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
@@ -74,7 +75,7 @@ def test_structured_and_unstructured_together():
     model = ConvNet(widths=(24, 40))
     recipe = {"prune": {"channels": 0.5, "sparsity": 0.5}}
     slimkit.prepare(model, recipe, example_inputs=X)
-    train_steps(model, X, "classification")
+    train_steps(model, X)
     masked = logits(model, X)
     small = slimkit.convert(model)
     torch.testing.assert_close(logits(small, X), masked, rtol=1e-5, atol=1e-5)

@@ -7,10 +7,11 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from prune_helpers import CASES, hf_model, logits, masked_tensors_are_zero, train_steps, training_args
+from prune_helpers import CASES, masked_tensors_are_zero, training_args
 
 import slimkit
 from slimkit.plugins.hf import PruningCallback, slim_callbacks
+from tests.families import hf_model, logits, train_steps
 
 CUBIC = {"kind": "cubic", "start_step": 0, "end_step": 6, "every": 2}
 
@@ -85,7 +86,7 @@ def test_plain_loop_with_a_timm_model_follows_the_schedule():
     slimkit.prepare(model, {"prune": {"channels": 0.5, "heads": 0.5, "schedule": CUBIC}}, example_inputs=x)
     seen = []
     for _ in range(6):
-        train_steps(model, x, "classification")
+        train_steps(model, x)
         seen.append(slimkit.log_values(model)["prune/channels"])
     assert seen[0] == 0.0 < seen[1] == seen[2] < seen[3] == seen[4] < seen[5] == 0.5  # points 0, 2, 4, 6
     assert masked_tensors_are_zero(model)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, cnn_loss, train_steps
+from quant_helpers import SmallCNN, cnn_loss
 
 import slimkit
+from tests.families import train_steps
 
 
 @pytest.fixture
@@ -25,5 +26,5 @@ def qat_cnn(cnn_data):
     model = SmallCNN()
     recipe = {"quant": {"freeze_observers_step": 5, "freeze_bn_step": 6}}
     slimkit.prepare(model, recipe, example_inputs=batches[0][0])
-    train_steps(model, batches, cnn_loss, steps=8)
+    train_steps(model, batches, 8, loss=cnn_loss)
     return model

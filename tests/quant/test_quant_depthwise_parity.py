@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import agreement, cnn_loss, logits_of, train_steps
+from quant_helpers import agreement, cnn_loss, logits_of
 from test_quant_parity import _check, _onnx_logits
 
 import slimkit
 from slimkit.quant import is_int8_layer
+from tests.families import train_steps
 
 # open: onnxruntime's run of the exported PTQ MobileNetV3 (hard-swish, squeeze-excite) flips 1
 # of these 64 argmaxes (largest logit difference 0.047) while the eager INT8 model agrees on all
@@ -45,7 +46,7 @@ def test_depthwise_families_int8_and_onnx_agree_with_fake_quant(family, mode, tm
     slimkit.prepare(model, recipe, example_inputs=batches[0][0])
     slimkit.calibrate(model, [x for x, _ in batches])
     if mode == "qat":
-        train_steps(model, batches, cnn_loss, steps=3, lr=0.001)
+        train_steps(model, batches, 3, loss=cnn_loss, lr=0.001)
     model.eval()
     held_out = torch.cat([x for x, _ in batches])  # the images the model learned: separated logits
     fake = logits_of(model, held_out)

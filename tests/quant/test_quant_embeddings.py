@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from quant_helpers import agreement, logits_of, tiny_bert, tiny_gpt2, token_batch
+from quant_helpers import agreement, logits_of
 from torch import nn
 
 import slimkit
 from slimkit.errors import UnsupportedModelError
 from slimkit.quant import onnx_session, run_onnx
 from slimkit.quant.embeddings import fake_quantize_rows, is_int8_embedding, is_qat_embedding, quantize_rows, row_scale
+from tests.families import VOCAB, hf_model, token_batch
 
 EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
 
@@ -31,9 +32,9 @@ class Bag(nn.Module):
 
 
 def _ptq_bert(embeddings: bool = True, **quant):
-    model = tiny_bert()
+    model = hf_model("bert").eval()
     slimkit.prepare(model, {"quant": {"mode": "ptq", "embeddings": embeddings, **quant}})
-    slimkit.calibrate(model, [token_batch(seed=i) for i in range(3)])
+    slimkit.calibrate(model, [token_batch(batch=4, seed=i) for i in range(3)])
     return model
 
 
@@ -63,8 +64,8 @@ def test_fake_quant_and_converted_embeddings_are_equal_bit_for_bit():
     int8 = slimkit.convert(model)
     word = int8.bert.embeddings.word_embeddings
     assert is_int8_embedding(word) and isinstance(word, nn.Embedding) and type(word).__name__ == "Int8Embedding"
-    assert word.weight.dtype == torch.int8 and word.weight.shape == (120, 32)
-    assert word.weight_scale.dtype == torch.float32 and word.weight_scale.shape == (120,)
+    assert word.weight.dtype == torch.int8 and word.weight.shape == (VOCAB, 32)
+    assert word.weight_scale.dtype == torch.float32 and word.weight_scale.shape == (VOCAB,)
     assert torch.equal(word(ids), fake)
 
 
@@ -126,7 +127,7 @@ def test_onnx_export_of_int8_embeddings_agrees_with_eager(tmp_path):
     import onnx as onnx_lib
 
     graph = onnx_lib.load(str(path)).graph
-    int8_tables = [i for i in graph.initializer if i.data_type == onnx_lib.TensorProto.INT8 and i.dims == [120, 32]]
+    int8_tables = [i for i in graph.initializer if i.data_type == onnx_lib.TensorProto.INT8 and i.dims == [VOCAB, 32]]
     assert int8_tables, "the word embedding table is not int8 in the ONNX file"
 
 
@@ -157,12 +158,12 @@ def test_qat_follows_start_step_and_trains_through_the_ste():
 
 
 def test_gpt2_tied_wte_stays_float_and_wpe_is_quantized():
-    model = tiny_gpt2()
+    model = hf_model("gpt2").eval()
     slimkit.prepare(model, {"quant": {"mode": "ptq", "embeddings": True}})
     quantizer = slimkit.methods_of(model)["quant"]
     assert sorted(quantizer.skipped_tied) == ["lm_head", "transformer.wte"]
     assert list(quantizer.embeddings) == ["transformer.wpe"]
-    slimkit.calibrate(model, [token_batch(seed=0)])
+    slimkit.calibrate(model, [token_batch(batch=4, seed=0)])
     int8 = slimkit.convert(model)
     assert int8.transformer.wte.weight.dtype == torch.float32 and not is_int8_embedding(int8.transformer.wte)
     assert int8.transformer.wte.weight is int8.lm_head.weight
@@ -203,9 +204,9 @@ def test_embeddings_alone_are_not_enough_to_quantize():
 
 
 def test_pruned_bert_with_int8_embeddings_saves_and_loads(tmp_path):
-    from tests.models import tiny_hf
+    from tests.families import hf_model
 
-    model = tiny_hf("bert", seed=2)
+    model = hf_model("bert", seed=2)
     recipe = {
         "prune": {"channels": 0.5, "heads": 0.5, "schedule": {"kind": "cubic", "start_step": 1, "end_step": 2}},
         "quant": {"start_step": 3, "freeze_observers_step": 5, "embeddings": True},
@@ -237,15 +238,15 @@ def test_pruned_bert_with_int8_embeddings_saves_and_loads(tmp_path):
 
 
 def test_int8_embeddings_are_the_default_for_transformers_only():
-    bert = tiny_bert()
+    bert = hf_model("bert").eval()
     slimkit.prepare(bert, {"quant": {"mode": "ptq"}})  # embeddings: null
     assert all(is_qat_embedding(getattr(bert.bert.embeddings, n)) for n in EMBEDDINGS)
-    off = tiny_bert()
+    off = hf_model("bert").eval()
     slimkit.prepare(off, {"quant": {"mode": "ptq", "embeddings": False}})
     assert not any(is_qat_embedding(m) for m in off.modules())
     bag = Bag()  # a plain module: off unless asked for
     slimkit.prepare(bag, {"quant": {"mode": "ptq"}}, example_inputs=torch.randint(0, 50, (2, 5)))
     assert not is_qat_embedding(bag.emb)
-    gpt2 = tiny_gpt2()  # the default skips what it cannot quantize instead of failing: wte is tied
+    gpt2 = hf_model("gpt2").eval()  # the default skips what it cannot quantize instead of failing: wte is tied
     slimkit.prepare(gpt2, {"quant": {"mode": "ptq"}})
     assert not is_qat_embedding(gpt2.transformer.wte) and is_qat_embedding(gpt2.transformer.wpe)

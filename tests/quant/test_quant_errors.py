@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, tiny_bert
+from quant_helpers import SmallCNN
 from torch import nn
 
 import slimkit
@@ -15,6 +15,7 @@ from slimkit.errors import (
     SlimkitError,
     UnsupportedModelError,
 )
+from tests.families import hf_model
 
 
 class WithAttention(nn.Module):
@@ -113,8 +114,10 @@ def test_a_non_x86_cpu_is_named(monkeypatch):
 
 def test_calibrate_errors():
     with pytest.raises(SlimkitError, match="without a 'prune' or 'quant' recipe section"):
-        slimkit.calibrate(slimkit.prepare(tiny_bert(), {"distill": {}}, teacher=tiny_bert()), [])
-    dynamic = slimkit.prepare(tiny_bert(), {"quant": {"mode": "dynamic"}})
+        slimkit.calibrate(
+            slimkit.prepare(hf_model("bert").eval(), {"distill": {}}, teacher=hf_model("bert").eval()), []
+        )
+    dynamic = slimkit.prepare(hf_model("bert").eval(), {"quant": {"mode": "dynamic"}})
     with pytest.raises(IncompatibleError, match="nothing to calibrate"):
         slimkit.calibrate(dynamic, [])
     ptq = slimkit.prepare(SmallCNN(), {"quant": {"mode": "ptq"}}, example_inputs=torch.randn(1, 1, 8, 8))

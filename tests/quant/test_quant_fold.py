@@ -6,12 +6,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from quant_helpers import SmallCNN, cnn_loss, train_steps
+from quant_helpers import SmallCNN, cnn_loss
 from torch import nn
 
 import slimkit
 from slimkit.quant import qat
 from slimkit.quant.fold import foldable_batchnorms
+from tests.families import train_steps
 
 
 def _random_bn(channels: int) -> nn.BatchNorm2d:
@@ -111,11 +112,11 @@ def test_batchnorm_statistics_update_until_freeze_bn_step_then_stay(cnn_data):
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"freeze_bn_step": 2}}, example_inputs=batches[0][0])
     before = model.bn1.running_mean.clone()
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     after_two = model.bn1.running_mean.clone()
     assert not torch.equal(before, after_two), "BN statistics must update before freeze_bn_step"
     assert slimkit.log_values(model)["quant/bn_frozen"] == 1.0
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     assert torch.equal(after_two, model.bn1.running_mean), "frozen BN statistics moved"
     # and the frozen pair in training mode computes what the folded conv computes
     model.train()

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from quant_helpers import logits_of, tiny_bert, tiny_gpt2, token_batch
+from quant_helpers import logits_of
 from safetensors import safe_open
 
 import slimkit
 from slimkit.errors import FormatError
 from slimkit.quant import is_int8_layer
+from tests.families import hf_model, token_batch
 
 
 def _ptq_int8(model, inputs, compile_mode: str = "never"):  # the folder is under test, not compiling
@@ -58,10 +59,10 @@ def test_timm_int8_folder_round_trip_and_size(tmp_path):
     assert json.loads((again_folder / "config.json").read_text())["slimkit"]["quantization"] == block
 
 
-@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("factory", ["bert", "gpt2"], ids=["bert", "gpt2"])
 def test_hf_int8_folder_round_trip(factory, tmp_path):
-    inputs = token_batch()
-    int8 = _ptq_int8(factory(), inputs)
+    inputs = token_batch(batch=4, seed=0)
+    int8 = _ptq_int8(hf_model(factory).eval(), inputs)
     expected = logits_of(int8, inputs)
     folder = slimkit.save_pretrained(int8, tmp_path / "int8")
     again = slimkit.from_pretrained(folder)
@@ -73,10 +74,10 @@ def test_hf_int8_folder_round_trip(factory, tmp_path):
 
 
 def test_dynamic_int8_folder_round_trip(tmp_path):
-    model = tiny_bert()
+    model = hf_model("bert").eval()
     slimkit.prepare(model, {"quant": {"mode": "dynamic"}})
     int8 = slimkit.convert(model)
-    inputs = token_batch()
+    inputs = token_batch(batch=4, seed=0)
     folder = slimkit.save_pretrained(int8, tmp_path / "dyn")
     layers = json.loads((folder / "config.json").read_text())["slimkit"]["quantization"]["layers"]
     assert {v["activations"] for v in layers.values()} == {"dynamic"}

@@ -8,10 +8,11 @@ import logging
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, cnn_loss, logits_of, train_steps
+from quant_helpers import SmallCNN, cnn_loss, logits_of
 
 import slimkit
 from slimkit.errors import CalibrationError, NonFiniteError
+from tests.families import train_steps
 
 
 def _quantizers(model):
@@ -24,7 +25,7 @@ def test_a_nan_batch_is_ignored_counted_and_logged_and_training_goes_on(observer
     torch.manual_seed(0)
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"activations": {"observer": observer}}}, example_inputs=batches[0][0])
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     before = {n: q.observer.range() for n, q in _quantizers(model).items()}
     poisoned = batches[0][0].clone()
     poisoned[0, 0, 0, 0] = float("nan")
@@ -42,7 +43,7 @@ def test_a_nan_batch_is_ignored_counted_and_logged_and_training_goes_on(observer
     for name, quantizer in _quantizers(model).items():  # downstream ones saw NaN too: all unchanged
         assert all(torch.equal(a, b) for a, b in zip(quantizer.observer.range(), before[name])), name
         assert torch.isfinite(quantizer.scale).all(), name
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     quant_state = {k: v for k, v in model.state_dict().items() if "quantizer" in k and v.is_floating_point()}
     assert quant_state and all(torch.isfinite(v).all() for v in quant_state.values()), "checkpoint has NaN"
     int8 = slimkit.convert(model)
@@ -61,7 +62,7 @@ def test_a_nan_learned_scale_is_refused_at_convert(cnn_data):
     batches, _ = cnn_data
     model = SmallCNN()
     slimkit.prepare(model, {"quant": {"learn_scales": True}}, example_inputs=batches[0][0])
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     with torch.no_grad():
         model.conv1.input_quantizer.scale.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="input of conv1"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, cnn_loss, train_steps
+from quant_helpers import SmallCNN, cnn_loss
 from torch import nn
 
 import slimkit
@@ -12,6 +12,7 @@ from slimkit.quant import qat
 from slimkit.quant.numerics import activation_qparams, lsq_fake_quantize, quantize_activation
 from slimkit.quant.quantizers import ActivationQuantizer
 from slimkit.recipe import ActivationQuantConfig
+from tests.families import train_steps
 
 
 def _quantizer(observer: str = "minmax", symmetric: bool = False) -> ActivationQuantizer:
@@ -124,11 +125,11 @@ def test_learned_scales_train_and_start_from_the_observer(cnn_data):
     assert isinstance(model.conv2.weight_scale, nn.Parameter) and model.conv2.weight_scale.shape == (16,)
     quantizer = model.conv3.input_quantizer
     assert isinstance(quantizer.scale, nn.Parameter) and not bool(quantizer.initialized)
-    train_steps(model, batches[:1], cnn_loss, steps=1)
+    train_steps(model, batches[:1], 1, loss=cnn_loss)
     assert bool(quantizer.initialized)
     first = quantizer.scale.detach().clone()
     weight_scale = model.conv2.weight_scale.detach().clone()
-    train_steps(model, batches, cnn_loss, steps=4, lr=0.05)
+    train_steps(model, batches, 4, loss=cnn_loss, lr=0.05)
     assert not torch.equal(first, quantizer.scale.detach()), "the activation scale was not learned"
     assert not torch.equal(weight_scale, model.conv2.weight_scale.detach()), "weight scales were not learned"
 

@@ -8,21 +8,13 @@ import copy
 
 import pytest
 import torch
-from quant_helpers import (
-    agreement,
-    cnn_loss,
-    convert_copy,
-    logits_of,
-    tiny_bert,
-    tiny_gpt2,
-    token_batch,
-    train_steps,
-)
+from quant_helpers import agreement, cnn_loss, convert_copy, logits_of
 from torch import nn
 from torch._dynamo.utils import counters
 
 import slimkit
 from slimkit.quant import is_int8_layer, onnx_session, run_onnx
+from tests.families import hf_model, token_batch, train_steps
 
 
 def _check(name: str, reference: torch.Tensor, candidate, bound: float | None = 1e-3) -> None:
@@ -71,7 +63,7 @@ def test_timm_resnet18_qat_int8_and_onnx(tmp_path):
     recipe = {"quant": {"freeze_observers_step": 2, "freeze_bn_step": 2, "compile": "never"}}  # eager kernels
     slimkit.prepare(model, recipe, example_inputs=batches[0][0])
     assert len(slimkit.methods_of(model)["quant"].folded) == 20  # every conv of resnet18 has its BN
-    train_steps(model, batches, cnn_loss, steps=3, lr=0.01)
+    train_steps(model, batches, 3, loss=cnn_loss, lr=0.01)
     held_out = torch.randn(64, 3, 32, 32, generator=g)
     fake = logits_of(model, held_out)
     int8 = slimkit.convert(model)
@@ -91,14 +83,14 @@ def _cls_loss(model, batch):
 
 @pytest.mark.parametrize(
     ("factory", "loss", "mode"),
-    [(tiny_bert, _cls_loss, "qat"), (tiny_gpt2, _lm_loss, "qat"), (tiny_bert, _cls_loss, "dynamic")],
+    [("bert", _cls_loss, "qat"), ("gpt2", _lm_loss, "qat"), ("bert", _cls_loss, "dynamic")],
     ids=["bert-qat", "gpt2-qat", "bert-dynamic"],
 )
 def test_hf_models_int8_and_onnx(factory, loss, mode, tmp_path):
-    model = factory()
+    model = hf_model(factory).eval()
     slimkit.prepare(model, {"quant": {"mode": mode, "freeze_observers_step": 3}})
-    batches = [token_batch(seed=i) for i in range(3)]
-    train_steps(model, batches, loss, steps=4, lr=1e-3)
+    batches = [token_batch(batch=4, seed=i) for i in range(3)]
+    train_steps(model, batches, 4, loss=loss, lr=1e-3)
     held_out = token_batch(batch=16, length=10, seed=99)
     fake = logits_of(model, held_out)
     int8 = slimkit.convert(model)
@@ -110,7 +102,7 @@ def test_hf_models_int8_and_onnx(factory, loss, mode, tmp_path):
 
 
 def test_gpt2_keeps_the_tied_lm_head_in_float():
-    model = tiny_gpt2()
+    model = hf_model("gpt2").eval()
     slimkit.prepare(model, {"quant": {}})
     quantizer = slimkit.methods_of(model)["quant"]
     assert quantizer.skipped_tied == ["transformer.wte", "lm_head"]  # embeddings on by default: wte is tied too

@@ -111,11 +111,11 @@ def test_int8_models_refuse_non_finite_inputs_instead_of_hiding_them(value):
 def test_transformers_keep_their_forward_signature_and_run_eagerly():
     import inspect
 
-    from quant_helpers import tiny_gpt2, token_batch
+    from tests.families import hf_model, token_batch
 
-    model = tiny_gpt2()
+    model = hf_model("gpt2").eval()
     slimkit.prepare(model, {"quant": {"mode": "ptq"}})
-    batch = token_batch(batch=16)
+    batch = token_batch(batch=16, seed=0)
     slimkit.calibrate(model, [batch])
     int8 = slimkit.convert(model).eval()
     # transformers' Trainer and generate read the parameters of model.forward

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, agreement, cnn_loss, logits_of, train_steps
+from quant_helpers import SmallCNN, agreement, cnn_loss, logits_of
 
 import slimkit
 from slimkit.quant import phase_at
 from slimkit.recipe import QuantConfig
+from tests.families import train_steps
 
 
 def test_phase_table_of_each_mode():
@@ -36,12 +37,12 @@ def test_schedule_drives_observers_and_fake_quant(cnn_data):
     slimkit.prepare(model, {"quant": {"start_step": 2, "freeze_observers_step": 4}}, example_inputs=held_out[:2])
     quantizer = model.conv3.input_quantizer
     float_out = logits_of(model.eval(), held_out)
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     assert int(quantizer.observer.observed) == 0, "observers must stay off before start_step"
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     assert int(quantizer.observer.observed) == 2
     assert slimkit.log_values(model)["quant/phase"] == 2.0
-    train_steps(model, batches, cnn_loss, steps=2)
+    train_steps(model, batches, 2, loss=cnn_loss)
     assert int(quantizer.observer.observed) == 2, "ranges must stay frozen after freeze_observers_step"
     scale = quantizer.scale.clone()
     logits_of(model.eval(), held_out)  # evaluation never moves the ranges
@@ -80,7 +81,7 @@ def test_qat_starts_from_calibrated_scales(cnn_data):
     with torch.no_grad():
         model(batches[0][0])  # a training forward must not re-initialise the learned scale
     assert torch.equal(calibrated, quantizer.scale.detach())
-    train_steps(model, batches, cnn_loss, steps=2, lr=0.05)
+    train_steps(model, batches, 2, loss=cnn_loss, lr=0.05)
     moved = (quantizer.scale.detach() - calibrated).abs().item()
     assert 0 < moved < 0.5 * calibrated.item(), "QAT should refine the calibrated scale, not restart it"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import agreement, logits_of, tiny_bert, token_batch
+from quant_helpers import agreement, logits_of
 
 import slimkit
+from tests.families import hf_model, token_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def _trainer(model, callbacks, tmp_path, **overrides):
 def test_qat_with_kd_on_a_stock_trainer_then_int8(tmp_path):
     from slimkit.plugins.hf import QATCallback, slim_callbacks
 
-    student, teacher = tiny_bert(), tiny_bert()
+    student, teacher = hf_model("bert").eval(), hf_model("bert").eval()
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # a different model to learn from
@@ -78,17 +79,17 @@ def test_qat_with_kd_on_a_stock_trainer_then_int8(tmp_path):
 def test_a_checkpoint_restores_observers_and_the_phase(tmp_path):
     from slimkit.plugins.hf import slim_callbacks
 
-    model = tiny_bert()
+    model = hf_model("bert").eval()
     trainer = _trainer(model, slim_callbacks(model, {"quant": RECIPE["quant"]}), tmp_path, max_steps=5)
     trainer.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    fresh = tiny_bert()
+    fresh = hf_model("bert").eval()
     slimkit.prepare(fresh, {"quant": RECIPE["quant"]})
     assert slimkit.log_values(fresh)["quant/phase"] == 0.0  # step 0 < start_step
     fresh.load_state_dict(state, strict=False)  # what resume_from_checkpoint does
     assert slimkit.log_values(fresh)["quant/phase"] == 2.0 and slimkit.log_values(fresh)["quant/bn_frozen"] == 1.0
-    inputs = token_batch()
+    inputs = token_batch(batch=4, seed=0)
     model.eval()
     fresh.eval()
     torch.testing.assert_close(logits_of(fresh, inputs), logits_of(model, inputs))
