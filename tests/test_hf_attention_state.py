@@ -5,13 +5,13 @@ import torch
 
 import slimkit
 from slimkit.plugins.hf_attention import CAPTURE_IMPL, AttentionCapture, capture_state
-from tests.models import tiny_hf
+from tests.families import hf_model
 
 IDS = torch.randint(0, 99, (2, 7))
 
 
 def test_captured_layers_record_probabilities_the_others_fall_back_and_convert_restores():
-    teacher, student = tiny_hf("bert-base", seed=1), tiny_hf("bert-base", seed=2)
+    teacher, student = hf_model("bert-base", seed=1), hf_model("bert-base", seed=2)
     original = student.config._attn_implementation
     recipe = {
         "distill": {"attention": [{"student": "encoder.layer.1.attention", "teacher": "encoder.layer.1.attention"}]}

@@ -18,7 +18,8 @@ from slimkit.plugins.data import TaskData, as_call, digits, task_tensors
 from slimkit.plugins.evaluation import Scorer, calibration_batches, check_classes, embedding_cosine, evaluate
 from slimkit.plugins.loading import input_kind, load_model, load_tokenizer
 from slimkit.plugins.training import lr_factor, random_shift, set_lr
-from tests.models import ROOT, tiny_hf, tiny_timm
+from tests.families import hf_model, timm_model
+from tests.models import ROOT
 
 ONE_SHOT_HALF = {"prune": {"channels": 0.5, "schedule": {"kind": "one_shot", "start_step": 0}}}
 
@@ -101,16 +102,16 @@ def test_fingerprints_tell_values_and_shapes_apart():
     x = torch.arange(4.0)
     assert fingerprint({"a": x, "b": (2, 3)}) == fingerprint({"b": (2, 3), "a": x.clone()})  # order free
     assert fingerprint({"a": x}) != fingerprint({"a": x + 1}) and len(fingerprint({"a": x})) == 16
-    one, two = tiny_timm("resnet", seed=0), tiny_timm("resnet", seed=1)
+    one, two = timm_model("resnet", seed=0), timm_model("resnet", seed=1)
     assert architecture_fingerprint(one) == architecture_fingerprint(two)  # weights do not count
-    assert architecture_fingerprint(one) != architecture_fingerprint(tiny_timm("resnet-wide"))
+    assert architecture_fingerprint(one) != architecture_fingerprint(timm_model("resnet-wide"))
 
 
 def test_pruning_state_fingerprint_follows_the_masks():
     """The same weights prune the same units (equal hashes); other weights prune others."""
     example = torch.randn(2, 3, 32, 32)
     recipe = {"prune": {"channels": 0.5, "schedule": {"kind": "one_shot", "start_step": 1}}}
-    models = [tiny_timm("resnet", seed=seed) for seed in (0, 0, 1)]
+    models = [timm_model("resnet", seed=seed) for seed in (0, 0, 1)]
     before = []
     for model in models:
         slimkit.prepare(model, recipe, example_inputs=example)
@@ -132,7 +133,7 @@ def test_save_student_converts_scores_and_saves_on_the_main_process(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     example = torch.randn(2, 3, 32, 32)
-    model = tiny_timm("resnet", seed=3)
+    model = timm_model("resnet", seed=3)
     slimkit.prepare(model, ONE_SHOT_HALF, example_inputs=example)
     slimkit.step(model, 1)
     wrapped = accelerator.prepare(model)
@@ -152,7 +153,7 @@ def test_save_student_converts_scores_and_saves_on_the_main_process(tmp_path):
 
 def test_build_architecture_replays_only_the_blocks_asked_with_random_weights(tmp_path):
     example = torch.randn(2, 3, 32, 32)
-    model = tiny_timm("resnet", seed=4)
+    model = timm_model("resnet", seed=4)
     slimkit.prepare(model, ONE_SHOT_HALF, example_inputs=example)
     slimkit.step(model, 1)
     small = slimkit.convert(model)
@@ -161,7 +162,7 @@ def test_build_architecture_replays_only_the_blocks_asked_with_random_weights(tm
     assert architecture_fingerprint(pruned) == architecture_fingerprint(small)
     assert not torch.equal(pruned.conv1.weight, small.conv1.weight)  # the shapes, not the weights
     dense = build_architecture(tmp_path / "f", blocks=())
-    assert architecture_fingerprint(dense) == architecture_fingerprint(tiny_timm("resnet"))
+    assert architecture_fingerprint(dense) == architecture_fingerprint(timm_model("resnet"))
 
 
 # --- loading and scoring ------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_build_architecture_replays_only_the_blocks_asked_with_random_weights(tm
 def test_load_model_takes_a_folder_or_a_timm_name(tmp_path):
     built = load_model("resnet18", num_classes=7, in_chans=1)
     assert built.num_classes == 7 and built.conv1.in_channels == 1 and input_kind(built) == "image"
-    slimkit.save_pretrained(tiny_hf("bert-base"), tmp_path / "bert")
+    slimkit.save_pretrained(hf_model("bert-base"), tmp_path / "bert")
     assert input_kind(load_model(str(tmp_path / "bert"))) == "text"
     with pytest.raises(SlimkitError, match="'no-such-net' is neither a folder nor a timm model name"):
         load_model("no-such-net")
@@ -181,7 +182,7 @@ def test_load_model_takes_a_folder_or_a_timm_name(tmp_path):
 def test_scoring_accuracy_and_embedding_cosine():
     data = digits(channels=3, size=(32, 32), seed=0)
     eval_set = TensorDataset(data.eval.inputs[:40], data.eval.labels[:40])
-    model = tiny_timm("resnet", seed=5)
+    model = timm_model("resnet", seed=5)
     result = evaluate(model, eval_set, "image", 16, "cpu")
     expected = float((model.eval()(eval_set.tensors[0]).argmax(-1) == eval_set.tensors[1]).float().mean())
     assert result == {"accuracy": pytest.approx(expected)}
@@ -195,12 +196,12 @@ def test_scoring_accuracy_and_embedding_cosine():
 def test_check_classes_refuses_a_head_that_does_not_fit_the_data():
     data = digits(channels=3, size=(32, 32), seed=0)  # 10 classes
     example, _ = as_call(task_tensors(data, "train")[:2], "image")
-    assert check_classes(tiny_timm("resnet", num_classes=10), example, data, "digits") is True
+    assert check_classes(timm_model("resnet", num_classes=10), example, data, "digits") is True
     with pytest.raises(SlimkitError, match="has 10 classes but the teacher .* predicts 4"):
-        check_classes(tiny_timm("resnet", num_classes=4), example, data, "digits")
+        check_classes(timm_model("resnet", num_classes=4), example, data, "digits")
     unlabelled = TaskData("image", data.train, data.eval, num_classes=0, class_names=[], labelled=False)
     with pytest.raises(SlimkitError, match="has no 'label' column"):
-        check_classes(tiny_timm("resnet"), example, unlabelled, "mine")
+        check_classes(timm_model("resnet"), example, unlabelled, "mine")
 
 
 def test_calibration_batches_are_a_fixed_shuffled_prefix():
@@ -267,7 +268,7 @@ def test_no_script_or_benchmark_imports_a_script():
 def test_shallow_student_keeps_the_layers_asked_and_the_tokenizer_files(tmp_path):
     from slimkit.plugins.shallow_student import choose_layers, save_shallow_student
 
-    teacher = tiny_hf("bert-base", seed=6, num_hidden_layers=3)
+    teacher = hf_model("bert-base", seed=6, num_hidden_layers=3)
     teacher.save_pretrained(tmp_path / "t")
     (tmp_path / "t" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     out = save_shallow_student(tmp_path / "t", teacher, [0, 2], tmp_path / "s")
