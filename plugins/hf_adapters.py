@@ -28,6 +28,7 @@ from torch import nn
 from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.quant.layers import register_transposed_linear
 from slimkit.quiet import quiet_imports
 
 from .hf_folders import check_hf_config, copy_sentence_transformers_files
@@ -40,6 +41,8 @@ with quiet_imports():  # transformers' modeling code imports torchao, which logs
     from transformers.pytorch_utils import Conv1D
 
 from . import hf_depth
+
+register_transposed_linear(Conv1D)  # GPT-2's Conv1D: a Linear with an [in, out] weight (slimkit.quant)
 
 CAPTURE_IMPL = "slimkit_capture"
 _STORE_ATTR = "_slimkit_attention_store"
