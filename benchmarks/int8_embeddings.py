@@ -8,7 +8,7 @@ Static PTQ (calibrated on 64 templated sentences) with and without ``embeddings:
   ``slimkit.save_pretrained``);
 * accuracy: cosine of the mean-pooled sentence embeddings (attention mask) of the 64 held-out
   ``EVAL_SENTENCES``, INT8 against FP32 (mean and minimum);
-* speed: each INT8 model compiled (``slimkit.quant.compile``) against FP32 eager at batch 32 x 128
+* speed: each INT8 model compiled (``slimkit.quant.compile_int8``) against FP32 eager at batch 32 x 128
   tokens, timed interleaved in this process (``int8_common.interleaved``, median of 7 rounds).
 
 Writes ``benchmarks/results/int8_embeddings.json``.
@@ -86,7 +86,7 @@ def main() -> None:
                 "reloaded_equal": reloaded_equal,
             }
             with torch.inference_mode():
-                timed[name] = slimkit.quant.compile(int8)
+                timed[name] = slimkit.quant.compile_int8(int8)
     texts32 = [f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)]
     speed_batch = dict(tokenizer(texts32, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
     timings = interleaved({name: lambda m=m: m(**speed_batch) for name, m in timed.items()}, rounds=7, iters=1)

@@ -120,7 +120,7 @@ class Candidates:
             int8 = slimkit.convert(copy.deepcopy(prepared))
             # what convert returns runs compiled (models with INT8 convs) or eager: time both paths
             self.info[f"convert_returns{tag}"] = "compiled" if int8.forward.compiles else "eager"
-            self.models[f"slimkit_int8{tag}_compiled"] = slimkit.quant.compile(copy.deepcopy(int8))
+            self.models[f"slimkit_int8{tag}_compiled"] = slimkit.quant.compile_int8(copy.deepcopy(int8))
             self.models[f"slimkit_int8{tag}_eager"] = slimkit.quant.set_compile(int8, "never")
             onnx_path = slimkit.export_onnx(int8, tmp / f"slimkit{tag}.onnx", example)
             self.sessions[f"slimkit{tag}_onnx_ort"] = ort_session(onnx_path)

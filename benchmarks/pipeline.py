@@ -17,7 +17,7 @@
 At each stage: the quality, the size reduction (weight bytes, x) and the latency speed-up (x),
 both against the FP32 teacher; latencies are measured side by side in this process (A/B
 interleaved, 2 threads, denormals flushed), for the INT8 model eager and compiled
-(``slimkit.quant.compile``, the fastest INT8 path for MiniLM in ``int8_speed.py``). Writes
+(``slimkit.quant.compile_int8``, the fastest INT8 path for MiniLM in ``int8_speed.py``). Writes
 ``benchmarks/results/pipeline.json``.
 
     python benchmarks/pipeline.py [--only digits|minilm] [--minilm-steps 600] [--minilm-recipe R]
@@ -154,7 +154,7 @@ def minilm(steps: int, rounds: int, recipe_path: Path, lr: float) -> dict:
             f"slimkit benchmark sentence {i}: distillation, pruning and quantization on a CPU" for i in range(32)
         ]
         batch = dict(tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="pt"))
-        compiled = slimkit.quant.compile(copy.deepcopy(int8))
+        compiled = slimkit.quant.compile_int8(copy.deepcopy(int8))
         with torch.inference_mode():
             compiled(**batch)  # compiles for this shape
             models = {"teacher": teacher, "pruned": pruned, "int8": int8, "int8_compiled": compiled, "ort_dynamic": ort}

@@ -25,6 +25,7 @@ from torch import nn
 from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, Task, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import user_named_modules
+from slimkit.quant.layers import register_transposed_linear
 from slimkit.quiet import quiet_imports
 
 from .hf_folders import check_hf_config, copy_sentence_transformers_files
@@ -37,6 +38,8 @@ with quiet_imports():  # transformers' modeling code imports torchao, which logs
 from . import hf_attention, hf_depth
 from .hf_attention import CAPTURE_IMPL as CAPTURE_IMPL  # re-exported: the public name it always had
 from .hf_attention import layer_width
+
+register_transposed_linear(Conv1D)  # GPT-2's Conv1D: a Linear with an [in, out] weight (slimkit.quant)
 
 
 def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:

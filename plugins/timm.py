@@ -26,6 +26,8 @@ from torch import nn
 from slimkit.adapters import BlockStack, HeadLayout, ModelAdapter, register_adapter
 from slimkit.errors import FormatError, UnsupportedModelError
 from slimkit.modules import get_module, user_named_modules
+from slimkit.quant.fold import register_norm_remainder
+from slimkit.quant.layers import register_plain_forward
 from slimkit.quiet import quiet_logs
 from slimkit.recipe_io import short_repr
 
@@ -33,6 +35,13 @@ from slimkit.recipe_io import short_repr
 _CREATE_MODEL_OPTIONS = frozenset(
     [*inspect.signature(timm.create_model).parameters, "pretrained_strict", "feature_cfg", "kwargs_filter"]
 ) - {"kwargs", "model_name"}
+
+
+# What quantization needs to know of timm's layers: its Linear overrides forward only to add dtype
+# casts under TorchScript (it computes nn.Linear); a folded BatchNormAct2d still runs its dropout
+# and activation after the conv that computes its normalization.
+register_plain_forward(timm.layers.Linear)
+register_norm_remainder(timm.layers.BatchNormAct2d, lambda bn, x: bn.act(bn.drop(x)))
 
 
 def _names(model: nn.Module, value: Any) -> list[str]:

@@ -13,6 +13,7 @@ from a manifest of shapes, never from pickled objects.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -96,6 +97,24 @@ def describe(model: nn.Module) -> dict | None:
     """The hub block for a pruned model (None when it was never pruned)."""
     manifest = model.__dict__.get(MANIFEST_ATTR)
     return dict(manifest) if manifest else None
+
+
+def forget_tensors(model: nn.Module, names: Iterable[str]) -> None:
+    """Drop tensors from the manifest of a pruned ``model`` (no-op for one never pruned).
+
+    ``names`` are tensors (``conv.weight_scale``) and modules (every tensor under them). For
+    another method's own tensors that pruning sliced along with the weights (quantization's
+    learned ``weight_scale`` and its quantizers) and that this method replaces at its convert:
+    replayed on a freshly built model at load time they would name tensors that do not exist.
+    """
+    manifest = model.__dict__.get(MANIFEST_ATTR)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
+        return
+    names = set(names)
+    prefixes = tuple(f"{n}." for n in names)
+    manifest["tensors"] = {
+        k: v for k, v in manifest["tensors"].items() if k not in names and not k.startswith(prefixes)
+    }
 
 
 def _split(name: str) -> tuple[str, str]:

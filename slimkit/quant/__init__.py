@@ -4,7 +4,7 @@
     slimkit.calibrate(model, loader, num_batches=32)                     # PTQ (or to start QAT)
     ...                                                                  # QAT: train as usual
     int8 = slimkit.convert(model)         # oneDNN int8 kernels, same model class
-    slimkit.quant.compile(int8)           # optional: fused int8 graph via torch.compile
+    slimkit.quant.compile_int8(int8)           # optional: fused int8 graph via torch.compile
     slimkit.save_pretrained(int8, "out")  # int8 weights + scales in safetensors
     slimkit.export_onnx(int8, "out/model.onnx", x)                       # QDQ INT8 for onnxruntime
 
@@ -16,26 +16,33 @@ registered in slimkit/methods.py (by reference: this package never imports ``sli
 from __future__ import annotations
 
 from ..calibration import calibrate
-from .compiled import compile
+from .compiled import compile as compile  # noqa: A004 - the deprecated alias (warns); not in __all__
+from .compiled import compile_int8
 from .embeddings import is_int8_embedding
+from .fold import register_norm_remainder
 from .int8 import int8_engine_problem, is_int8_layer
-from .layers import register_plain_forward
+from .layers import register_plain_forward, register_transposed_linear
+from .lifecycle import phase_at
 from .onnx_export import export_onnx, onnx_session, run_onnx
-from .quantizer import Quantizer, phase_at
+from .quantizer import Quantizer
 from .runtime import runtime_report, set_compile
+from .state import state_of
 
 __all__ = [
     "Quantizer",
     "calibrate",
-    "compile",
+    "compile_int8",
     "export_onnx",
     "int8_engine_problem",
     "is_int8_embedding",
     "is_int8_layer",
     "onnx_session",
     "phase_at",
+    "register_norm_remainder",
     "register_plain_forward",
+    "register_transposed_linear",
     "run_onnx",
     "runtime_report",
     "set_compile",
+    "state_of",
 ]

@@ -1,7 +1,7 @@
 """The fast path of a converted model: ``torch.compile`` with PyTorch's x86 int8 lowering.
 
     int8 = slimkit.convert(model)        # compiles itself on first inference call (quant.compile: auto)
-    slimkit.quant.compile(int8)          # in place, any model: compile on first inference call
+    slimkit.quant.compile_int8(int8)     # in place, any model: compile on first inference call
     with torch.inference_mode():
         int8(x)
 
@@ -15,6 +15,8 @@ graphs are compiled (one per input signature, never recompiled) is
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -34,7 +36,7 @@ def _register_x86_int8_lowering() -> None:
         silence_inductor_int8_notice()
     except ImportError as exc:
         raise SlimkitError(
-            f"slimkit.quant.compile needs torchao ({exc}); install it with pip install 'slimkit[quant]'"
+            f"slimkit.quant.compile_int8 needs torchao ({exc}); install it with pip install 'slimkit[quant]'"
         ) from None
 
 
@@ -50,17 +52,17 @@ def prepare_compilation(model: nn.Module) -> None:
     prepare_for_tracing(model)
 
 
-def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mirrors torch.compile
+def compile_int8(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Compile a converted INT8 model for the oneDNN int8 kernels with fused post-ops, in place;
     returns the same model object. Graphs are compiled on the first call of each input shape
     under ``torch.no_grad()`` / ``torch.inference_mode()`` in eval mode (other calls run the
     eager INT8 kernels); ``compile_kwargs`` go to ``torch.compile``. Compile last: weights
     loaded or changed after a shape's first call are not seen by its frozen graph.
     ``slimkit.quant.runtime_report(model)`` says what ran where."""
-    require_int8_engine("slimkit.quant.compile")
+    require_int8_engine("slimkit.quant.compile_int8")
     if not any(is_int8_layer(m) for m in model.modules()):
         raise SlimkitError(
-            f"slimkit.quant.compile: {type(model).__name__} has no INT8 layers; call slimkit.convert(model) "
+            f"slimkit.quant.compile_int8: {type(model).__name__} has no INT8 layers; call slimkit.convert(model) "
             "on a model prepared with a quant recipe first (plain models: use torch.compile)"
         )
     _register_x86_int8_lowering()
@@ -70,4 +72,21 @@ def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - mi
     return model
 
 
-__all__ = ["compile", "prepare_compilation"]
+_warned_compile = False
+
+
+def compile(model: nn.Module, **compile_kwargs) -> nn.Module:  # noqa: A001 - the old name, kept for callers
+    """Deprecated alias of :func:`compile_int8` (the name shadowed the builtin ``compile``);
+    warns once per process."""
+    global _warned_compile
+    if not _warned_compile:
+        _warned_compile = True
+        warnings.warn(
+            "slimkit.quant.compile is deprecated: use slimkit.quant.compile_int8 (same arguments)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return compile_int8(model, **compile_kwargs)
+
+
+__all__ = ["compile_int8", "prepare_compilation"]

@@ -16,33 +16,33 @@ they agree bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import _own_forward
-from .numerics import EPS, WEIGHT_QMAX, WEIGHT_QMIN
-from .qat import ORIGINAL_CLASS_ATTR, restore_class, subclass, swap_class
-
-EMBEDDING_STATE_ATTR = "_slimkit_qat_embedding"
-INT8_EMBEDDING_ATTR = "_slimkit_int8_embedding"
-
-
-@dataclasses.dataclass
-class EmbeddingState:
-    weight_fake_quant: bool = False
+from .numerics import quantize_weight, weight_scale_from_amax
+from .state import (
+    EmbeddingState,
+    QuantMixin,
+    attach_state,
+    clear,
+    original_class,
+    restore_class,
+    state_of,
+    subclass,
+    swap_class,
+)
 
 
 def row_scale(weight: torch.Tensor) -> torch.Tensor:
     """float32 ``[rows]``: each row's absolute maximum / 127 (an all-zero row gets EPS)."""
-    return torch.clamp(weight.detach().abs().amax(dim=-1).float() / WEIGHT_QMAX, min=EPS)
+    return weight_scale_from_amax(weight.detach().abs().amax(dim=-1))
 
 
 def quantize_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 rows for per-row ``scale`` (round half to even, like every other weight)."""
-    return torch.clamp(torch.round(weight.float() / scale.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+    return quantize_weight(weight.float(), scale.unsqueeze(-1), axis=None)
 
 
 def fake_quantize_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -73,30 +73,26 @@ def embedding_problem(module: nn.Module) -> str | None:
     return None
 
 
-class QATEmbedding:
+class QATEmbedding(QuantMixin):
     """Mixin placed in front of an ``nn.Embedding`` class: look up, then fake-quantize the rows.
 
     The rows are fake-quantized after the lookup: a row's scale depends on that row alone, so
     this equals looking up in a fake-quantized table, at the cost of the looked-up rows only.
     """
 
-    _slimkit_quant_class = True
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
-        if not self.__dict__[EMBEDDING_STATE_ATTR].weight_fake_quant:
+        if not state_of(self).embedding.weight_fake_quant:
             return rows
         return fake_quantize_rows(rows)
 
 
-class Int8Embedding:
+class Int8Embedding(QuantMixin):
     """Mixin placed in front of an ``nn.Embedding`` class: buffers ``weight`` (int8 ``[V, D]``)
     and ``weight_scale`` (float32 ``[V]``); gather int8 rows and scales, multiply.
 
     Plain aten ops (embedding / index gather, cast, mul), so the same code runs eager, under
     ``torch.compile`` and under ``torch.export`` (ONNX: Gather, Cast, Mul)."""
-
-    _slimkit_quant_class = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight)
@@ -109,25 +105,32 @@ class Int8Embedding:
 
 def attach(module: nn.Module) -> None:
     """Make ``module`` a fake-quant embedding (in place; its Parameters stay the same)."""
-    module.__dict__[EMBEDDING_STATE_ATTR] = EmbeddingState()
     swap_class(module, QATEmbedding, "QAT")
+    attach_state(module).embedding = EmbeddingState()
 
 
 def detach(module: nn.Module) -> None:
-    module.__dict__.pop(EMBEDDING_STATE_ATTR, None)
+    clear(module, "embedding")
     restore_class(module)
 
 
 def set_fake_quant(module: nn.Module, on: bool) -> None:
-    module.__dict__[EMBEDDING_STATE_ATTR].weight_fake_quant = on
+    state_of(module).embedding.weight_fake_quant = on
+
+
+def _embedding_state(module: nn.Module) -> EmbeddingState | None:
+    state = state_of(module)
+    return None if state is None else state.embedding
 
 
 def is_qat_embedding(module: nn.Module) -> bool:
-    return EMBEDDING_STATE_ATTR in module.__dict__
+    embedding = _embedding_state(module)
+    return embedding is not None and not embedding.int8
 
 
 def is_int8_embedding(module: nn.Module) -> bool:
-    return INT8_EMBEDDING_ATTR in module.__dict__
+    embedding = _embedding_state(module)
+    return embedding is not None and embedding.int8
 
 
 def make_int8(module: nn.Module, weight_int8: torch.Tensor, scale: torch.Tensor, original_class: type) -> None:
@@ -136,7 +139,7 @@ def make_int8(module: nn.Module, weight_int8: torch.Tensor, scale: torch.Tensor,
     module._buffers.pop("weight", None)
     module.register_buffer("weight", weight_int8.contiguous())
     module.register_buffer("weight_scale", scale.detach().float().reshape(weight_int8.shape[0]).contiguous())
-    module.__dict__[INT8_EMBEDDING_ATTR] = True
+    attach_state(module).embedding = EmbeddingState(int8=True)
     module.__class__ = subclass(Int8Embedding, original_class, "Int8")
 
 
@@ -146,7 +149,7 @@ def convert(module: nn.Module) -> None:
     weight = module.weight.detach()
     scale = row_scale(weight)
     weight_int8 = quantize_rows(weight, scale)
-    original = module.__dict__.get(ORIGINAL_CLASS_ATTR, type(module))
+    original = original_class(module)
     detach(module)
     make_int8(module, weight_int8, scale, original)
 
@@ -160,7 +163,6 @@ def empty_int8_like(module: nn.Module) -> None:
 
 
 __all__ = [
-    "EmbeddingState",
     "attach",
     "convert",
     "detach",

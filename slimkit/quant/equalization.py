@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .dataflow import Key, Recording
+from .fold import bn_factor
 
 # ops through which y -> y / s commutes per channel (s > 0), besides the producer's BatchNorm
 _HOMOGENEOUS = {
@@ -121,10 +122,7 @@ def plan_pairs(rec: Recording, layers: dict[str, nn.Module], folded: dict[str, t
 def _output_range(layer: nn.Module, bn: nn.Module | None) -> torch.Tensor:
     w = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).amax(dim=1)
     if bn is not None:
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            factor = factor * bn.weight.detach()
-        w = w * factor.abs()
+        w = w * bn_factor(bn).detach().abs()
     return w
 
 

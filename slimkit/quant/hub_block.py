@@ -25,97 +25,38 @@ from torch import nn
 
 from ..errors import FormatError
 from ..modules import user_named_modules
-from . import embeddings as qemb
-from . import sites
+from . import fold
 from .hub_checks import check_block
-from .int8 import DYNAMIC_ATTR, FROM_SITE_ATTR, INT8_KIND_ATTR, empty_int8_like, is_int8_layer
-from .layers import layer_kind
-from .quantizer import FOLDED_ATTR, neutralize_batchnorm
 from .runtime import COMPILE_MODES, install, runtime_of
+from .targets import EmbeddingTarget, LayerTarget, SiteTarget
 
 BLOCK_FORMAT = 3
 
 
-def _layer_entry(module: nn.Module) -> dict:
-    entry = {
-        "kind": module.__dict__[INT8_KIND_ATTR],
-        "activations": "dynamic" if module.__dict__.get(DYNAMIC_ATTR) else "static",
-    }
-    if module.__dict__.get(FROM_SITE_ATTR):
-        entry["input"] = "site"
-    return entry
-
-
 def describe(model: nn.Module) -> dict | None:
     modules = list(user_named_modules(model))
-    layers = {name: _layer_entry(module) for name, module in modules if is_int8_layer(module)}
-    embeddings = [name for name, module in modules if qemb.is_int8_embedding(module)]
-    if not layers and not embeddings:
+    layers = LayerTarget.describe(modules)
+    embeddings = EmbeddingTarget.describe(modules)
+    if not layers["layers"] and not embeddings:
         return None
-    block = {
+    return {
         "format": 3 if embeddings else 2,
         "backend": "onednn",
         "weights": "int8, symmetric, per output channel (weight, weight_scale)",
         "activations": "uint8, per tensor, affine (input_scale, input_zero_point) or dynamic per batch",
-        "layers": layers,
-        "sites": {name: sites.site_of(module) for name, module in modules if sites.site_of(module)},
-        "sites_read_by_layers_only": [name for name, module in modules if sites.read_by_layers_only(module)],
-        "folded_batchnorms": dict(model.__dict__.get(FOLDED_ATTR, {})),
+        **layers,
+        **SiteTarget.describe(modules),
+        "folded_batchnorms": fold.folded_batchnorms(model),
         "compile": runtime.mode if (runtime := runtime_of(model)) is not None else "auto",
+        **embeddings,
     }
-    if embeddings:
-        block["embeddings"] = embeddings
-        block["embedding_weights"] = "int8, symmetric, per row (weight, weight_scale), weight-only"
-    return block
-
-
-def _module(model: nn.Module, name: str, what: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise FormatError(
-            f"config.json: the quantization block names {what} {name!r}, which {type(model).__name__} does "
-            "not have; the folder was written for another architecture"
-        ) from None
 
 
 def rebuild(model: nn.Module, block: dict) -> nn.Module:
     block = check_block(block, BLOCK_FORMAT)  # field types; FormatError naming the field
-    folded = block.get("folded_batchnorms", {})
-    for name, how in folded.items():
-        bn = _module(model, name, "BatchNorm")
-        if how == "identity":
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
-        elif how == "frozen":
-            neutralize_batchnorm(bn)
-        else:
-            raise FormatError(f"config.json: unknown folded BatchNorm form {how!r} for {name!r}")
-    for name, info in block.get("layers", {}).items():
-        layer = _module(model, name, "layer")
-        kind = info.get("kind")
-        if layer_kind(layer) != kind:
-            raise FormatError(
-                f"config.json: quantized layer {name!r} is a {kind} in the folder but a "
-                f"{type(layer).__name__} in the rebuilt {type(model).__name__}"
-            )
-        empty_int8_like(
-            layer, kind, dynamic=info.get("activations") == "dynamic", input_from_site=info.get("input") == "site"
-        )
-    for name, where in block.get("sites", {}).items():
-        if where not in ("output", "input"):
-            raise FormatError(f"config.json: unknown site position {where!r} for {name!r} (output or input)")
-        layers_only = name in block.get("sites_read_by_layers_only", ())
-        sites.install_int8(_module(model, name, "site"), where, 1.0, 0, read_by_layers_only=layers_only)
-    for name in block.get("embeddings", ()):
-        embedding = _module(model, name, "embedding")
-        if not isinstance(embedding, nn.Embedding):
-            raise FormatError(
-                f"config.json: quantized embedding {name!r} is a {type(embedding).__name__} in the rebuilt "
-                f"{type(model).__name__}, not an nn.Embedding"
-            )
-        qemb.empty_int8_like(embedding)
-    model.__dict__[FOLDED_ATTR] = dict(folded)
+    fold.rebuild(model, block.get("folded_batchnorms", {}))  # first: sites may sit on their Identity
+    for kind in (LayerTarget, SiteTarget, EmbeddingTarget):
+        kind.rebuild(model, block)
     mode = block.get("compile", "auto")  # folders written before quant.compile: the default
     if mode not in COMPILE_MODES:
         raise FormatError(f"config.json: quantization.compile is {mode!r}, expected one of {', '.join(COMPILE_MODES)}")

@@ -25,6 +25,17 @@ WHERE = "config.json"
 _KINDS = ("conv2d", "linear", "conv1d")
 
 
+def saved_module(model: nn.Module, name: str, what: str) -> nn.Module:
+    """The module a folder's ``quantization`` block names (``what``: layer, site, BatchNorm, ...)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise FormatError(
+            f"config.json: the quantization block names {what} {name!r}, which {type(model).__name__} does "
+            "not have; the folder was written for another architecture"
+        ) from None
+
+
 def check_block(block: Any, newest: int) -> dict:
     block = expect_mapping(block, WHERE, "slimkit.quantization")
     expect_format(block, WHERE, "quantization", newest)

@@ -16,7 +16,7 @@ Two execution paths with identical numerics:
 * eager: ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with weights prepacked
   once by ``qconv_prepack`` / ``qlinear_prepack`` (u8 x s8 -> s32 accumulate -> fp32 out, VNNI
   on x86); only the input quantization is a separate elementwise pass.
-* traced (``torch.compile`` via :func:`slimkit.quant.compile`, ``torch.export`` /
+* traced (``torch.compile`` via :func:`slimkit.quant.compile_int8`, ``torch.export`` /
   :func:`slimkit.export_onnx`): the reference pattern ``dequantize(quantize(x))`` ->
   ``conv/linear(dequantize(w_int8))`` with PyTorch's ``quantized_decomposed`` ops. Inductor
   (with torchao's x86 passes) lowers it to the same oneDNN int8 kernels with ReLU / add /
@@ -33,17 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleError
-from .layers import is_hf_conv1d_class
-from .numerics import ACT_QMAX, ACT_QMIN, EPS, WEIGHT_QMAX, WEIGHT_QMIN, quantize_activation
-from .qat import subclass
+from .numerics import ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, dynamic_activation_qparams, quantize_activation
 from .sites import prepare_sites_for_tracing
-
-INT8_KIND_ATTR = "_slimkit_int8_kind"
-DYNAMIC_ATTR = "_slimkit_int8_dynamic"
-# the input arrives quantized (dequantized uint8 values of a site with the same qparams): a
-# traced graph must not quantize it again (QuantizeLinear after DequantizeLinear)
-FROM_SITE_ATTR = "_slimkit_int8_input_from_site"
-_CACHES = ("_slimkit_packed", "_slimkit_qparams", "_slimkit_trace_qparams")
+from .state import Int8LayerState, QuantMixin, attach_state, state_of, subclass
 
 
 def load_decomposed_ops():
@@ -76,34 +68,29 @@ def require_int8_engine(what: str = "INT8 conversion") -> None:
         )
 
 
-class Int8Layer:
-    """Mixin placed in front of a Conv2d / Linear / Conv1D class."""
+def int8_state(layer: nn.Module) -> Int8LayerState | None:
+    state = state_of(layer)
+    return None if state is None else state.int8
 
-    _slimkit_quant_class = True
 
-    def __getstate__(self) -> dict:
-        # copy.deepcopy / pickle: the caches hold prepacked oneDNN tensors, which cannot be
-        # copied (and would point at the original's weights); a copy rebuilds them on first use
-        state = self.__dict__.copy()
-        for key in _CACHES:
-            state.pop(key, None)
-        return state
+class Int8Layer(QuantMixin):
+    """Mixin placed in front of a Conv2d / Linear / transposed Linear class."""
 
-    # -- qparams and prepacked weights (cached; rebuilt when any tensor changes) ---------------
+    # -- qparams and prepacked weights (cached, never copied; rebuilt when any tensor changes) --
     def _input_qparams(self) -> tuple[float, int]:
+        cache = int8_state(self).cache
         key = (self.input_scale._version, self.input_zero_point._version, self.input_scale.data_ptr())
-        cached = self.__dict__.get("_slimkit_qparams")
-        if cached is None or cached[0] != key:
-            cached = (key, (float(self.input_scale), int(self.input_zero_point)))
-            self.__dict__["_slimkit_qparams"] = cached
-        return cached[1]
+        if cache.qparams is None or cache.qparams[0] != key:
+            cache.qparams = (key, (float(self.input_scale), int(self.input_zero_point)))
+        return cache.qparams[1]
 
     def _packed(self, x_scale: float, x_zero_point: int, x_shape: list[int] | None) -> torch.Tensor:
+        state = int8_state(self)
         w = self.weight
         key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
-        cached = self.__dict__.get("_slimkit_packed")
+        cached = state.cache.packed
         if cached is None or cached[0] != key:
-            if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+            if state.kind == "conv2d":
                 packed = torch.ops.onednn.qconv_prepack(
                     w,
                     self.weight_scale,
@@ -117,14 +104,13 @@ class Int8Layer:
                 )
             else:
                 packed = torch.ops.onednn.qlinear_prepack(w, None)
-            cached = (key, packed)
-            self.__dict__["_slimkit_packed"] = cached
+            cached = state.cache.packed = (key, packed)
         return cached[1]
 
     def extra_repr(self) -> str:
-        kind = self.__dict__.get(INT8_KIND_ATTR)
-        mode = "dynamic" if self.__dict__.get(DYNAMIC_ATTR) else "static"
-        return f"{super().extra_repr()}, int8={kind}, activations={mode}"
+        state = int8_state(self)
+        mode = "dynamic" if state.dynamic else "static"
+        return f"{super().extra_repr()}, int8={state.kind}, activations={mode}"
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -134,8 +120,8 @@ class Int8Layer:
 
     def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        dynamic = self.__dict__.get(DYNAMIC_ATTR, False)
-        if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+        state = int8_state(self)
+        if state.kind == "conv2d":
             x_scale, x_zp = self._input_qparams()
             qx = quantize_activation(x, x_scale, x_zp)
             return torch.ops.onednn.qconv2d_pointwise(
@@ -159,9 +145,9 @@ class Int8Layer:
             )
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if dynamic:  # this batch's own range, as tensors (the .tensor overload)
-            x_scale, x_zp = _dynamic_qparams(x2)
-            qx = torch.clamp(torch.round(x2 / x_scale) + x_zp, ACT_QMIN, ACT_QMAX).to(torch.uint8)
+        if state.dynamic:  # this batch's own range, as tensors (the .tensor overload)
+            x_scale, x_zp = dynamic_activation_qparams(x2)
+            qx = quantize_activation(x2, x_scale, x_zp)
             linear, packed = torch.ops.onednn.qlinear_pointwise.tensor, self._packed(0.0, 0, None)
         else:
             x_scale, x_zp = self._input_qparams()
@@ -188,15 +174,16 @@ class Int8Layer:
         """quantize -> dequantize -> fp32 op on dequantized int8 weights: the pattern Inductor
         lowers to oneDNN int8 kernels and the ONNX exporter writes as QDQ."""
         qd = load_decomposed_ops()
-        if self.__dict__.get(DYNAMIC_ATTR, False):
+        state = int8_state(self)
+        if state.dynamic:
             if torch.compiler.is_exporting():  # one op, written to ONNX as DynamicQuantizeLinear
                 x = torch.ops.slimkit.dynamic_qdq_uint8(x)
             else:
-                scale, zero_point = _dynamic_qparams(x)
+                scale, zero_point = dynamic_activation_qparams(x)
                 q = qd.quantize_per_tensor.tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
                 x = qd.dequantize_per_tensor.tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-        elif not self.__dict__.get(FROM_SITE_ATTR, False):
-            x_scale, x_zp = self.__dict__["_slimkit_trace_qparams"]
+        elif not state.input_from_site:
+            x_scale, x_zp = state.trace_qparams
             q = qd.quantize_per_tensor(x, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
             x = qd.dequantize_per_tensor(q, x_scale, x_zp, ACT_QMIN, ACT_QMAX, torch.uint8)
         w = qd.dequantize_per_channel(
@@ -208,28 +195,17 @@ class Int8Layer:
             WEIGHT_QMAX,
             torch.int8,
         )
-        if self.__dict__[INT8_KIND_ATTR] == "conv2d":
+        if state.kind == "conv2d":
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, w, self.bias)
-
-
-def _dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch affine uint8 qparams (plain aten ops, so eager, compiled and exported agree)."""
-    x = x.detach()
-    # min / max rather than aminmax: the ONNX exporter translates these (ReduceMin / ReduceMax)
-    lo = torch.clamp(x.min().float(), max=0.0)
-    hi = torch.clamp(x.max().float(), min=0.0)
-    scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=EPS)
-    zero_point = torch.clamp(ACT_QMIN - torch.round(lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int64)
-    return scale, zero_point
 
 
 @torch.library.custom_op("slimkit::dynamic_qdq_uint8", mutates_args=())
 def dynamic_qdq_uint8(x: torch.Tensor) -> torch.Tensor:
     """Quantize to uint8 with the input's own range, then dequantize (ONNX:
     DynamicQuantizeLinear + DequantizeLinear, which onnxruntime fuses with the MatMul)."""
-    scale, zero_point = _dynamic_qparams(x)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.int(), ACT_QMIN, ACT_QMAX)
+    scale, zero_point = dynamic_activation_qparams(x)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
 
 
 @dynamic_qdq_uint8.register_fake
@@ -242,13 +218,14 @@ def prepare_for_tracing(model: nn.Module) -> None:
     see them as constants (what Inductor's int8 patterns and ONNX QuantizeLinear expect); the
     same for the sites between layers."""
     for module in model.modules():
-        if INT8_KIND_ATTR in module.__dict__ and not module.__dict__.get(DYNAMIC_ATTR, False):
-            module.__dict__["_slimkit_trace_qparams"] = module._input_qparams()
+        state = int8_state(module)
+        if state is not None and not state.dynamic:
+            state.trace_qparams = module._input_qparams()
     prepare_sites_for_tracing(model)
 
 
 def is_int8_layer(module: nn.Module) -> bool:
-    return INT8_KIND_ATTR in module.__dict__
+    return int8_state(module) is not None
 
 
 def make_int8(
@@ -279,17 +256,12 @@ def make_int8(
     layer.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False)
     bias = torch.zeros(out, device=device) if bias is None else bias.detach().float()
     layer.register_buffer("bias", bias.contiguous())
-    if input_qparams is None:
-        layer.__dict__[DYNAMIC_ATTR] = True
-    else:
+    if input_qparams is not None:
         scale, zero_point = input_qparams
         layer.register_buffer("input_scale", torch.tensor(float(scale), device=device))
         layer.register_buffer("input_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device))
-        layer.__dict__[DYNAMIC_ATTR] = False
-    layer.__dict__[INT8_KIND_ATTR] = kind
-    layer.__dict__[FROM_SITE_ATTR] = bool(input_from_site and input_qparams is not None)
-    for key in _CACHES:
-        layer.__dict__.pop(key, None)
+    from_site = bool(input_from_site and input_qparams is not None)
+    attach_state(layer).int8 = Int8LayerState(kind, dynamic=input_qparams is None, input_from_site=from_site)
     layer.__class__ = subclass(Int8Layer, original_class, "Int8")
 
 
@@ -307,10 +279,3 @@ def empty_int8_like(layer: nn.Module, kind: str, dynamic: bool, input_from_site:
         None if dynamic else (1.0, 0),
         input_from_site,
     )
-
-
-def original_class_of(module: nn.Module) -> type:
-    for cls in type(module).__mro__:
-        if cls is nn.Conv2d or cls is nn.Linear or is_hf_conv1d_class(cls):
-            return cls
-    return type(module)  # pragma: no cover

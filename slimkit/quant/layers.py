@@ -1,10 +1,12 @@
 """Which layers slimkit quantizes, and which it knows it cannot.
 
-Quantized: ``nn.Conv2d`` (zero padding), ``nn.Linear`` and GPT-2's
-``transformers.pytorch_utils.Conv1D`` (a Linear with a transposed ``[in, out]`` weight),
-recognised by class name and module so that transformers is never imported here. Subclasses
-count only when they keep the base class's ``forward``: a subclass with its own forward (weight
-standardisation, dynamic 'same' padding, ...) would bypass the fake-quant, so it is reported.
+Quantized: ``nn.Conv2d`` (zero padding), ``nn.Linear`` and "transposed linears": Linear layers
+that store their weight ``[in, out]`` (kind ``conv1d``, after the first one, GPT-2's ``Conv1D``),
+which a model family's adapter declares with :func:`register_transposed_linear` (this module
+names no model library). Subclasses count only when they keep the base class's ``forward``: a
+subclass with its own forward (weight standardisation, dynamic 'same' padding, ...) would
+bypass the fake-quant, so it is reported, unless its adapter (or the user) declares with
+:func:`register_plain_forward` that its forward computes the same.
 
 Layers with weights that no INT8 kernel slimkit drives can run (other convolutions,
 ``nn.MultiheadAttention`` whose projections run inside one fused function, recurrent layers)
@@ -17,14 +19,34 @@ from typing import Literal
 
 from torch import nn
 
+from .state import QuantMixin
+
 LayerKind = Literal["conv2d", "linear", "conv1d"]
 
 # What each kind needs to know: which weight axis holds the output channels.
 OUT_AXIS: dict[str, int] = {"conv2d": 0, "linear": 0, "conv1d": 1}
 
+# By class path ("package.module.Qualname"), so that no model library is imported here; filled by
+# the adapters (slimkit/plugins/) when they are imported, and by users.
+_TRANSPOSED_LINEAR: set[str] = set()
+_PLAIN_FORWARD: set[str] = set()
 
-def is_hf_conv1d_class(cls: type) -> bool:
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+def class_path(cls: type | str) -> str:
+    """``"package.module.Qualname"`` of a class (a string is returned as it is)."""
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_transposed_linear(cls: type | str) -> type | str:
+    """Declare ``cls`` (a class or its path) a Linear layer whose weight is ``[in, out]`` and
+    whose forward is ``x @ weight + bias`` (GPT-2's ``Conv1D``): slimkit quantizes it like a
+    Linear (kind ``conv1d``). Usable as a decorator."""
+    _TRANSPOSED_LINEAR.add(class_path(cls))
+    return cls
+
+
+def is_transposed_linear_class(cls: type) -> bool:
+    return class_path(cls) in _TRANSPOSED_LINEAR
 
 
 def _base_of(module: nn.Module) -> tuple[LayerKind, type] | None:
@@ -33,20 +55,16 @@ def _base_of(module: nn.Module) -> tuple[LayerKind, type] | None:
             return "conv2d", cls
         if cls is nn.Linear:
             return "linear", cls
-        if is_hf_conv1d_class(cls):
+        if is_transposed_linear_class(cls):
             return "conv1d", cls
     return None
 
 
-# Subclasses whose forward computes exactly the base layer (timm's Linear only adds dtype casts
-# under TorchScript); more can be added with register_plain_forward.
-_PLAIN_FORWARD: set[str] = {"timm.layers.linear.Linear"}
-
-
-def register_plain_forward(cls: type) -> type:
-    """Declare that ``cls`` (a Conv2d / Linear subclass) overrides ``forward`` without changing
-    what it computes, so slimkit may quantize it like its base class. Usable as a decorator."""
-    _PLAIN_FORWARD.add(f"{cls.__module__}.{cls.__qualname__}")
+def register_plain_forward(cls: type | str) -> type | str:
+    """Declare that ``cls`` (a Conv2d / Linear / Embedding subclass, or its class path)
+    overrides ``forward`` without changing what it computes, so slimkit may quantize it like its
+    base class. Usable as a decorator."""
+    _PLAIN_FORWARD.add(class_path(cls))
     return cls
 
 
@@ -55,9 +73,7 @@ def _own_forward(module: nn.Module, base: type) -> bool:
     for cls in type(module).__mro__:
         if cls is base:
             return False
-        ours_or_plain = getattr(cls, "_slimkit_quant_class", False) or (
-            f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_FORWARD
-        )
+        ours_or_plain = issubclass(cls, QuantMixin) or class_path(cls) in _PLAIN_FORWARD
         if "forward" in vars(cls) and not ours_or_plain:
             return True
     return False

@@ -45,9 +45,10 @@ def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.clamp(amax.float() / WEIGHT_QMAX, min=EPS)
 
 
-def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    """int8 weights for ``scale`` (one per channel along ``axis``, or a scalar)."""
-    if scale.dim() == 0:
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """int8 weights for ``scale``: one per channel along ``axis``, a scalar, or (``axis=None``)
+    any shape that broadcasts against ``weight`` (an embedding's per-row ``[..., 1]``)."""
+    if scale.dim() == 0 or axis is None:
         scaled = weight / scale
     else:
         shape = [1] * weight.dim()
@@ -69,15 +70,23 @@ def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: t
     return bias + (levels * step - bias).detach()
 
 
-def quantize_activation(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """uint8 activations (round half to even, like every kernel slimkit calls)."""
+def quantize_activation(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> torch.Tensor:
+    """uint8 activations: ``round(x * (1 / scale)) + zero_point``, rounded half to even.
+
+    Multiplying by the reciprocal (not dividing) is what PyTorch's fake-quant kernels and the
+    ``quantized_decomposed`` ops that compiled and exported graphs run compute, so the eager
+    INT8 layers, the traced ones and the fake-quant model round every value the same way.
+    """
     return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, ACT_QMIN, ACT_QMAX).to(torch.uint8)
 
 
 def dynamic_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch affine uint8 qparams, the formula of onnxruntime's DynamicQuantizeLinear."""
-    lo, hi = torch.aminmax(x.detach())
-    return activation_qparams(lo, hi, symmetric=False)
+    """Per-batch affine uint8 qparams (scale float32, zero_point int32), the formula of
+    onnxruntime's DynamicQuantizeLinear: the one copy that dynamic fake-quant, the eager and the
+    traced INT8 layers use. ``min`` / ``max`` rather than ``aminmax``: the ONNX exporter
+    translates those (ReduceMin / ReduceMax)."""
+    x = x.detach()
+    return activation_qparams(x.min(), x.max(), symmetric=False)
 
 
 # ----------------------------------------------------------------------------------------

@@ -87,17 +87,17 @@ def check_finite_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def int8_layer_kinds(model: nn.Module) -> dict[str, int]:
     """How many static INT8 convolutions and Linear-like layers the model has."""
-    from .int8 import DYNAMIC_ATTR, INT8_KIND_ATTR
+    from .int8 import int8_state
 
     kinds = {"conv2d": 0, "linear": 0, "dynamic": 0}
     for module in model.modules():
-        kind = module.__dict__.get(INT8_KIND_ATTR)
-        if kind is None:
+        state = int8_state(module)
+        if state is None:
             continue
-        if module.__dict__.get(DYNAMIC_ATTR):
+        if state.dynamic:
             kinds["dynamic"] += 1
         else:
-            kinds["conv2d" if kind == "conv2d" else "linear"] += 1
+            kinds["conv2d" if state.kind == "conv2d" else "linear"] += 1
     return kinds
 
 

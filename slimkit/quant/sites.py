@@ -37,13 +37,9 @@ from torch import nn
 from ..modules import matches_any
 from .dataflow import Key, Op, Recording
 from .numerics import ACT_QMAX, ACT_QMIN
+from .state import SiteState, attach_state, clear, state_of
 
 Where = Literal["output", "input"]
-SITE_ATTR = "_slimkit_site"  # module.__dict__: "output" | "input"
-TRACE_ATTR = "_slimkit_site_trace_qparams"
-# a converted site whose tensor only INT8 layers read, with its qparams: in eager mode they
-# quantize it themselves, so rounding it first as well would be a wasted elementwise pass
-LAYERS_ONLY_ATTR = "_slimkit_site_read_by_layers_only"
 
 _RELU = {"relu", "relu_", "relu6"}
 _HARDTANH = {"hardtanh", "hardtanh_"}
@@ -248,10 +244,10 @@ def _quantize(module: nn.Module, where: str, x: torch.Tensor) -> torch.Tensor:
         from .int8 import load_decomposed_ops
 
         qd = load_decomposed_ops()
-        scale, zero_point = module.__dict__[TRACE_ATTR]
+        scale, zero_point = state_of(module).site.trace_qparams
         q = qd.quantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
         return qd.dequantize_per_tensor(q, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-    if module.__dict__.get(LAYERS_ONLY_ATTR, False):
+    if state_of(module).site.read_by_layers_only:
         # eager INT8: the layers that read x quantize it with these qparams (exactly the values
         # rounding here first would give them)
         return x
@@ -270,8 +266,8 @@ def quantize_input_hook(module: nn.Module, args):
     return (_quantize(module, "input", args[0]), *args[1:])
 
 
-def _install_hook(module: nn.Module, where: str) -> None:
-    module.__dict__[SITE_ATTR] = where
+def _install_hook(module: nn.Module, where: str, read_by_layers_only: bool = False) -> None:
+    attach_state(module).site = SiteState(where, read_by_layers_only)
     if where == "output":
         if quantize_output_hook not in module._forward_hooks.values():
             module.register_forward_hook(quantize_output_hook)
@@ -287,14 +283,13 @@ def attach(module: nn.Module, where: str, quantizer: nn.Module) -> None:
 
 def detach(module: nn.Module) -> None:
     """Remove a site (QAT or converted) from ``module``."""
-    where = module.__dict__.pop(SITE_ATTR, None)
-    if where is None:
+    site: SiteState | None = clear(module, "site")
+    if site is None:
         return
+    where = site.where
     module._modules.pop(f"{where}_quantizer", None)
     for name in (f"{where}_scale", f"{where}_zero_point"):
         module._buffers.pop(name, None)
-    module.__dict__.pop(TRACE_ATTR, None)
-    module.__dict__.pop(LAYERS_ONLY_ATTR, None)
     for hooks, fn in ((module._forward_hooks, quantize_output_hook), (module._forward_pre_hooks, quantize_input_hook)):
         for handle_id in [k for k, v in hooks.items() if v is fn]:
             del hooks[handle_id]
@@ -306,21 +301,21 @@ def install_int8(
     """Make ``module`` a converted site: uint8 qparams as buffers, quantize -> dequantize (in
     eager mode skipped when ``read_by_layers_only``: its readers quantize it themselves)."""
     detach(module)
-    if read_by_layers_only:
-        module.__dict__[LAYERS_ONLY_ATTR] = True
     device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
     module.register_buffer(f"{where}_scale", torch.tensor(float(scale), device=device))
     module.register_buffer(f"{where}_zero_point", torch.tensor(int(zero_point), dtype=torch.int32, device=device))
-    _install_hook(module, where)
+    _install_hook(module, where, read_by_layers_only)
 
 
 def site_of(module: nn.Module) -> str | None:
     """``"output"`` / ``"input"`` when ``module`` is a site, else None."""
-    return module.__dict__.get(SITE_ATTR)
+    state = state_of(module)
+    return None if state is None or state.site is None else state.site.where
 
 
 def read_by_layers_only(module: nn.Module) -> bool:
-    return bool(module.__dict__.get(LAYERS_ONLY_ATTR, False))
+    state = state_of(module)
+    return state is not None and state.site is not None and state.site.read_by_layers_only
 
 
 def prepare_sites_for_tracing(model: nn.Module) -> None:
@@ -330,7 +325,7 @@ def prepare_sites_for_tracing(model: nn.Module) -> None:
         if where is not None and f"{where}_quantizer" not in module._modules:
             scale = getattr(module, f"{where}_scale")
             zero_point = getattr(module, f"{where}_zero_point")
-            module.__dict__[TRACE_ATTR] = (float(scale), int(zero_point))
+            state_of(module).site.trace_qparams = (float(scale), int(zero_point))
 
 
 __all__ = [

@@ -136,7 +136,7 @@ def test_export_onnx_of_a_model_still_prepared_for_training(qat_cnn, tmp_path):
 
 def test_compile_needs_a_converted_model():
     with pytest.raises(SlimkitError, match="has no INT8 layers; call slimkit.convert"):
-        slimkit.quant.compile(SmallCNN())
+        slimkit.quant.compile_int8(SmallCNN())
 
 
 def test_preparing_quant_twice_is_refused():

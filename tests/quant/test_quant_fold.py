@@ -10,8 +10,7 @@ from quant_helpers import SmallCNN, cnn_loss
 from torch import nn
 
 import slimkit
-from slimkit.quant import qat
-from slimkit.quant.fold import foldable_batchnorms
+from slimkit.quant.fold import bn_factor, foldable_batchnorms, folded_bias
 from tests.families import train_steps
 
 
@@ -40,9 +39,9 @@ def test_folded_conv_equals_conv_then_bn_in_eval():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(4, 6, 3, padding=1), _random_bn(6)
     x = torch.randn(2, 4, 7, 7)
-    s = qat.bn_factor(bn)
+    s = bn_factor(bn)
     weight = conv.weight * s.reshape(-1, 1, 1, 1)
-    bias = qat.folded_bias(conv.bias, bn, s)
+    bias = folded_bias(conv.bias, bn, s)
     with torch.no_grad():
         torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
 

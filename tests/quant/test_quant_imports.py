@@ -21,4 +21,4 @@ def test_public_names():
     # slimkit.calibrate hands the batches to every method that uses them (quant's ranges included)
     assert slimkit.calibrate is slimkit.calibration.calibrate is slimkit.quant.calibrate
     assert slimkit.export_onnx is slimkit.quant.export_onnx
-    assert {"Quantizer", "calibrate", "compile", "export_onnx"} <= set(slimkit.quant.__all__)
+    assert {"Quantizer", "calibrate", "compile_int8", "export_onnx"} <= set(slimkit.quant.__all__)

@@ -9,8 +9,9 @@ from torch import nn
 
 import slimkit
 from slimkit.quant import qat
+from slimkit.quant.fake_quant import ActivationQuantizer
 from slimkit.quant.numerics import activation_qparams, lsq_fake_quantize, quantize_activation
-from slimkit.quant.quantizers import ActivationQuantizer
+from slimkit.quant.state import WeightSpec, state_of
 from slimkit.recipe import ActivationQuantConfig
 from tests.families import train_steps
 
@@ -46,7 +47,7 @@ def test_activation_fake_quant_matches_torch_per_tensor_reference(symmetric):
 def test_weight_fake_quant_matches_torch_per_channel_reference():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 6, 3)
-    spec = qat.WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
+    spec = WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
     qat.attach(conv, "conv2d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
     w = conv.weight.detach()
     scale = w.abs().amax(dim=(1, 2, 3)) / 127
@@ -60,7 +61,7 @@ def test_weight_fake_quant_matches_torch_per_channel_reference():
 def test_gpt2_conv1d_weights_quantize_per_output_column():
     transformers = pytest.importorskip("transformers")
     layer = transformers.pytorch_utils.Conv1D(nf=5, nx=7)  # weight [in=7, out=5]
-    spec = qat.WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
+    spec = WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
     qat.attach(layer, "conv1d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
     w = layer.weight.detach()
     scale = w.abs().amax(dim=0) / 127
@@ -70,7 +71,7 @@ def test_gpt2_conv1d_weights_quantize_per_output_column():
 
 def test_per_tensor_weights_use_one_scale():
     conv = nn.Conv2d(2, 4, 1)
-    spec = qat.WeightSpec(per_channel=False, observer="minmax", percentile=99.99, learn=False)
+    spec = WeightSpec(per_channel=False, observer="minmax", percentile=99.99, learn=False)
     qat.attach(conv, "conv2d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
     scale = float(conv.weight.detach().abs().max()) / 127
     reference = torch.fake_quantize_per_tensor_affine(conv.weight.detach(), scale, 0, -127, 127)
@@ -91,9 +92,9 @@ def test_weight_gradient_is_straight_through():
     conv = nn.Conv2d(1, 2, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([0.5, -0.25]).reshape(2, 1, 1, 1))
-    spec = qat.WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
+    spec = WeightSpec(per_channel=True, observer="minmax", percentile=99.99, learn=False)
     qat.attach(conv, "conv2d", spec, ActivationQuantConfig(), dynamic=False, learn_activations=False, bn=None)
-    conv.__dict__[qat.STATE_ATTR].weight_fake_quant = True
+    state_of(conv).layer.weight_fake_quant = True
     conv(torch.ones(1, 1, 2, 2)).sum().backward()
     assert conv.weight.grad.flatten().tolist() == [4.0, 4.0]  # d(sum)/dw = number of pixels
 

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import slimkit
 from slimkit.quant import is_int8_layer, onnx_session, run_onnx
+from slimkit.quant.state import state_of
 from tests.families import hf_model, token_batch, train_steps
 
 
@@ -114,7 +115,7 @@ def test_compiled_int8_model_equals_eager(qat_cnn, cnn_data):
     _, held_out = cnn_data
     int8 = convert_copy(qat_cnn)
     eager = logits_of(int8, held_out)
-    compiled = slimkit.quant.compile(int8)
+    compiled = slimkit.quant.compile_int8(int8)
     assert compiled is int8 and type(compiled).__name__ == "SmallCNN"
     counters.clear()
     with torch.inference_mode():
@@ -147,7 +148,7 @@ def test_an_int8_model_that_has_run_can_be_copied(qat_cnn, cnn_data):
     int8 = convert_copy(qat_cnn)
     before = logits_of(int8, held_out)  # prepacks the oneDNN weights (opaque tensors, not copyable)
     twin = copy.deepcopy(int8)
-    assert "_slimkit_packed" not in twin.conv1.__dict__ and "_slimkit_packed" in int8.conv1.__dict__
+    assert state_of(twin.conv1).int8.cache.packed is None and state_of(int8.conv1).int8.cache.packed is not None
     assert torch.equal(logits_of(twin, held_out), before)
     with torch.no_grad():
         twin.conv1.weight.zero_()  # the copy owns its weights: the original is untouched

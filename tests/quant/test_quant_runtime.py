@@ -4,6 +4,7 @@ one graph per input shape and model, eager fallback, saved with the folder; non-
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -122,3 +123,19 @@ def test_transformers_keep_their_forward_signature_and_run_eagerly():
     assert list(inspect.signature(int8.forward).parameters)[:1] == ["input_ids"]
     assert int8.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
     assert not runtime_report(int8)["compiles"] and not runtime_report(int8)["signatures"]
+
+
+def test_compile_int8_compiles_in_place_and_the_old_name_warns_once(monkeypatch):
+    import slimkit.quant.compiled as compiled
+
+    model = _int8_cnn(3, compile_mode="never")
+    assert slimkit.quant.compile_int8(model) is model and runtime_report(model)["compile"] == "always"
+    assert "compile" not in slimkit.quant.__all__  # the alias shadows the builtin: never star-imported
+    monkeypatch.setattr(compiled, "_warned_compile", False)
+    set_compile(model, "never")
+    with pytest.warns(DeprecationWarning, match="use slimkit.quant.compile_int8"):
+        assert slimkit.quant.compile(model) is model
+    assert runtime_report(model)["compile"] == "always"  # the alias does what compile_int8 does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call: no warning
+        slimkit.quant.compile(model)

@@ -13,7 +13,8 @@ from quant_helpers import SmallCNN, logits_of
 
 import slimkit
 from slimkit.quant import is_int8_layer, onnx_session, run_onnx
-from slimkit.quant.sites import LAYERS_ONLY_ATTR, read_by_layers_only, site_of
+from slimkit.quant.sites import read_by_layers_only, site_of
+from slimkit.quant.state import state_of
 
 BLOCKS = [f"layer{stage}.{block}" for stage in range(1, 5) for block in range(2)]
 
@@ -133,7 +134,7 @@ def test_compiled_resnet18_runs_every_conv_with_a_uint8_output():
     x = torch.randn(4, 3, 32, 32)
     int8 = slimkit.convert(_ptq(_resnet18(), x))
     eager = logits_of(int8, x)
-    slimkit.quant.compile(int8)
+    slimkit.quant.compile_int8(int8)
     counters.clear()
     with torch.inference_mode():
         out = int8(x)
@@ -164,7 +165,7 @@ def test_eager_int8_skips_sites_that_only_int8_layers_read():
     skipped, passes = rounding_passes(lambda: int8(x))
     assert passes == len(plan.sites) - len(only_layers)  # only the other sites round in eager
     for name in only_layers:  # round those tensors in a separate pass again
-        int8.get_submodule(name).__dict__.pop(LAYERS_ONLY_ATTR)
+        state_of(int8.get_submodule(name)).site.read_by_layers_only = False
     rounded, passes = rounding_passes(lambda: int8(x))
     assert passes == len(plan.sites)
     # the reading layers quantize with the site's qparams: the same integers either way
