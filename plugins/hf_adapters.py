@@ -120,6 +120,23 @@ class HFAdapter(ModelAdapter):
     def attention_modules(self, model: nn.Module) -> list[str]:
         return hf_attention.attention_modules(model)
 
+    # -- quantization ---------------------------------------------------------------------------
+    def int8_embeddings_by_default(self) -> bool:
+        return True  # the token table is up to half of an encoder's weights
+
+    def float_layers(self, model: nn.Module) -> dict[str, str]:
+        """The patch-embedding conv of vision models: their forward casts ``pixel_values`` to
+        that conv's weight dtype (ViT, DeiT, CLIP, ... ``pixel_values.to(...weight.dtype)``),
+        which an int8 weight would turn into truncated integers."""
+        if getattr(model, "main_input_name", None) != "pixel_values":
+            return {}
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = _name_of(model, emb)
+        if name is None:
+            return {}
+        why = "transformers casts pixel_values to this layer's weight dtype before calling it"
+        return {f"{name}.{n}": why for n, m in emb.named_modules() if isinstance(m, nn.Conv2d)}
+
     def capture_attention(self, model: nn.Module, name: str, store: dict[str, torch.Tensor]) -> list[Any]:
         return hf_attention.capture_attention(model, name, store)
 

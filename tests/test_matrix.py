@@ -133,24 +133,12 @@ def check_pipeline(family: Family, tmp_path) -> None:
 
 METHODS = {"prune": check_prune, "ptq": check_ptq, "qat": check_qat, "kd": check_kd, "pipeline": check_pipeline}
 
-# (family, method) -> reason: combinations that fail today and are known to
-VIT_INT8_INPUT = (
-    "HF ViT after convert: INT8 logits 4-12% off the fake-quant ones (relative L2; 1e-7 with the patch "
-    "embedding excluded): ViTModel.forward casts pixel_values to patch_embeddings.projection.weight.dtype, "
-    "which the INT8 conv makes torch.int8, so the images are truncated to integers"
-)
+# (family, method) -> reason: combinations that fail today (strict xfails: they turn red once fixed)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("hf_vit", "ptq"): VIT_INT8_INPUT,
-    ("hf_vit", "qat"): VIT_INT8_INPUT,
-    ("hf_vit", "pipeline"): VIT_INT8_INPUT,
     ("timm_mobilenetv3", "qat"): (
         "QAT with fold_bn and BatchNorm still updating (no freeze_bn_step): INT8 logits 3% off the "
         "fake-quant ones (relative L2) on MobileNetV3; 2e-7 with freeze_bn_step, fold_bn false or "
         "conv_outputs false, and on ResNet with the same recipe"
-    ),
-    ("hf_gpt2", "pipeline"): (
-        "prune + quant on GPT-2: convert fails after training with IncompatibleError 'cannot slice a "
-        "QATConv1D' (pruning's slicing does not know quant's fake-quant wrapper of HF Conv1D)"
     ),
 }
 

@@ -94,6 +94,17 @@ class ModelAdapter:
         """Modules whose outputs pruning leaves alone by default: the classifier and the stem."""
         return [*self.classifier_names(model), *self.stem_names(model)]
 
+    def int8_embeddings_by_default(self) -> bool:
+        """Whether ``quant.embeddings: null`` (the default) stores this family's ``nn.Embedding``
+        tables as int8 (worth it where the table is a large share of the weights)."""
+        return False
+
+    def float_layers(self, model: nn.Module) -> dict[str, str]:
+        """Layers quantization keeps in floating point by default for this family, each with the
+        reason (said in the log and the model card), e.g. a layer whose weight dtype the model's
+        own forward casts its inputs to."""
+        return {}
+
     def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
         """Where the heads of every attention module live (empty: none that slimkit knows).
 

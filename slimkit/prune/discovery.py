@@ -18,7 +18,7 @@ from .checks import check_round_to, nm_message
 from .graph import channel_groups
 from .heads import head_group, tie_groups
 from .sparse import input_dim
-from .units import UnitGroup
+from .units import UnitGroup, is_transposed_linear
 
 logger = logging.getLogger("slimkit")
 
@@ -124,7 +124,7 @@ def find_sparse_weights(
             continue
         if included is not None and name not in included:
             continue
-        is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module) in transposed
+        is_layer = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_transposed_linear(module, transposed)
         weight = getattr(module, "weight", None)
         if not is_layer or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue

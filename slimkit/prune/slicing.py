@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import IncompatibleError
-from .units import Side, is_depthwise, is_transposed_linear
+from .units import Side, is_depthwise, is_transposed_linear, transposed_attrs
 
 
 def _keep(size: int, remove: list[int]) -> torch.Tensor:
@@ -116,7 +116,7 @@ def slice_module(module: nn.Module, side: Side, remove: list[int], transposed: d
         if is_transposed_linear(module, transposed):
             _index(module, "weight", 1, keep)
             _index(module, "bias", 0, keep)
-            setattr(module, transposed[type(module)][0], len(keep))
+            setattr(module, transposed_attrs(module, transposed)[0], len(keep))
         elif isinstance(module, nn.Linear):
             _index(module, "weight", 0, keep)
             _index(module, "bias", 0, keep)
@@ -146,7 +146,7 @@ def slice_module(module: nn.Module, side: Side, remove: list[int], transposed: d
     if is_transposed_linear(module, transposed):
         keep = _keep(module.weight.shape[0], remove)
         _index(module, "weight", 0, keep)
-        setattr(module, transposed[type(module)][1], len(keep))
+        setattr(module, transposed_attrs(module, transposed)[1], len(keep))
     elif isinstance(module, nn.Linear):
         keep = _keep(module.in_features, remove)
         _index(module, "weight", 1, keep)

@@ -64,8 +64,18 @@ class UnitGroup:
         return f"{self.kind} group rooted at {self.root!r} ({self.size} units; couples {shown})"
 
 
+def transposed_attrs(module: nn.Module, transposed: dict[type, tuple[str, str]]) -> tuple[str, str] | None:
+    """The (out size, in size) attribute names of a transposed Linear (HF ``Conv1D``), or None.
+    Subclasses count: quantization swaps a layer's class for a fake-quant subclass while pruning
+    still slices it at convert."""
+    for cls in type(module).__mro__:
+        if cls in transposed:
+            return transposed[cls]
+    return None
+
+
 def is_transposed_linear(module: nn.Module, transposed: dict[type, tuple[str, str]]) -> bool:
-    return type(module) in transposed
+    return transposed_attrs(module, transposed) is not None
 
 
 def tensor_roles(module: nn.Module, side: Side, transposed: dict[type, tuple[str, str]]) -> list[tuple[str, int]]:

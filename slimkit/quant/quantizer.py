@@ -108,7 +108,7 @@ class Quantizer(Method):
 
     def prepare(self, model: nn.Module) -> None:
         cfg = self.config
-        selection = select_layers(model, cfg, self.controller.adapter.library)
+        selection = select_layers(model, cfg, self.controller.adapter)
         self.skipped_tied = selection.skipped_tied
         modules = dict(user_named_modules(model))
         selected = {n: k for n, k in selection.kinds.items() if k != "embedding"}

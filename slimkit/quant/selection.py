@@ -8,6 +8,7 @@ import re
 
 from torch import nn
 
+from ..adapters import ModelAdapter
 from ..errors import UnsupportedModelError
 from ..modules import match_modules, matches_any, user_named_modules
 from ..recipe import QuantConfig
@@ -43,23 +44,27 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {k for k, v in owners.items() if v > 1}
 
 
-def select_layers(model: nn.Module, cfg: QuantConfig, library: str) -> Selection:
-    """What ``cfg`` quantizes in ``model`` (``library``: the adapter's, e.g. ``"transformers"``);
-    raises :class:`UnsupportedModelError` naming the layers it cannot quantize."""
+def select_layers(model: nn.Module, cfg: QuantConfig, adapter: ModelAdapter) -> Selection:
+    """What ``cfg`` quantizes in ``model`` (the family's defaults from ``adapter``: int8
+    embeddings, layers kept in float); raises :class:`UnsupportedModelError` naming the layers
+    it cannot quantize."""
     skipped_tied: list[str] = []
+    kept_float = adapter.float_layers(model)
+    for name, reason in kept_float.items():
+        logger.info("quant: keeping %s in float: %s", name, reason)
     for pattern in cfg.exclude:
         match_modules(model, pattern, role="quant.exclude: ")
     tied = _tied_weights(model)
     dynamic = cfg.mode == "dynamic"
-    # null: the default, on for transformers models, where the embedding table is up to half of
-    # the weights; an embedding that cannot be int8 then stays float instead of being an error
+    # null: the family's default (on for transformers models, where the embedding table is up to
+    # half of the weights); an embedding that cannot be int8 then stays float instead of an error
     auto_embeddings = cfg.embeddings is None
-    embeddings = library == "transformers" if auto_embeddings else cfg.embeddings
+    embeddings = adapter.int8_embeddings_by_default() if auto_embeddings else cfg.embeddings
     selected: dict[str, str] = {}
     problems: list[tuple[str, nn.Module, str]] = []
     blocked: list[str] = []
     for name, module in user_named_modules(model):
-        if not name or matches_any(name, cfg.exclude) or matches_any(name, blocked):
+        if not name or name in kept_float or matches_any(name, cfg.exclude) or matches_any(name, blocked):
             continue
         kind = layer_kind(module)
         if kind is None and embeddings and isinstance(module, nn.Embedding):
