@@ -26,6 +26,7 @@ from .hub import from_pretrained, save_pretrained
 from .methods import HubBlock, register_method, registered_methods
 from .model_info import ModelInfo, model_info
 from .quant import export_onnx
+from .sensitivity import Sensitivity, sensitivity
 from .recipe import (
     ActivationQuantConfig,
     AttentionPair,
@@ -41,6 +42,8 @@ from .recipe import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Sensitivity",
+    "sensitivity",
     "ActivationQuantConfig",
     "AttentionPair",
     "ConfigError",

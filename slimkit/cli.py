@@ -2,6 +2,8 @@
 
 slimkit info DIR     what a hub-style folder holds: architecture, parameters, size,
                      what was pruned / quantized, the recipe
+slimkit sensitivity DIR --dataset NAME
+                     the quality drop of each layer pruned / INT8 alone (slimkit.sensitivity)
 """
 
 from __future__ import annotations
@@ -89,13 +91,37 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a hub-style folder (slimkit, transformers or timm)")
+    parser.add_argument("--dataset", help="digits | stdlib-docs | a local path (default: by input kind)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--batches", type=int, default=8, help="batches measured on")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--metric", choices=("cosine", "loss"), default="cosine")
+    parser.add_argument("--importance", default="l2", help="prune.importance used for each layer")
+    parser.add_argument("--no-prune", action="store_true", help="only the INT8 scan")
+    parser.add_argument("--no-quant", action="store_true", help="only the pruning scan")
+    parser.add_argument("--output", type=Path, help="folder for sensitivity.json / .png (default: print only)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimkit", description="slimkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help=f"describe a hub-style folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
     info.add_argument("folder")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    scan = sub.add_parser("sensitivity", help="quality drop per layer when pruned or INT8 alone, on a data set")
+    _sensitivity_arguments(scan)
     args = parser.parse_args(argv)
+    if args.command == "sensitivity":
+        from slimkit.plugins import sensitivity_cli  # data sets and tokenizers live in the plugins
+
+        try:
+            sensitivity_cli.run(args)
+        except SlimkitError as exc:
+            print(f"slimkit: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         facts = folder_info(args.folder)
     except SlimkitError as exc:
