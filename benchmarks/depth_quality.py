@@ -54,7 +54,7 @@ def depth_pruned(
     recipe = {"prune": {"layers": remove, "layer_importance": importance, "verify": verify}}
     slimkit.prepare(model, recipe, example_inputs=batches[0], measure=False)
     slimkit.calibrate(model, batches)
-    return slimkit.convert(model).eval()
+    return slimkit.convert_(model).eval()
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def recover(student: nn.Module, teacher: nn.Module, kept: list[int], batches: li
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         slimkit.step(student)
-    return slimkit.convert(student).eval()
+    return slimkit.convert_(student).eval()
 
 
 def ranking_agreement(teacher: nn.Module, calibration: list, n: int, score_kept) -> dict:

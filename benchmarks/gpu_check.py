@@ -91,7 +91,7 @@ def train_plain_loop(dtype: torch.dtype | None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         slimkit.step(student)
         losses.append(float(loss))
-    small = slimkit.convert(student).cpu().eval()
+    small = slimkit.convert_(student).cpu().eval()
     with torch.no_grad():
         logits = small(input_ids=PROBE).logits
     return {"losses": losses, "logits": logits, "finite": bool(torch.isfinite(logits).all())}
@@ -147,7 +147,7 @@ def trainer_child(out: Path, fsdp: bool) -> None:
     from slimkit.distributed import is_sharded
 
     record["sharded_while_training"] = is_sharded(model)
-    small = slimkit.convert(model).cpu().eval()
+    small = slimkit.convert_(model).cpu().eval()
     with torch.no_grad():
         record["logits"] = small(input_ids=PROBE).logits.tolist()
     if int(os.environ.get("RANK", "0")) == 0:

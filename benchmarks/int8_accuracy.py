@@ -117,7 +117,7 @@ def bench_digits(epochs: int, qat_epochs: int) -> dict:
     )
     slimkit.calibrate(ptq, calibration)
     result["ptq_fake_quant_accuracy"] = _accuracy(ptq, test)
-    result["ptq_int8_accuracy"] = _accuracy(slimkit.convert(ptq), test)
+    result["ptq_int8_accuracy"] = _accuracy(slimkit.convert_(ptq), test)
 
     qat = copy.deepcopy(fp32)
     steps = qat_epochs * len(_batches(*train, 64, 0))
@@ -126,7 +126,7 @@ def bench_digits(epochs: int, qat_epochs: int) -> dict:
     slimkit.calibrate(qat, calibration)  # QAT starts from the PTQ scales
     _train(qat, train, qat_epochs, lr=0.005, prepared=True)
     result["qat_fake_quant_accuracy"] = _accuracy(qat, test)
-    result["qat_int8_accuracy"] = _accuracy(slimkit.convert(qat), test)
+    result["qat_int8_accuracy"] = _accuracy(slimkit.convert_(qat), test)
     result["qat_steps"] = steps
     result["qat_int8_minus_fp32_points"] = round(result["qat_int8_accuracy"] - result["fp32_accuracy"], 2)
     result["ptq_int8_minus_fp32_points"] = round(result["ptq_int8_accuracy"] - result["fp32_accuracy"], 2)
@@ -202,11 +202,11 @@ def bench_minilm(steps: int, lr: float) -> dict:
     ptq = copy.deepcopy(fp32)
     slimkit.prepare(ptq, {"quant": {"mode": "ptq"}}, example_inputs=calibration[0])
     slimkit.calibrate(ptq, calibration)
-    cos["slimkit_ptq_static_int8"] = _cosine(reference, _embed(slimkit.convert(ptq), batch))
+    cos["slimkit_ptq_static_int8"] = _cosine(reference, _embed(slimkit.convert_(ptq), batch))
 
     dynamic = copy.deepcopy(fp32)
     slimkit.prepare(dynamic, {"quant": {"mode": "dynamic"}}, example_inputs=calibration[0])
-    cos["slimkit_dynamic_int8"] = _cosine(reference, _embed(slimkit.convert(dynamic), batch))
+    cos["slimkit_dynamic_int8"] = _cosine(reference, _embed(slimkit.convert_(dynamic), batch))
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_onnx = slimkit.export_onnx(copy.deepcopy(fp32), Path(tmp) / "fp32.onnx", batch)
@@ -220,7 +220,7 @@ def bench_minilm(steps: int, lr: float) -> dict:
         start = time.perf_counter()
         student, log = _qat_kd(copy.deepcopy(fp32), fp32, tokenizer, mode, steps, lr)
         fake = _cosine(reference, _embed(student, batch))
-        int8 = slimkit.convert(student)
+        int8 = slimkit.convert_(student)
         name = "slimkit_qat_kd_static_int8" if mode == "qat" else "slimkit_qat_kd_dynamic_int8"
         cos[name] = _cosine(reference, _embed(int8, batch))
         training[name] = {
@@ -249,7 +249,7 @@ def bench_minilm_embeddings(steps: int, lr: float) -> dict:
         for embeddings in (False, True):
             name = "qat_kd_static_int8" + ("_int8_embeddings" if embeddings else "")
             student, _ = _qat_kd(copy.deepcopy(fp32), fp32, tokenizer, "qat", steps, lr, embeddings=embeddings)
-            int8 = slimkit.convert(student)
+            int8 = slimkit.convert_(student)
             result["cosine_vs_fp32"][name] = _cosine(reference, _embed(int8, batch))
             folder = slimkit.save_pretrained(int8, Path(tmp) / name, model_card=False)
             result["int8_file_ratio"][name] = round((folder / "model.safetensors").stat().st_size / fp32_bytes, 4)

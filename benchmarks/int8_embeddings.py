@@ -70,7 +70,7 @@ def main() -> None:
             model = copy.deepcopy(fp32)
             slimkit.prepare(model, {"quant": {"mode": "ptq", "embeddings": embeddings}}, example_inputs=calibration[0])
             slimkit.calibrate(model, calibration)
-            int8 = slimkit.convert(model)
+            int8 = slimkit.convert_(model)
             cos = torch.nn.functional.cosine_similarity(reference, _embed(int8, batch), dim=-1)
             folder = Path(tmp) / f"int8_embeddings_{embeddings}"
             slimkit.save_pretrained(int8, folder)

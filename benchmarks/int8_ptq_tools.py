@@ -105,7 +105,7 @@ def _ptq(fp32, calibration, granularity: str, **tools) -> nn.Module:
     }
     slimkit.prepare(model, recipe, example_inputs=calibration[0])
     slimkit.calibrate(model, calibration)
-    return slimkit.convert(model)
+    return slimkit.convert_(model)
 
 
 def bench_ptq_tools(train_steps: int, qat_steps: int) -> dict:
@@ -140,7 +140,7 @@ def bench_ptq_tools(train_steps: int, qat_steps: int) -> dict:
             slimkit.calibrate(qat, calibration)
             _train(qat, train, qat_steps, lr=0.002, prepared=True)
             try:
-                accs["qat"] = _accuracy(slimkit.convert(qat), test)
+                accs["qat"] = _accuracy(slimkit.convert_(qat), test)
             except slimkit.errors.NonFiniteError:  # a diverged run, reported as such
                 accs["qat"] = None
             drop = row["fp32"] - accs["ptq"]
@@ -182,7 +182,7 @@ def bench_bn_freeze(train_steps: int, qat_lengths: list[int], seeds: list[int]) 
                 slimkit.prepare(qat, {"quant": {"compile": "never", **schedule}}, example_inputs=calibration[0])
                 slimkit.calibrate(qat, calibration)
                 _train(qat, train, steps, lr=0.01, prepared=True)
-                accs.append(_accuracy(slimkit.convert(qat), test))
+                accs.append(_accuracy(slimkit.convert_(qat), test))
             out["runs"][f"{steps}_steps/{label}"] = {"int8_accuracy": accs, "mean": round(sum(accs) / len(accs), 2)}
             print(f"bn_freeze {steps} steps {label}: {accs}")
     return out

@@ -117,7 +117,7 @@ class Candidates:
             if mode == "ptq":
                 slimkit.calibrate(prepared, calibration)
             self.fake_quant[mode] = prepared
-            int8 = slimkit.convert(copy.deepcopy(prepared))
+            int8 = slimkit.convert_(copy.deepcopy(prepared))
             # what convert returns runs compiled (models with INT8 convs) or eager: time both paths
             self.info[f"convert_returns{tag}"] = "compiled" if int8.forward.compiles else "eager"
             self.models[f"slimkit_int8{tag}_compiled"] = slimkit.quant.compile_int8(copy.deepcopy(int8))

@@ -114,7 +114,7 @@ def _inference_ms(repeats: int) -> tuple[float, float]:
     int8 = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     slimkit.prepare(int8, {"quant": {"mode": "ptq"}}, example_inputs=x, measure=False)
     slimkit.calibrate(int8, [torch.randn(8, 3, 64, 64)])
-    int8 = slimkit.convert(int8)
+    int8 = slimkit.convert_(int8)
     with torch.inference_mode():
         return _median_ms(lambda: fp32(x), repeats, 5), _median_ms(lambda: int8(x), repeats, 5)
 

@@ -129,7 +129,7 @@ def digits_experiment(args) -> dict:
         # one-shot, no recovery
         model = copy.deepcopy(dense)
         slimkit.prepare(model, {"prune": {"channels": ratio}}, example_inputs=probe[:2])
-        pruned = slimkit.convert(model)
+        pruned = slimkit.convert_(model)
         row["no_recovery"] = accuracy(pruned, test)
         row["macs_reduction"] = count_macs(dense, probe[:1]) / count_macs(pruned, probe[:1])
         row["params_reduction"] = count_parameters(dense) / count_parameters(pruned)
@@ -143,7 +143,7 @@ def digits_experiment(args) -> dict:
             teacher = copy.deepcopy(dense) if distill else None
             slimkit.prepare(model, recipe, teacher=teacher, example_inputs=probe[:2])
             train_cnn(model, train, steps, 1e-3, seed=1, kd=distill is not None)
-            row[name] = accuracy(slimkit.convert(model), test)
+            row[name] = accuracy(slimkit.convert_(model), test)
         out["ratios"][str(ratio)] = row
         print(
             f"  {int(ratio * 100)}% channels: MACs {row['macs_reduction']:.2f}x fewer, speed-up "
@@ -285,7 +285,7 @@ def minilm_experiment(args) -> dict:
         row = {}
         model = copy.deepcopy(dense)
         slimkit.prepare(model, {"prune": {"channels": ratio, "heads": ratio}}, example_inputs=eval_batches[0])
-        pruned = slimkit.convert(model)
+        pruned = slimkit.convert_(model)
         row["cosine_no_recovery"] = float((embeddings(pruned, eval_batches) * reference).sum(-1).mean())
         row["macs_reduction"] = count_macs(dense, timing) / count_macs(pruned, timing)
         row["params_reduction"] = count_parameters(dense) / count_parameters(pruned)
@@ -312,7 +312,7 @@ def minilm_experiment(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             slimkit.step(model)
-        recovered = slimkit.convert(model)
+        recovered = slimkit.convert_(model)
         row["cosine_kd_recovery"] = float((embeddings(recovered, eval_batches) * reference).sum(-1).mean())
         out["ratios"][str(ratio)] = row
         shape = f"{row['heads_per_layer']} heads, FFN {row['ffn_width']}"

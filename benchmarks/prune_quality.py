@@ -131,7 +131,7 @@ def slimkit_minilm(dense, data, ratio: float, section: dict, recovery_steps: int
             slimkit.calibrate(model, data["calibration"])
         if recover:
             kd_recovery(model, data["recovery"], recovery_steps, lr)
-        out.append(slimkit.convert(model))
+        out.append(slimkit.convert_(model))
         if not recover:
             seconds = time.perf_counter() - start
     return out[0], (out[1] if len(out) > 1 else None), seconds
@@ -288,7 +288,7 @@ def minilm_experiment(args) -> dict:
                         student, {"distill": KD}, teacher=copy.deepcopy(dense), example_inputs=data["eval"][0]
                     )
                     kd_recovery(student, data["recovery"], args.recovery_steps, args.lr)
-                    row["kd_recovery"] = quality(embed(slimkit.convert(student), data["eval"]), reference)
+                    row["kd_recovery"] = quality(embed(slimkit.convert_(student), data["eval"]), reference)
             except Exception as exc:  # a peer that cannot prune this model is a result, not a crash
                 row["failed"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
@@ -381,7 +381,7 @@ def digits_experiment(args) -> dict:
                         slimkit.calibrate(model, calibration)
                     if recover:
                         finetune(model, train, args.cnn_recovery_steps)
-                    small = slimkit.convert(model)
+                    small = slimkit.convert_(model)
                     row["recovered" if recover else "one_shot"] = round(accuracy(small, test), 4)
                     if not recover:
                         models[(row["method"], ratio)] = small

@@ -51,7 +51,7 @@ def slimkit_pruned(model: nn.Module, ratio: float, heads: bool) -> nn.Module:
     if heads:
         section["heads"] = ratio
     slimkit.prepare(model, {"prune": section}, example_inputs=torch.randn(1, 3, 224, 224))
-    return slimkit.convert(model).eval()
+    return slimkit.convert_(model).eval()
 
 
 def torch_pruning_pruned(model: nn.Module, ratio: float, heads: bool) -> nn.Module:

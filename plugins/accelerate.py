@@ -71,7 +71,7 @@ def save_student(
     tokenizer's ``save_pretrained``). Returns the converted model.
     """
     accelerator.wait_for_everyone()
-    small = slimkit.convert(accelerator.unwrap_model(model))
+    small = slimkit.convert_(accelerator.unwrap_model(model))  # in place: no second copy of the model
     if accelerator.is_main_process:
         values = report(small) if callable(report) else report
         slimkit.save_pretrained(small, path, report=values, files_from=files_from)

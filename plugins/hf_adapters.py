@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -121,6 +122,20 @@ class HFAdapter(ModelAdapter):
         return hf_attention.attention_modules(model)
 
     # -- quantization ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def export_settings(self, model: nn.Module):
+        """No KV cache while exporting: an output torch.export cannot flatten, and of no use to a
+        single-pass ONNX graph."""
+        config = getattr(model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        if use_cache:
+            config.use_cache = False
+        try:
+            yield
+        finally:
+            if use_cache:
+                config.use_cache = use_cache
+
     def int8_embeddings_by_default(self) -> bool:
         return True  # the token table is up to half of an encoder's weights
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import omp  # noqa: F401  first: may set OMP_WAIT_POLICY before torch loads OpenMP (slimkit/omp.py)
 
 # isort: on
-from .api import compute_loss, convert, log_values, methods_of, prepare, step
+from .api import compute_loss, convert, convert_, log_values, methods_of, prepare, step
 from .calibration import calibrate, needs_calibration
 from .distill import uniform_layer_map
 from .dropout import disable_dropout
@@ -26,7 +26,6 @@ from .hub import from_pretrained, save_pretrained
 from .methods import HubBlock, register_method, registered_methods
 from .model_info import ModelInfo, model_info
 from .quant import export_onnx
-from .sensitivity import Sensitivity, sensitivity
 from .recipe import (
     ActivationQuantConfig,
     AttentionPair,
@@ -38,6 +37,7 @@ from .recipe import (
     ScheduleConfig,
     WeightQuantConfig,
 )
+from .sensitivity import Sensitivity, sensitivity
 
 __version__ = "0.1.0"
 
@@ -65,6 +65,7 @@ __all__ = [
     "calibrate",
     "compute_loss",
     "convert",
+    "convert_",
     "disable_dropout",
     "export_onnx",
     "from_pretrained",

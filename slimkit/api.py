@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .controller import Controller, Method, controller_of, unwrap
-from .errors import SlimkitError
+from .errors import IncompatibleError, SlimkitError
 from .methods import in_order, registered
 from .recipe import Recipe
 
@@ -135,22 +135,37 @@ def log_values(model: nn.Module) -> dict[str, float]:
     return controller_of(model).pop_log()
 
 
-def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Make the recipe permanent: physically remove pruned units, convert to INT8, drop KD
     hooks and projectors. Returns a model of the same class, ready for ``save_pretrained``.
 
-    **In place by default**: the model given (or the one inside a DDP / accelerate wrapper) *is*
-    the converted model afterwards and the same object is returned, so ``small = convert(model)``
-    costs no second copy of a large model; the model is no longer prepared (no more ``step``).
-    ``inplace=False`` converts a ``copy.deepcopy`` instead (the teacher and all training state
-    copied too, for as long as the call lasts) and leaves ``model`` prepared, to keep training
-    or to convert again later."""
+    **A copy by default** (as ``torch.ao.quantization.convert``): ``model`` stays prepared, to
+    keep training or to convert again later; the copy is a ``copy.deepcopy`` of the prepared
+    model (the teacher and all training state copied too, for as long as the call lasts).
+    ``inplace=True`` (or :func:`convert_`) converts the model given instead, the one inside a
+    DDP / accelerate wrapper, and returns that same object: no second copy of a large model,
+    and the model is no longer prepared (no more ``step``)."""
     model = unwrap(model)
     controller = controller_of(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        from .distributed import is_sharded
+
+        if is_sharded(model):
+            raise IncompatibleError(
+                f"convert: {type(model).__name__} is sharded (FSDP2 fully_shard); a copy of a sharded model "
+                "is not made. Convert it in place on every process: slimkit.convert_(model) "
+                "(or slimkit.convert(model, inplace=True))"
+            )
+        with controller.step_tensors_set_aside():
+            model = copy.deepcopy(model)
         controller = controller_of(model)
     return controller.convert(model)
+
+
+def convert_(model: nn.Module) -> nn.Module:
+    """:func:`convert` in place (the trailing underscore, as torch's in-place ops and torchao's
+    ``quantize_``): the model given becomes the converted model and is returned; no copy."""
+    return convert(model, inplace=True)
 
 
 def methods_of(model: nn.Module) -> dict[str, Method]:

@@ -146,6 +146,23 @@ class Controller:
     def step(self) -> int:
         return int(self.state.step)
 
+    @contextmanager
+    def step_tensors_set_aside(self):
+        """Set aside what the last forward left for its loss (tensors inside an autograd graph:
+        the mixed loss, the logged terms), which ``copy.deepcopy`` cannot copy, while the model
+        is copied (``slimkit.convert``'s default); put back afterwards."""
+        saved = []
+        for owner in (self, *self.methods.values()):
+            for key, value in list(vars(owner).items()):
+                if _in_graph(value):
+                    saved.append((owner, key, value))
+                    setattr(owner, key, type(value)() if isinstance(value, (dict, list)) else None)
+        try:
+            yield
+        finally:
+            for owner, key, value in saved:
+                setattr(owner, key, value)
+
     # -- the forward hook ----------------------------------------------------------------------
     @contextmanager
     def suspended(self):
@@ -288,3 +305,14 @@ def controller_of(model: nn.Module, required: bool = True) -> Controller | None:
             "(or slim_callbacks for a Trainer) first"
         )
     return controller
+
+
+def _in_graph(value: Any) -> bool:
+    """A tensor with an autograd history, or a dict / list / tuple holding one."""
+    if isinstance(value, torch.Tensor):
+        return value.grad_fn is not None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, (list, tuple)):
+        return False
+    return any(isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import call_model, get_logits, get_loss
-from .api import convert, methods_of, prepare
+from .api import convert_, methods_of, prepare
 from .batches import collect, model_inputs
 from .calibration import calibrate, needs_calibration
 from .errors import SlimkitError
@@ -257,7 +257,7 @@ def _pruned_copy(model, kind, root, ratio, prune_options, batches, example_input
     prepared = prepare(copy.deepcopy(model), {"prune": section}, example_inputs=example_inputs)
     if needs_calibration(prepared):
         calibrate(prepared, batches)
-    return convert(prepared)
+    return convert_(prepared)  # already a copy
 
 
 def _int8_copy(model, layer, layers, batches, example_inputs) -> nn.Module:
@@ -268,7 +268,7 @@ def _int8_copy(model, layer, layers, batches, example_inputs) -> nn.Module:
     with warnings.catch_warnings():  # the few-samples warning, said once by sensitivity() itself
         warnings.simplefilter("ignore", UserWarning)
         calibrate(prepared, batches)
-    return convert(prepared)
+    return convert_(prepared)  # already a copy
 
 
 def sensitivity(

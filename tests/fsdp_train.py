@@ -131,7 +131,12 @@ def run(out: Path, name: str) -> dict:
         if flag == ["kill"] and step + 1 == KILL_AFTER and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     record["log"] = slimkit.log_values(student)
-    small = slimkit.convert(student)
+    try:  # convert's default is a copy, which a sharded model refuses (DDP's copies)
+        slimkit.convert(student)
+        record["copy_refused"] = None
+    except slimkit.IncompatibleError as exc:
+        record["copy_refused"] = str(exc)
+    small = slimkit.convert_(student)  # in place: a sharded model is not copied
     record["converted_dtensors"] = any(is_dtensor(p) for p in small.parameters())
     slimkit.save_pretrained(small, out / name / "model")
     if rank == 1:

@@ -1,4 +1,4 @@
-"""The edges of the plain-loop API: convert's in-place contract, errors for bad calls."""
+"""The edges of the plain-loop API: convert (a copy) and convert_ (in place), errors for bad calls."""
 
 from __future__ import annotations
 
@@ -26,18 +26,19 @@ def _mlp():
     return MLP()
 
 
-def test_convert_inplace_false_leaves_the_prepared_model_training():
+def test_convert_copies_by_default_and_convert_underscore_works_in_place():
     x = torch.randn(3, 8)
     model = slimkit.prepare(_mlp(), RECIPE, example_inputs=x)
     slimkit.step(model)  # the one-shot point: masks set, shapes unchanged
 
-    small = slimkit.convert(model, inplace=False)
+    small = slimkit.convert(model)  # a copy (the default), as torch.ao.quantization.convert
     assert small is not model
     assert small.hidden.out_features == 8  # half the 16 hidden channels cut out of the copy
     assert model.hidden.out_features == 16 and list(slimkit.methods_of(model)) == ["prune"]
     slimkit.step(model)  # the original is still prepared
 
-    again = slimkit.convert(model)  # in place (the default): the same object, no longer prepared
+    assert slimkit.convert(model, inplace=False).hidden.out_features == 8 and slimkit.methods_of(model)
+    again = slimkit.convert_(model)  # in place: the same object, no longer prepared
     assert again is model and model.hidden.out_features == 8 and slimkit.methods_of(model) == {}
     with torch.no_grad():
         torch.testing.assert_close(again(x), small(x))

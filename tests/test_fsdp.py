@@ -90,6 +90,8 @@ def test_distill_prune_quant_under_fsdp2_equal_ddp_on_every_process(runs):
     masks on every process, and the same converted INT8 model as DDP."""
     (ddp, _), (rank0, rank1) = records(runs, "ddp-all"), records(runs, "fsdp-all")
     assert rank0["student_dtensors"] >= 41 and not rank0["converted_dtensors"]
+    assert "sharded" in rank0["copy_refused"] and "slimkit.convert_(model)" in rank0["copy_refused"]
+    assert ddp["copy_refused"] is None  # an unsharded model converts a copy by default
     assert rank0["teacher_local_numel"] <= 0.51 * rank0["teacher_full_numel"]
     # mid-schedule (after step 2): the Taylor sums are all-reduced, the masks rank 0's
     taylor = rank0["prune_state_step2"]["slimkit.prune.channels_taylor"]

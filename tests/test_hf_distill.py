@@ -70,7 +70,7 @@ def test_hook_writes_the_mixed_loss_into_hf_outputs():
         "bert_encoder_layer_0__to__bert_encoder_layer_1",
         "bert_encoder_layer_1__to__bert_encoder_layer_3",
     ]
-    small = slimkit.convert(student)
+    small = slimkit.convert_(student)  # in place: the user's teacher gets its attention back
     assert small.config._attn_implementation == "sdpa" and teacher.config._attn_implementation == "sdpa"
 
 

@@ -6,6 +6,7 @@ the core only knows this interface and the fallback for plain ``nn.Module``s.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,11 @@ class ModelAdapter:
         reason (said in the log and the model card), e.g. a layer whose weight dtype the model's
         own forward casts its inputs to."""
         return {}
+
+    def export_settings(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which ``slimkit.export_onnx`` traces the model: the family's settings for a
+        single-pass graph (transformers: no KV cache output); nothing by default."""
+        return contextlib.nullcontext()
 
     def attention_heads(self, model: nn.Module) -> list[HeadLayout]:
         """Where the heads of every attention module live (empty: none that slimkit knows).

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import get_adapter
 from ..controller import CONTROLLER_ATTR, unwrap
 from ..errors import IncompatibleError, SlimkitError
 from .int8 import load_decomposed_ops, prepare_for_tracing
@@ -72,7 +73,7 @@ def export_onnx(
         raise IncompatibleError(
             f"export_onnx: {type(model).__name__} is still prepared for training (fake-quant, masks or KD "
             "hooks attached). Export the deployable model: small = slimkit.convert(model) (or "
-            "slimkit.convert(model, inplace=False) to keep training), then slimkit.export_onnx(small, ...)."
+            "slimkit.convert_(model) to convert in place), then slimkit.export_onnx(small, ...)."
         )
     try:
         import onnxscript  # noqa: F401  (the exporter's ONNX function library)
@@ -89,14 +90,8 @@ def export_onnx(
     runtime = model.__dict__.pop("forward", None)
     was_training = model.training
     model.eval()
-    # A KV cache (transformers' use_cache) is an output torch.export cannot flatten, and a
-    # single-pass ONNX graph has no use for it.
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    if use_cache:
-        config.use_cache = False
-    try:
-        with torch.no_grad():
+    try:  # the family's export settings (transformers: no KV cache output) for the trace only
+        with torch.no_grad(), get_adapter(model).export_settings(model):
             program = torch.onnx.export(
                 model,
                 args,
@@ -112,8 +107,6 @@ def export_onnx(
         model.train(was_training)
         if runtime is not None:
             model.__dict__["forward"] = runtime
-        if use_cache:
-            config.use_cache = use_cache
     program.save(str(path))
     return path
 
