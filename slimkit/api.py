@@ -103,9 +103,9 @@ def compute_loss(
     is the task loss itself.
     """
     controller = controller_of(model)
-    distiller = controller.methods.get("distill")
-    if distiller is not None:
-        return distiller.compute_loss(outputs, labels, task_loss, attention_mask)
+    mixer = controller.loss_mixer  # KD: the mixed loss of the recipe
+    if mixer is not None:
+        return mixer.compute_loss(outputs, labels, task_loss, attention_mask)
     if task_loss is not None:
         return task_loss
     from .adapters import get_logits, get_loss

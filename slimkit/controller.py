@@ -16,7 +16,7 @@ A prepared model gets:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,7 +49,12 @@ class Method:
     ``prepare`` keeps parameter shapes (masks, fake-quant, hooks); ``convert`` changes the
     architecture once, after training. State that must survive a checkpoint is registered as
     parameters / buffers under ``controller.state`` (the ``slimkit`` child).
+
+    A method that sets ``mixes_loss`` (KD) owns the loss: the forward hook hands it every
+    method's terms (``replace_loss``) and ``slimkit.compute_loss`` asks it (``compute_loss``).
     """
+
+    mixes_loss: ClassVar[bool] = False
 
     name: str = ""  # the recipe section; set from the registry (slimkit.register_method)
 
@@ -64,6 +69,16 @@ class Method:
     def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         """Called by the model's forward hook in training; returns loss terms (KD only)."""
         return {}
+
+    def replace_loss(self, outputs: Any, terms: dict[str, torch.Tensor]) -> Any:
+        """``mixes_loss`` methods: the forward hook's result (outputs with the mixed loss, or None)."""
+        return None
+
+    def compute_loss(
+        self, outputs: Any, labels: torch.Tensor | None, task_loss: torch.Tensor | None, attention_mask: Any
+    ) -> torch.Tensor:
+        """``mixes_loss`` methods: the loss to backpropagate (``slimkit.compute_loss``)."""
+        raise NotImplementedError
 
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called once after each optimizer step, with the number of steps done."""
@@ -180,10 +195,13 @@ class Controller:
         for method in self.methods.values():
             terms.update(method.after_forward(model, args, kwargs, outputs))
         self.last_terms = terms
-        distill = self.methods.get("distill")
-        if distill is not None:
-            return distill.replace_loss(outputs, terms)
-        return None
+        mixer = self.loss_mixer
+        return mixer.replace_loss(outputs, terms) if mixer is not None else None
+
+    @property
+    def loss_mixer(self) -> Method | None:
+        """The method that owns the loss (``Method.mixes_loss``: KD), if one is attached."""
+        return next((m for m in self.methods.values() if m.mixes_loss), None)
 
     # -- steps and logging -------------------------------------------------------------------------
     def on_step(self, model: nn.Module, step: int | None = None) -> None:

@@ -50,6 +50,7 @@ def _freeze(teacher: nn.Module) -> nn.Module:
 
 class Distiller(Method):
     name = "distill"
+    mixes_loss = True  # the forward hook and slimkit.compute_loss hand it the loss
     config: DistillConfig
 
     def __init__(self, controller: Controller, config: DistillConfig, teacher: nn.Module, example_inputs: Any = None):

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import FormatError
+from ..model_info import model_info, model_info_of
 from ..modules import SLIMKIT_ATTR
 from . import manifest_checks
 
-MANIFEST_ATTR = "_slimkit_pruning"  # the manifest of a pruned (or loaded pruned) model
 MANIFEST_FORMAT = 1
 
 
@@ -93,9 +93,21 @@ def merge(previous: dict | None, new: dict) -> dict:
     return out
 
 
+def manifest_of(model: nn.Module) -> dict | None:
+    """The manifest of a pruned (or loaded pruned) model, None for one never pruned; it lives
+    in the model's :class:`slimkit.ModelInfo` (``pruning``)."""
+    info = model_info(model)
+    return info.pruning if info is not None else None
+
+
+def set_manifest(model: nn.Module, manifest: dict) -> None:
+    """Record ``manifest`` as the model's pruning manifest (convert, or loading a folder)."""
+    model_info_of(model).pruning = manifest
+
+
 def describe(model: nn.Module) -> dict | None:
     """The hub block for a pruned model (None when it was never pruned)."""
-    manifest = model.__dict__.get(MANIFEST_ATTR)
+    manifest = manifest_of(model)
     return dict(manifest) if manifest else None
 
 
@@ -107,7 +119,7 @@ def forget_tensors(model: nn.Module, names: Iterable[str]) -> None:
     learned ``weight_scale`` and its quantizers) and that this method replaces at its convert:
     replayed on a freshly built model at load time they would name tensors that do not exist.
     """
-    manifest = model.__dict__.get(MANIFEST_ATTR)
+    manifest = manifest_of(model)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
         return
     names = set(names)
@@ -165,7 +177,7 @@ def rebuild(model: nn.Module, block: dict) -> nn.Module:
             ) from None
         for attr, value in attrs.items():
             manifest_checks.set_size_attribute(module, module_name, attr, value)
-    model.__dict__[MANIFEST_ATTR] = dict(block)
+    set_manifest(model, dict(block))
     return model
 
 

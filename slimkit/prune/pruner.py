@@ -394,8 +394,7 @@ class Pruner(Method):
         block.update({"format": manifest.MANIFEST_FORMAT, "heads": heads, "config": config})
         if layers:
             block["layers"] = layers
-        previous = model.__dict__.get(manifest.MANIFEST_ATTR)
-        model.__dict__[manifest.MANIFEST_ATTR] = manifest.merge(previous, block)
+        manifest.set_manifest(model, manifest.merge(manifest.manifest_of(model), block))
         self._report(model, values)
         self._converted = True
         return model

@@ -10,6 +10,7 @@ from quant_helpers import agreement, logits_of
 from torch import nn
 
 import slimkit
+from slimkit.prune.manifest import set_manifest
 
 
 class Chain(nn.Module):
@@ -81,6 +82,6 @@ def test_convert_drops_fake_quant_tensors_from_a_pruning_manifest():
     slimkit.prepare(model, {"quant": {"mode": "ptq", "learn_scales": True}}, example_inputs=x)
     slimkit.calibrate(model, [x])
     manifest = {"tensors": {"conv1.weight": [12, 3, 3, 3], "conv1.weight_scale": [12], "bn1.weight": [12]}}
-    model.__dict__["_slimkit_pruning"] = manifest  # as slimkit.prune's convert leaves it
+    set_manifest(model, manifest)  # as slimkit.prune's convert leaves it
     slimkit.convert_(model)  # in place: the manifest checked is this model's
     assert manifest["tensors"] == {"conv1.weight": [12, 3, 3, 3], "bn1.weight": [12]}
