@@ -35,12 +35,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.plugins.data import stdlib_docs  # noqa: E402
 from slimkit.prune import block_scores, rank_blocks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_accuracy import embeddings  # noqa: E402  mean-pooled, normalised sentence embeddings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLIND_KEEP = (1, 3, 5)  # make_student.py --layers 1,3,5
@@ -60,16 +62,6 @@ def depth_pruned(
 # ----------------------------------------------------------------------------------------
 # quality
 # ----------------------------------------------------------------------------------------
-def embed(model: nn.Module, batch: dict) -> torch.Tensor:
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
-
-
-@torch.no_grad()
-def embeddings(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    model.eval()
-    return torch.cat([embed(model, b) for b in batches])
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:

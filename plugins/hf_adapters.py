@@ -66,6 +66,16 @@ def _tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _input_embedding(model: nn.Module) -> tuple[str | None, list[str]]:
+    """The name of the model's input embedding module (None if it has none) and of the Conv2d
+    layers inside it (ViT-style patch embeddings)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = _name_of(model, emb)
+    if name is None:
+        return None, []
+    return name, [f"{name}.{n}" for n, m in emb.named_modules() if isinstance(m, nn.Conv2d)]
+
+
 @register_adapter
 class HFAdapter(ModelAdapter):
     library = "transformers"
@@ -110,12 +120,10 @@ class HFAdapter(ModelAdapter):
         ]
 
     def stem_names(self, model: nn.Module) -> list[str]:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        name = _name_of(model, emb)
+        name, convs = _input_embedding(model)
         if name is None:
             return []
         # ViT-style patch embeddings wrap a conv: name that conv (the layer that sees pixels).
-        convs = [f"{name}.{n}" for n, m in emb.named_modules() if isinstance(m, nn.Conv2d)]
         return convs[:1] or [name]
 
     def attention_modules(self, model: nn.Module) -> list[str]:
@@ -145,12 +153,8 @@ class HFAdapter(ModelAdapter):
         which an int8 weight would turn into truncated integers."""
         if getattr(model, "main_input_name", None) != "pixel_values":
             return {}
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        name = _name_of(model, emb)
-        if name is None:
-            return {}
         why = "transformers casts pixel_values to this layer's weight dtype before calling it"
-        return {f"{name}.{n}": why for n, m in emb.named_modules() if isinstance(m, nn.Conv2d)}
+        return dict.fromkeys(_input_embedding(model)[1], why)
 
     def capture_attention(self, model: nn.Module, name: str, store: dict[str, torch.Tensor]) -> list[Any]:
         return hf_attention.capture_attention(model, name, store)

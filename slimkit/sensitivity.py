@@ -44,8 +44,6 @@ from .quant.calibration import batch_size
 
 Metric = str | Callable[[nn.Module, list], float]
 
-_KIND_KEY = {"channels": "channels", "heads": "heads"}
-
 
 @dataclasses.dataclass
 class SensitivityRow:
@@ -229,15 +227,12 @@ class _Quality:
 # ----------------------------------------------------------------------------------------
 # the scan
 # ----------------------------------------------------------------------------------------
-def _prunable(model: nn.Module, kinds: Sequence[str], example_inputs: Any) -> list[tuple[str, str, int]]:
-    """(kind, root, units) of every group a recipe could prune, read from a prepared copy."""
-    out = []
-    for kind in kinds:
-        probe = prepare(copy.deepcopy(model), {"prune": {kind: 0.5}}, example_inputs=example_inputs)
-        pruner = methods_of(probe)["prune"]
-        unit_kind = pruner.channels if kind == "channels" else pruner.heads
-        out.extend((kind, group.root, group.size) for group in unit_kind.groups)
-    return out
+def _prunable(model: nn.Module, kind: str, example_inputs: Any) -> list[tuple[str, str, int]]:
+    """(kind, root, units) of every group of ``kind`` a recipe could prune, from a prepared copy."""
+    probe = prepare(copy.deepcopy(model), {"prune": {kind: 0.5}}, example_inputs=example_inputs)
+    pruner = methods_of(probe)["prune"]
+    unit_kind = pruner.channels if kind == "channels" else pruner.heads
+    return [(kind, group.root, group.size) for group in unit_kind.groups]
 
 
 def _quantizable(model: nn.Module, example_inputs: Any) -> list[str]:
@@ -250,7 +245,7 @@ def _quantizable(model: nn.Module, example_inputs: Any) -> list[str]:
 def _pruned_copy(model, kind, root, ratio, prune_options, batches, example_inputs) -> nn.Module:
     section = {
         **prune_options,
-        _KIND_KEY[kind]: ratio,
+        kind: ratio,
         "include": [root],
         "schedule": {"kind": "one_shot", "start_step": 0},
     }
@@ -317,7 +312,7 @@ def sensitivity(
     groups = []
     for kind in kinds:
         try:
-            groups.extend(_prunable(model, (kind,), example_inputs))
+            groups.extend(_prunable(model, kind, example_inputs))
         except SlimkitError:  # a model without heads (or channels slimkit can cut): nothing of that kind
             continue
     for kind, root, units in groups:
