@@ -120,7 +120,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors, literal_errors = [], []
         for option in options:
             if option is type(None):
                 continue
@@ -128,8 +128,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as exc:
                 errors.append(str(exc))
+                if get_origin(option) is Literal:
+                    literal_errors.append(str(exc))
         if len(errors) == 1:
             raise ConfigError(errors[-1])
+        if isinstance(value, str) and len(literal_errors) == 1:  # a misspelt keyword: say which ones exist
+            raise ConfigError(literal_errors[0])
         raise ConfigError(f"{path}: {short_repr(value)} fits none of the allowed forms")
     if origin is Literal:
         allowed = get_args(tp)

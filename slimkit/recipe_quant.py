@@ -89,6 +89,20 @@ class QuantConfig(Config):
         "call (torch.compile, one graph per input shape; others run eagerly), always, or never (eager oneDNN "
         "kernels only); slimkit.quant.set_compile changes it later",
     )
+    keep_fp32: float | Literal["auto"] | None = help_field(
+        None,
+        "mixed precision: at slimkit.calibrate, measure in fake-quant how much each layer alone gives back "
+        "when it computes in float, and keep the most helpful in float: a whole number >= 1 of layers, a "
+        "fraction in (0, 1) of the quantized layers, or auto (as few as bring the output cosine to float to "
+        "keep_fp32_floor, at most keep_fp32_max of the layers); null: off. The choice is in the model card",
+    )
+    keep_fp32_floor: float = help_field(
+        0.999, "keep_fp32 auto: the output cosine to the float model (fake-quant) at which it stops"
+    )
+    keep_fp32_max: float = help_field(0.1, "keep_fp32 auto: the largest fraction of quantized layers kept in float")
+    keep_fp32_batches: int = help_field(
+        4, "keep_fp32: the calibration batches its measurements run on (one pass of them per quantized layer)"
+    )
     conv_outputs: bool = help_field(
         True,
         "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
@@ -131,7 +145,28 @@ class QuantConfig(Config):
                 "bias_correction",
                 "needs calibration data (slimkit.calibrate), which mode 'dynamic' has none of; use mode ptq or qat",
             )
+        self._validate_keep_fp32(path)
         for name in ("freeze_observers_step", "freeze_bn_step"):
             value = getattr(self, name)
             if value is not None and value < self.start_step:
                 self.fail(path, name, f"must be >= start_step ({self.start_step}), got {value}")
+
+    def _validate_keep_fp32(self, path: str) -> None:
+        value = self.keep_fp32
+        if value is None:
+            return
+        if value != "auto" and not (0.0 < value < 1.0 or (value >= 1 and float(value).is_integer())):
+            self.fail(path, "keep_fp32", f"must be a whole number >= 1, a fraction in (0, 1) or 'auto', got {value}")
+        if self.mode == "dynamic":
+            self.fail(
+                path,
+                "keep_fp32",
+                "chooses layers from calibration data (slimkit.calibrate), which mode 'dynamic' has none of; use "
+                "mode ptq or qat, or list the layers in quant.exclude",
+            )
+        if not 0.0 < self.keep_fp32_floor <= 1.0:
+            self.fail(path, "keep_fp32_floor", f"must be in (0, 1], got {self.keep_fp32_floor}")
+        if not 0.0 < self.keep_fp32_max < 1.0:
+            self.fail(path, "keep_fp32_max", f"must be in (0, 1), got {self.keep_fp32_max}")
+        if self.keep_fp32_batches < 1:
+            self.fail(path, "keep_fp32_batches", f"must be >= 1, got {self.keep_fp32_batches}")

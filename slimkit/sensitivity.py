@@ -12,7 +12,8 @@ for INT8, PTQ with every other layer in ``quant.exclude``. The model given is ne
 Quality is measured on the same batches against the model's own outputs:
 
 * ``"cosine"`` (default): mean cosine between each sample's outputs (logits, or the last hidden
-  state of an encoder without a head) and the original model's; 1.0 is unchanged;
+  state of an encoder without a head; per real token where the batch has an attention mask)
+  and the original model's; 1.0 is unchanged;
 * ``"loss"``: the model's task loss (its own ``outputs.loss``, or cross-entropy of the logits
   against the batches' labels); lower is better;
 * a callable ``metric(model, batches) -> float``, higher is better (e.g. accuracy).
@@ -35,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import call_model, get_logits, get_loss
+from .adapters import call_model, get_loss
 from .api import convert_, methods_of, prepare
 from .batches import collect, model_inputs
 from .calibration import calibrate, needs_calibration
 from .errors import SlimkitError
+from .outputs import flat_outputs, mean_cosine, output_tensor
 from .quant.calibration import batch_size
 
 Metric = str | Callable[[nn.Module, list], float]
@@ -153,24 +155,6 @@ class Sensitivity:
 # ----------------------------------------------------------------------------------------
 # quality
 # ----------------------------------------------------------------------------------------
-def _output_tensor(outputs: Any) -> torch.Tensor:
-    logits = get_logits(outputs)
-    if logits is None and hasattr(outputs, "get"):
-        logits = outputs.get("last_hidden_state")
-    if not isinstance(logits, torch.Tensor):
-        raise SlimkitError(
-            "sensitivity: the model's outputs hold no logits or last_hidden_state tensor; pass metric=... "
-            "(a callable metric(model, batches) -> float, higher is better)"
-        )
-    return logits
-
-
-@torch.no_grad()
-def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return [_output_tensor(call_model(model, model_inputs(b, device))).float().flatten(1) for b in batches]
-
-
 @torch.no_grad()
 def _mean_loss(model: nn.Module, batches: list) -> float:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -188,7 +172,7 @@ def _mean_loss(model: nn.Module, batches: list) -> float:
                     "sensitivity: metric 'loss' needs labels: batches as (inputs, labels) tuples or dicts with "
                     "'labels', or a model whose outputs carry a loss"
                 )
-            loss = F.cross_entropy(_output_tensor(outputs).float().flatten(0, -2), labels.reshape(-1).to(device))
+            loss = F.cross_entropy(output_tensor(outputs).float().flatten(0, -2), labels.reshape(-1).to(device))
         total += float(loss)
         count += 1
     return total / max(count, 1)
@@ -203,14 +187,13 @@ class _Quality:
         if isinstance(metric, str) and metric not in ("cosine", "loss"):
             raise SlimkitError(f"sensitivity: metric must be 'cosine', 'loss' or a callable, got {metric!r}")
         if metric == "cosine":
-            self.reference = _outputs(model.eval(), batches)
+            self.reference = flat_outputs(model.eval(), batches)
         self.baseline = self.measure(model)
 
     def measure(self, model: nn.Module) -> float:
         model.eval()
         if self.metric == "cosine":
-            sims = [F.cosine_similarity(a, b, dim=1) for a, b in zip(_outputs(model, self.batches), self.reference)]
-            value = float(torch.cat(sims).mean())
+            value = mean_cosine(flat_outputs(model, self.batches), self.reference)
         elif self.metric == "loss":
             value = _mean_loss(model, self.batches)
         else:

@@ -23,6 +23,9 @@ activation-sized work.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +132,8 @@ def fake_quant_weight(layer: nn.Module) -> torch.Tensor:
 def _weight_and_bias(layer: nn.Module, state: LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not state.weight_fake_quant:
         return layer.weight, layer.bias
+    if state.held is not None:
+        return state.held
     if state.bn is not None and not folds_now(state):  # the BatchNorm normalizes with batch stats
         return fake_quant_weight(layer), layer.bias
     weight, s, scale = _fake_quant_folded_weight(layer)
@@ -139,6 +144,24 @@ def _weight_and_bias(layer: nn.Module, state: LayerState) -> tuple[torch.Tensor,
     if bias is not None and input_scale is not None:
         bias = quantize_bias(bias, input_scale, scale.detach())
     return weight, bias
+
+
+@contextlib.contextmanager
+def held_weights(layers: list[nn.Module]) -> Iterator[None]:
+    """Fake-quantize each layer's weight (and bias grid) once and reuse it for every forward of
+    the block: for many evaluation passes of an unchanged model (``quant.keep_fp32``), where
+    re-quantizing every weight on every pass would cost as much as the passes. Eval mode and no
+    gradients only: nothing may change a weight, a BatchNorm or a range meanwhile."""
+    states = [layer_state(layer) for layer in layers]
+    with torch.no_grad():
+        for layer, state in zip(layers, states):
+            if state.weight_fake_quant:
+                state.held = tuple(t if t is None else t.detach() for t in _weight_and_bias(layer, state))
+    try:
+        yield
+    finally:
+        for state in states:
+            state.held = None
 
 
 class QATLayer(QuantMixin):

@@ -24,6 +24,7 @@ sites :mod:`.sites`) and then runs one lifecycle (:mod:`.lifecycle`) over its ta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -34,10 +35,12 @@ from torch import nn
 from ..adapters import call_model
 from ..batches import model_inputs
 from ..controller import Controller, Method
+from ..distributed import broadcast_, is_distributed
 from ..errors import IncompatibleError, NonFiniteError
+from ..model_info import add_method_notes
 from ..modules import user_named_modules
 from ..recipe import QuantConfig
-from . import bias_correction, equalization, runtime, sites
+from . import bias_correction, equalization, keep_fp32, runtime, sites
 from .calibration import InputSpread, batch_size, check_calibration
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
@@ -68,6 +71,7 @@ class Quantizer(Method):
         self.equalized: list[equalization.Pair] = []  # quant.equalization: the layer pairs scaled
         self.phase = Phase("float", False, False, False)
         self._load_hook = None
+        self.kept_fp32: keep_fp32.Choice | None = None  # quant.keep_fp32, once calibrate chose
 
     # -- introspection (tests, reports) ---------------------------------------------------------
     def _of(self, kind: type) -> dict[str, Any]:
@@ -89,6 +93,12 @@ class Quantizer(Method):
         return {name: t.bn_name for name, t in self._of(LayerTarget).items() if t.bn_name is not None}
 
     # -- prepare -----------------------------------------------------------------------------
+    def _planned(self) -> QuantConfig:
+        """The config prepare plans with: the recipe's, with the layers keep_fp32 chose excluded."""
+        if self.kept_fp32 is None or not self.kept_fp32.layers:
+            return self.config
+        return dataclasses.replace(self.config, exclude=[*self.config.exclude, *self.kept_fp32.layers])
+
     def _record(self, model: nn.Module, convs: dict[str, nn.Module]) -> Recording | None:
         """One watched forward pass, when BatchNorms may fold or conv outputs get sites."""
         cfg = self.config
@@ -107,7 +117,7 @@ class Quantizer(Method):
         return self.config.conv_outputs and self.config.mode != "dynamic"
 
     def prepare(self, model: nn.Module) -> None:
-        cfg = self.config
+        cfg = self._planned()
         selection = select_layers(model, cfg, self.controller.adapter)
         self.skipped_tied = selection.skipped_tied
         modules = dict(user_named_modules(model))
@@ -221,7 +231,50 @@ class Quantizer(Method):
     def calibrate(self, model: nn.Module, batches: list, *, allow_degenerate: bool = False) -> None:
         """Run the batches through the model in eval mode with the observers on and fake-quant
         off (``slimkit.calibrate``). Degenerate data is refused or warned about
-        (:func:`slimkit.quant.calibration.check_calibration`)."""
+        (:func:`slimkit.quant.calibration.check_calibration`). With ``keep_fp32``, the layers to
+        keep in float are then measured and chosen, and the model is prepared again without them
+        and recalibrated (:mod:`.keep_fp32`)."""
+        self._observe(model, batches, allow_degenerate)
+        if self.config.keep_fp32 is None or self.kept_fp32 is not None:
+            return
+        candidates = self._of(LayerTarget)
+        choice = keep_fp32.choose(
+            model,
+            {name: target.module for name, target in candidates.items()},
+            batches[: self.config.keep_fp32_batches],
+            self.config,
+            lambda fake_quant: self._measuring(model, fake_quant),
+        )
+        self.kept_fp32 = self._agreed(choice, list(candidates))
+        logger.info("quant.keep_fp32: %s", self.kept_fp32.describe())
+        if self.kept_fp32.layers:
+            self.remove(model)
+            self.prepare(model)
+            self._observe(model, batches, allow_degenerate)
+
+    def _agreed(self, choice: keep_fp32.Choice, names: list[str]) -> keep_fp32.Choice:
+        """Under DDP every process measured on its own batches: all take rank 0's layers."""
+        if not is_distributed():
+            return choice
+        keep = torch.tensor([float(n in choice.layers) for n in names])
+        broadcast_([keep])
+        layers = [n for n in names if keep[names.index(n)] > 0]
+        return dataclasses.replace(choice, layers=sorted(layers, key=lambda n: -choice.recovery[n]))
+
+    @contextlib.contextmanager
+    def _measuring(self, model: nn.Module, fake_quant: bool):
+        """The whole model in eval mode, fake-quantized with the calibrated ranges or in float."""
+        was_training = model.training
+        model.eval()
+        self._set_phase(Phase("frozen" if fake_quant else "float", fake_quant, False, self.phase.bn_frozen))
+        try:
+            with self.controller.suspended():
+                yield
+        finally:
+            model.train(was_training)
+            self.apply_phase(self.controller.step)
+
+    def _observe(self, model: nn.Module, batches: list, allow_degenerate: bool) -> None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was_training = model.training
         model.eval()
@@ -301,11 +354,19 @@ class Quantizer(Method):
     @torch.no_grad()
     def convert(self, model: nn.Module) -> nn.Module:
         require_int8_engine()
+        if self.config.keep_fp32 is not None and self.kept_fp32 is None:
+            raise IncompatibleError(
+                "convert: quant.keep_fp32 chooses the layers to keep in float at slimkit.calibrate(model, "
+                "batches), which never ran on this model; calibrate first (before QAT training too), or name "
+                "the layers in quant.exclude and drop keep_fp32"
+            )
         self._check_ranges()
         self._check_finite()
         for target in self.targets:
             target.to_int8(model)
         runtime.install(model, self.config.compile)
+        if self.kept_fp32 is not None:
+            add_method_notes(model, {"layers kept in float (quant.keep_fp32)": self.kept_fp32.describe()})
         # pruning recorded every tensor it sliced, a learned weight_scale included; the INT8 block
         # rebuilds those at load time instead (a method edits another's state only through its API)
         from ..prune.manifest import forget_tensors

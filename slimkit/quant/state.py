@@ -54,6 +54,8 @@ class LayerState:
     # the quantizer of this layer's input (its own, or a site's); its scale sets the bias grid
     input_source: nn.Module | None = None
     weight_cache: tuple | None = None  # (key, scale) of an expensive weight observer
+    # (weight, bias) as the forward computes them, held while nothing can change them (qat.held_weights)
+    held: tuple | None = None
 
 
 class KernelCache:
