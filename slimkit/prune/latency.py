@@ -9,7 +9,8 @@ later run on the same machine with the same threads reuses the figures, another 
 thread count gets a file of its own. ``measured`` / ``reused`` count what a table did.
 
 Whole models are timed interleaved (:func:`interleaved_ms`): every round runs each model once,
-the order reversed every other round, so drift and other processes hit them alike.
+the order reversed every other round, so drift and other processes hit them alike; like the
+layer figures, the fastest round counts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,8 +197,9 @@ class LatencyTable:
 
 @torch.inference_mode()
 def interleaved_ms(models: dict[str, torch.nn.Module], inputs: Any, budget_s: float = 2.0) -> dict[str, float]:
-    """Median forward time (ms) of each model, interleaved round by round (order alternating),
-    for about ``budget_s`` seconds in all (at least 5 rounds)."""
+    """Forward time (ms) of each model, interleaved round by round (order alternating), for about
+    ``budget_s`` seconds in all (at least 5 rounds): the fastest round, as for the layer tables
+    (other processes only ever add time, so the least-disturbed round is the most comparable)."""
     for model in models.values():
         model.eval()
         call_model(model, inputs)  # warm-up
@@ -213,4 +214,4 @@ def interleaved_ms(models: dict[str, torch.nn.Module], inputs: Any, budget_s: fl
             start = time.perf_counter()
             call_model(models[name], inputs)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: min(v) for name, v in times.items()}

@@ -13,8 +13,9 @@ At the first pruning point of a recipe with a target, :func:`solve_target`
    unit of cost saved (the lower-convex-hull greedy of ``allocation``, with cost in place of
    units) until the predicted cost meets the budget, then steps groups back while it still does;
 4. checks the prediction on a physically pruned copy (timed interleaved against the dense model,
-   or counted), and where it misses by more than ``tolerance``, rescales the predicted goal by
-   measured / predicted and solves again (``rounds`` measurements in all), keeping the closest.
+   or counted), and where it misses by more than ``tolerance``, corrects the predicted goal
+   (rescaled by goal / measured, or interpolated between earlier tries that bracket the goal)
+   and solves again (``rounds`` measurements in all), keeping the closest.
 
 A budget that even every group at its smallest candidate cannot meet is refused, naming the best
 reachable figure. Under DDP rank 0 decides alone (its timings) and broadcasts the counts.
@@ -149,6 +150,24 @@ def greedy(cands: list[list[int]], errors: list[list[float]], cost: CostModel, b
         _, g, j, change = best
         current += change
         idx[g], counts[g] = j, cands[g][j]
+
+
+def _next_aim(tried: list[tuple[float, float]], goal: float, most: float) -> float:
+    """The predicted reduction to aim at next, from (predicted, measured) pairs so far: where the
+    pairs bracket the goal, interpolate between the nearest two (in logs; the dense model is the
+    pair (1, 1)); else rescale the nearest by goal / measured. Never above ``most``."""
+    import math
+
+    points = sorted({(1.0, 1.0), *tried})
+    below = [p for p in points if p[1] <= goal]
+    above = [p for p in points if p[1] > goal]
+    if below and above:
+        (p1, m1), (p2, m2) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        if m2 > m1 and p1 > 0 and p2 > 0:
+            t = (math.log(goal) - math.log(max(m1, 1e-12))) / (math.log(m2) - math.log(max(m1, 1e-12)))
+            return min(max(math.exp(math.log(p1) + t * (math.log(p2) - math.log(p1))), 1.0), most)
+    predicted, measured = min(tried, key=lambda p: abs(math.log(max(p[1], 1e-12) / goal)))
+    return min(max(predicted * goal / max(measured, 1e-12), 1.0), most)
 
 
 def _error_curves(pruner: Pruner, scores, pruned, cands) -> list[list[float]]:
@@ -309,7 +328,7 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
         )  # fmt: skip
         if miss <= target.tolerance or r + 1 >= target.rounds:
             break
-        aim = min(max(aim * goal / max(reached, 1e-12), 1.0), best_pred)  # rescale by measured / predicted
+        aim = _next_aim([(h[2], h[3]) for h in history], goal, best_pred)
         new = greedy(cands, errors, cost, dense_pred / aim)
         if new == counts:
             break

@@ -11,8 +11,9 @@ the whole model's cost for per-group removal counts:
   physically pruned copy);
 * ``latency``: each layer's dense time times, for every group that touches it, the ratio its
   measured time at that group's width bears to the dense time (a product, so a layer whose
-  inputs and outputs both shrink falls as its MACs do); the rest of the model (activations,
-  norms, attention products) is held constant, and corrected by timing the pruned copy.
+  inputs and outputs both shrink falls as its MACs do); the rest of the model's measured time
+  (weights streamed from memory, norms, activations, residual adds) is spread over the layers by
+  their memory traffic and shrinks with it; what this misses is corrected by timing the copy.
 """
 
 from __future__ import annotations
@@ -149,9 +150,14 @@ class CostModel:
             for g in layer.sides:
                 self.by_group.setdefault(g, []).append(i)
         layer_total = sum(self.layer_cost(i, {}) for i in range(len(self.layers)))
-        # what the modelled layers do not cover (held constant); a latency can be below the sum
-        # of its layers timed alone, so the rest never goes negative
+        # What the modelled layers do not cover; a latency can be below the sum of its layers
+        # timed alone, so the rest never goes negative. For latency the rest is memory traffic
+        # (a layer timed alone finds its weights in cache, in the model it streams them: at batch
+        # 1 that dominates) and element-wise work on the layers' outputs (norms, activations,
+        # residual adds: at large batches): it is spread over the layers by their weights +
+        # inputs + outputs and shrinks with them. MACs / parameters outside the layers are fixed.
         self.rest = max(dense_total - layer_total, 0.0)
+        self._volume0 = sum(self._volume(i, {}) for i in range(len(self.layers))) if kind == "latency" else 0.0
 
     def _ms(self, layer: Layer, counts: dict[int, int]) -> float:
         n_in, n_out = layer.widths(counts)
@@ -173,13 +179,33 @@ class CostModel:
                 cost *= self._ms(layer, {g: counts[g]}) / max(dense, 1e-9)
         return layer.calls * cost
 
+    def _volume(self, i: int, counts: dict[int, int]) -> float:
+        """Memory traffic of layer ``i`` in elements: its weights, its input and its output."""
+        layer = self.layers[i]
+        n_in, n_out = layer.widths(counts)
+        per_input = math.prod(layer.shape.input_shape) / max(layer.shape.in_features, 1)
+        return layer.params(counts) + layer.calls * (layer.out_elements * n_out + per_input * n_in)
+
+    def _rest_share(self, i: int, counts: dict[int, int]) -> float:
+        """Layer ``i``'s share of the rest (latency: by output volume; else nothing varies)."""
+        if self.kind != "latency" or self._volume0 <= 0:
+            return 0.0
+        return self.rest * self._volume(i, counts) / self._volume0
+
     def total(self, counts: dict[int, int]) -> float:
-        return self.rest + sum(self.layer_cost(i, counts) for i in range(len(self.layers)))
+        fixed = self.rest if self.kind != "latency" or self._volume0 <= 0 else 0.0
+        return fixed + sum(self.layer_cost(i, counts) + self._rest_share(i, counts) for i in range(len(self.layers)))
 
     def delta(self, g: int, count: int, counts: dict[int, int]) -> float:
         """total(counts with group g at ``count``) - total(counts)."""
         new = {**counts, g: count}
-        return sum(self.layer_cost(i, new) - self.layer_cost(i, counts) for i in self.by_group.get(g, []))
+        return sum(
+            self.layer_cost(i, new)
+            + self._rest_share(i, new)
+            - self.layer_cost(i, counts)
+            - self._rest_share(i, counts)
+            for i in self.by_group.get(g, [])
+        )
 
     def prime(self, candidates: list[list[int]]) -> None:
         """Latency: measure (or read from the cache) every figure the solver may ask for."""

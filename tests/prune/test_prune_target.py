@@ -133,9 +133,13 @@ def test_counted_target_widths_are_deterministic_for_a_fixed_seed():
 
 
 def test_unreachable_target_is_refused_with_the_best_reachable_figure(tmp_path):
-    with pytest.raises(IncompatibleError, match=r"prune\.target\.speedup 50 cannot be met: the best reachable is about [\d.]+x"):
+    with pytest.raises(
+        IncompatibleError, match=r"prune\.target\.speedup 50 cannot be met: the best reachable is about [\d.]+x"
+    ):
         prune_to({"speedup": 50, "rounds": 1, "cache": str(tmp_path)}, max_layer_ratio=0.5)
-    with pytest.raises(IncompatibleError, match=r"prune\.target\.macs 0\.01 cannot be met: .*about 0\.[0-9]+ .*max_layer_ratio 0\.5"):
+    with pytest.raises(
+        IncompatibleError, match=r"prune\.target\.macs 0\.01 cannot be met: .*about 0\.[0-9]+ .*max_layer_ratio 0\.5"
+    ):
         prune_to({"macs": 0.01}, max_layer_ratio=0.5)
 
 
@@ -166,11 +170,13 @@ def test_speedup_target_converts_to_round_widths_that_reload(tmp_path):
 def test_gradual_schedule_ramps_each_group_towards_its_chosen_width():
     model = cnn()
     schedule = {"kind": "linear", "start_step": 0, "end_step": 4, "every": 2}
-    recipe = {"prune": {"target": {"params": 0.5}, "importance": "activation", "schedule": schedule, "statistics_steps": 1}}
+    recipe = {
+        "prune": {"target": {"params": 0.5}, "importance": "activation", "schedule": schedule, "statistics_steps": 1}
+    }
     slimkit.prepare(model, recipe, example_inputs=images(1, 5)[0])
     pruned = []
     model.train()
-    for step, x in enumerate(images(4, 7), start=1):
+    for x in images(4, 7):
         with torch.no_grad():
             model(x)
         slimkit.step(model)
