@@ -242,12 +242,15 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
     target: TargetConfig = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
     outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads or torch.get_num_threads())
-    status = torch.zeros(2 + len(groups), dtype=torch.float64)  # [refused, best figure, counts...]
+    # [refused, met, goal, predicted, measured, dense, pruned, counts...]: every process reports rank 0's
+    status = torch.zeros(7 + len(groups), dtype=torch.float64)
     error = None
     if not is_distributed() or rank() == 0:
         try:
             counts = _solve(pruner, model, scores, pruned, outcome)
-            status[2:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
+            figures = [outcome.met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned]
+            status[1:7] = torch.tensor([float(v) for v in figures], dtype=torch.float64)
+            status[7:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
         except IncompatibleError as exc:
             error, status[0] = exc, 1.0
     broadcast_([status])
@@ -255,7 +258,9 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
         raise error
     if status[0] > 0:
         raise IncompatibleError("prune.target cannot be met on rank 0's measurements (see its log)")
-    chosen = [int(v) for v in status[2:].tolist()]
+    met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned = status[1:7].tolist()
+    outcome.met = bool(met)
+    chosen = [int(v) for v in status[7:].tolist()]
     outcome.widths = {g.root: [g.size, g.size - c] for g, c in zip(groups, chosen)}
     return chosen, outcome
 
@@ -267,6 +272,10 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
     inputs = rebatched(pruner._inputs(model), target.batch)
     kind = "latency" if target.timed else target.kind
     was_training = model.training
+    recorder = pruner.data.recorder if pruner.data is not None else None
+    recording = recorder is not None and recorder.active
+    if recording:
+        recorder.active = False  # the forwards below are no training data
     model.eval()
     try:
         with pruner.controller.suspended(), torch_threads(target.threads if target.timed else None):
@@ -290,6 +299,8 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
             return _rounds(target, cost, cands, errors, measure, outcome, pruner)
     finally:
         model.train(was_training)
+        if recording:
+            recorder.active = True
 
 
 def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutcome, pruner: Pruner) -> dict[int, int]:
