@@ -144,22 +144,32 @@ def uniform_section(ratio: float, heads: bool, **data_aware) -> dict:
 
 def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid) -> dict:
     """Uniform pruning at the ratio that gives ``speed``: uniform widths do not depend on the
-    scores, so the ratio is found with l2 (no calibration) and the model then built with the
-    same importance and reconstruction as the target run."""
-    points = [(0.0, 1.0)]
-    for ratio in grid:
+    scores, so the ratio is found with l2 (no calibration: a grid, then up to two interpolated
+    refinements) and the model then built with the same importance and reconstruction as the
+    target run."""
+
+    def timed(ratio: float) -> tuple[float, float]:
         model, _ = pruned(dense, uniform_section(ratio, heads), data, data["calibration"][0], calibrate=False)
-        points.append((ratio, speedup(dense, model, inputs, rounds)))
-    points.sort(key=lambda p: p[1])
-    ratio = points[-1][0]
-    for (r1, s1), (r2, s2) in zip(points, points[1:]):
-        if s1 <= speed <= s2 and s2 > s1:
-            ratio = r1 + (r2 - r1) * (speed - s1) / (s2 - s1)
+        return ratio, speedup(dense, model, inputs, rounds)
+
+    def interpolate(points: list[tuple[float, float]]) -> float:
+        points = sorted(points)
+        for (r1, s1), (r2, s2) in zip(points, points[1:]):
+            if min(s1, s2) <= speed <= max(s1, s2) and s2 != s1:
+                return r1 + (r2 - r1) * (speed - s1) / (s2 - s1)
+        return max(points, key=lambda p: p[1])[0] if speed > max(p[1] for p in points) else 0.01
+
+    points = [(0.0, 1.0), *(timed(r) for r in grid)]
+    ratio = min(max(round(interpolate(points), 3), 0.01), 0.9)
+    for _ in range(2):
+        point = timed(ratio)
+        points.append(point)
+        if abs(point[1] / speed - 1) <= 0.05:
             break
-    ratio = min(max(round(ratio, 3), 0.01), 0.9)
+        ratio = min(max(round(interpolate(points), 3), 0.01), 0.9)
     section = uniform_section(ratio, heads, importance="activation", reconstruct=True)
     model, _ = pruned(dense, section, data, data["calibration"][0])
-    return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in points], "model": model}
+    return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in sorted(points)], "model": model}
 
 
 def ort_dynamic(dense: nn.Module, data: dict, inputs, text: bool, rounds: int) -> dict:
@@ -227,6 +237,8 @@ def run_model(name: str, args) -> dict:
                 "measured_speedup": round(speedup(dense, uniform["model"], inputs, rounds), 3),
                 **quality_of(outputs(uniform["model"], data, text), reference, text),
             }
+            key = "spearman" if text else "cosine"
+            row["quality_minus_uniform"] = round(row["slimkit"][key] - row["uniform"][key], 5)
             entry["targets"].append(row)
             s, u = row["slimkit"], row["uniform"]
             print(

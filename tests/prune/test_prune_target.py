@@ -205,3 +205,14 @@ def test_ddp_processes_keep_rank_zeros_widths(tmp_path):
     assert any(size != kept for size, kept in ranks[0]["chosen"].values())
     # only rank 0 timed layers (and wrote a cache): the others took its decision
     assert list((tmp_path / "cache0").glob("latency-*.json")) and not (tmp_path / "cache1").exists()
+
+
+def test_the_correction_interpolates_between_tries_that_bracket_the_goal():
+    from slimkit.prune.target_solver import next_aim
+
+    # one try: predicted 2.0 measured 1.6 -> rescale by goal / measured
+    assert next_aim([(2.0, 1.6)], 2.0, 10.0) == pytest.approx(2.5)
+    # two tries bracketing the goal: between them (log-linear), never above the reachable most
+    aim = next_aim([(2.0, 1.6), (3.0, 2.4)], 2.0, 10.0)
+    assert 2.0 < aim < 3.0
+    assert next_aim([(2.0, 0.5)], 2.0, 3.0) == 3.0
