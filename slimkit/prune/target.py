@@ -247,9 +247,15 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
         goal = 1.0 / target.value
     outcome.goal, outcome.dense = goal, measure.dense
     most = {g: c[-1] for g, c in enumerate(cands)}
+    reached = None
+    if measure.kind == "latency":  # the smallest model, timed: the best reachable, and the fixed overhead
+        reached, _ = measure.reduction(most)
+        cost.calibrate(most, measure.dense / reached)
+        dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
     best_pred = dense_pred / max(cost.total(most), 1e-12)
     if best_pred < goal:
-        reached, _ = measure.reduction(most)
+        if reached is None:
+            reached, _ = measure.reduction(most)
         if reached < goal * (1.0 - target.tolerance):
             cfg = pruner.config
             raise IncompatibleError(

@@ -13,7 +13,9 @@ the whole model's cost for per-group removal counts:
   measured time at that group's width bears to the dense time (a product, so a layer whose
   inputs and outputs both shrink falls as its MACs do); the rest of the model's measured time
   (weights streamed from memory, norms, activations, residual adds) is spread over the layers by
-  their memory traffic and shrinks with it; what this misses is corrected by timing the copy.
+  their memory traffic and shrinks with it, except a fixed part (per-op overhead) found by timing
+  the smallest model too (:meth:`CostModel.calibrate`); what this misses is corrected by timing
+  the chosen copy.
 """
 
 from __future__ import annotations
@@ -158,6 +160,22 @@ class CostModel:
         # inputs + outputs and shrinks with them. MACs / parameters outside the layers are fixed.
         self.rest = max(dense_total - layer_total, 0.0)
         self._volume0 = sum(self._volume(i, {}) for i in range(len(self.layers))) if kind == "latency" else 0.0
+        # the part of the rest that scales with traffic; the remainder (per-op framework
+        # overhead) is fixed. All of it scales until `calibrate` sees the smallest model.
+        self.scaled = self.rest if self._volume0 > 0 else 0.0
+
+    def calibrate(self, counts: dict[int, int], measured: float) -> None:
+        """Latency: split the rest into a fixed part (per-op overhead, which pruning keeps) and a
+        part that scales with traffic, so that the prediction equals what was measured both for
+        the dense model and for ``counts`` (in practice: every group at its smallest width)."""
+        if self.kind != "latency" or self._volume0 <= 0:
+            return
+        n = range(len(self.layers))
+        volume = sum(self._volume(i, counts) for i in n) / self._volume0
+        rest_then = measured - sum(self.layer_cost(i, counts) for i in n)
+        if volume < 1.0 - 1e-9:
+            # dense: rest = fixed + scaled; at counts: rest_then = fixed + scaled * volume
+            self.scaled = min(max((self.rest - rest_then) / (1.0 - volume), 0.0), self.rest)
 
     def _ms(self, layer: Layer, counts: dict[int, int]) -> float:
         n_in, n_out = layer.widths(counts)
@@ -186,14 +204,17 @@ class CostModel:
         per_input = math.prod(layer.shape.input_shape) / max(layer.shape.in_features, 1)
         return layer.params(counts) + layer.calls * (layer.out_elements * n_out + per_input * n_in)
 
+    def _rest_scaled(self) -> float:
+        return self.scaled if self.kind == "latency" and self._volume0 > 0 else 0.0
+
     def _rest_share(self, i: int, counts: dict[int, int]) -> float:
-        """Layer ``i``'s share of the rest (latency: by output volume; else nothing varies)."""
+        """Layer ``i``'s share of the rest that scales (latency: by traffic; else none)."""
         if self.kind != "latency" or self._volume0 <= 0:
             return 0.0
-        return self.rest * self._volume(i, counts) / self._volume0
+        return self.scaled * self._volume(i, counts) / self._volume0
 
     def total(self, counts: dict[int, int]) -> float:
-        fixed = self.rest if self.kind != "latency" or self._volume0 <= 0 else 0.0
+        fixed = self.rest - self._rest_scaled()
         return fixed + sum(self.layer_cost(i, counts) + self._rest_share(i, counts) for i in range(len(self.layers)))
 
     def delta(self, g: int, count: int, counts: dict[int, int]) -> float:
