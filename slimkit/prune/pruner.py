@@ -22,6 +22,7 @@ from torch import nn
 from ..adapters import call_model
 from ..controller import Controller, Method
 from ..distributed import mul_mask_
+from ..errors import UnsupportedModelError
 from ..model_info import add_method_notes
 from ..modules import get_module
 from ..recipe import PruneConfig
@@ -37,7 +38,7 @@ from .schedule import due_point, pruning_points, target_at_point
 from .scope import pruned_scope
 from .slicing import remove_units
 from .state import PruneState, UnitKind, broadcast, distributed
-from .target import DEFAULT_ROUND_TO, TargetOutcome
+from .target import DEFAULT_ROUND_TO, TargetOutcome, restored_outcome
 from .units import UnitGroup, apply_zero_plan, zero_plan
 from .verify import find_inexact
 
@@ -83,9 +84,7 @@ class Pruner(Method):
         self.excluded = self._excluded(model)
         layouts = adapter.attention_heads(model) if cfg.width else []
         if cfg.heads > 0 or (cfg.target is not None and layouts):
-            self.heads = UnitKind(
-                "heads", find_head_groups(model, layouts, self.excluded, self.included), cfg.heads, None
-            )
+            self.heads = UnitKind("heads", self._head_groups(model, layouts), cfg.heads, None)
         if cfg.channels > 0 or cfg.target is not None:
             self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, self._round_to)
         if cfg.width and cfg.verify:
@@ -116,6 +115,16 @@ class Pruner(Method):
         if cfg.records_inputs or cfg.gradient_based:
             self.data = PointData(model, cfg, [self.channels, self.heads], self.transposed)
         self._advance(model, self.controller.step, prepare=True)
+
+    def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
+        try:
+            return find_head_groups(model, layouts, self.excluded, self.included)
+        except UnsupportedModelError as exc:
+            if self.config.target is None:
+                raise
+            # a target chooses among what can be pruned: heads that cannot be are left whole
+            logger.warning("prune.target: attention heads are left whole: %s", exc)
+            return []
 
     @property
     def _round_to(self) -> int | None:
@@ -299,6 +308,8 @@ class Pruner(Method):
         # A checkpoint restored the state: a point it already did no longer waits for data.
         if self._deferred is not None and int(self.state.last_point) >= self._deferred:
             self._clear_deferred()
+        if self.config.target is not None and bool(self.state.target_solved) and self.target_outcome is None:
+            self.target_outcome = restored_outcome(self)  # the widths; the timings were not checkpointed
         self._invalidate()
 
     def _invalidate(self) -> None:

@@ -85,7 +85,20 @@ class TargetOutcome:
         )
 
 
+def restored_outcome(pruner: Pruner) -> TargetOutcome:
+    """The outcome of a solve restored from a checkpoint: what was asked and the widths chosen
+    (the figures measured then are not part of the checkpoint)."""
+    target = pruner.config.target
+    groups = pruner.channels.groups + pruner.heads.groups
+    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads)
+    counts = pruner.state.target_counts.tolist()
+    outcome.widths = {g.root: [g.size, g.size - int(c)] for g, c in zip(groups, counts)}
+    return outcome
+
+
 def _figure(kind: str, reduction: float, dense: float) -> str:
+    if reduction <= 0:
+        return "unknown (restored from a checkpoint)"
     if kind == "speedup":
         return f"{reduction:.2f}x"
     if kind == "latency_ms":

@@ -216,3 +216,17 @@ def test_the_correction_interpolates_between_tries_that_bracket_the_goal():
     aim = next_aim([(2.0, 1.6), (3.0, 2.4)], 2.0, 10.0)
     assert 2.0 < aim < 3.0
     assert next_aim([(2.0, 0.5)], 2.0, 3.0) == 3.0
+
+
+def test_chosen_widths_are_part_of_the_checkpoint():
+    model = prune_to({"params": 0.5})
+    chosen = slimkit.prune.summary(model)["target"]["widths"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = cnn(seed=1)
+    slimkit.prepare(
+        fresh, {"prune": {"target": {"params": 0.5}, "importance": "activation"}}, example_inputs=images(1, 5)[0]
+    )
+    fresh.load_state_dict(state)
+    restored = slimkit.prune.summary(fresh)["target"]
+    assert restored["widths"] == chosen and restored["measured"] is None
+    assert conv_widths(slimkit.convert(fresh)) == conv_widths(slimkit.convert(model))
