@@ -204,7 +204,7 @@ def run_model(name: str, args) -> dict:
         rounds = args.rounds if batch == 1 else max(3, args.rounds // 4)
         entry: dict = {"ort_dynamic": ort_dynamic(dense, data, inputs, text, rounds), "targets": []}
         for goal in args.speedups:
-            target = {"speedup": goal, "batch": batch, "threads": common.THREADS}
+            target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
             section = {"target": target, "importance": "activation", "reconstruct": True}
             start = time.perf_counter()
             try:
@@ -299,7 +299,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (a quarter at larger batches)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="latency tables to reuse (default: a fresh folder, so that tables timed on a busy machine never count)",
+    )
     args = parser.parse_args()
+    if args.cache is None:
+        args.cache = Path(tempfile.mkdtemp(prefix="slimkit-latency-"))
     args.grid = UNIFORM_GRID
     if args.quick:
         args.size, args.batches, args.speedups, args.rounds, args.grid = 64, [1], [2.0], 5, (0.5, 0.8)
