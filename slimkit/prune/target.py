@@ -199,13 +199,13 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
             figures = [outcome.met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned]
             status[1:7] = torch.tensor([float(v) for v in figures], dtype=torch.float64)
             status[7:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
-        except IncompatibleError as exc:
+        except Exception as exc:  # the other processes wait on the broadcast: tell them, then raise
             error, status[0] = exc, 1.0
     broadcast_([status])
     if error is not None:
         raise error
     if status[0] > 0:
-        raise IncompatibleError("prune.target cannot be met on rank 0's measurements (see its log)")
+        raise IncompatibleError("prune.target: rank 0 refused the target or failed choosing widths (see its log)")
     met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned = status[1:7].tolist()
     outcome.met = bool(met)
     chosen = [int(v) for v in status[7:].tolist()]
