@@ -230,3 +230,19 @@ def test_chosen_widths_are_part_of_the_checkpoint():
     restored = slimkit.prune.summary(fresh)["target"]
     assert restored["widths"] == chosen and restored["measured"] is None
     assert conv_widths(slimkit.convert(fresh)) == conv_widths(slimkit.convert(model))
+
+
+def test_counted_target_on_an_encoder_spreads_heads_and_ffn_neurons():
+    from tests.families import hf_model, token_batch
+
+    model = hf_model("bert-base").eval()
+    batches = [token_batch(4, 12, seed=s) for s in (1, 2)]
+    dense_macs = count_macs(model, batches[0])
+    recipe = {"prune": {"target": {"macs": 0.6}, "importance": "activation", "reconstruct": True}}
+    slimkit.prepare(model, recipe, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    widths = slimkit.prune.summary(model)["target"]["widths"]
+    assert any(root.endswith("attention.self") and kept < size for root, (size, kept) in widths.items())
+    assert any(root.endswith("intermediate.dense") and kept < size for root, (size, kept) in widths.items())
+    small = slimkit.convert(model)
+    assert abs(count_macs(small, batches[0]) / dense_macs - 0.6) <= 0.1 * 0.6
