@@ -152,6 +152,73 @@ class ScheduleConfig(Config):
         return self.start_step if self.kind == "one_shot" else int(self.end_step)
 
 
+@dataclasses.dataclass
+class TargetConfig(Config):
+    """A budget instead of ratios: per-group widths are chosen to reach it with the least
+    predicted quality loss (latency measured on this machine, MACs / parameters counted)."""
+
+    section: ClassVar[str] = "prune.target"
+
+    speedup: float | None = help_field(None, "measured speed-up over the dense model on this machine, > 1")
+    latency_ms: float | None = help_field(None, "measured forward latency in milliseconds on this machine, > 0")
+    macs: float | None = help_field(None, "fraction in (0, 1) of the dense model's multiply-accumulates kept")
+    params: float | None = help_field(None, "fraction in (0, 1) of the dense model's parameters kept")
+    batch: int = help_field(1, "speedup / latency_ms: batch size the latency is measured at")
+    threads: int | None = help_field(None, "speedup / latency_ms: torch threads while timing (default: current)")
+    widths: int = help_field(
+        6, "candidate widths timed per group (multiples of round_to, default 8 with a target; macs / params: >= 32)"
+    )
+    rounds: int = help_field(
+        3, "measurements of the pruned copy (timed or counted); after each miss the budget is rescaled and re-solved"
+    )
+    tolerance: float = help_field(0.1, "relative miss accepted after the rounds (measured against the target)")
+    cache: str | None = help_field(
+        None, "folder of the per-machine latency tables (default: $SLIMKIT_CACHE/latency or ~/.cache/slimkit/latency)"
+    )
+
+    def validate(self, path: str) -> None:
+        given = [n for n in ("speedup", "latency_ms", "macs", "params") if getattr(self, n) is not None]
+        if len(given) != 1:
+            self.fail(
+                path,
+                "speedup",
+                f"give exactly one of speedup, latency_ms, macs, params (got {', '.join(given) or 'none'}), "
+                "e.g. target: {speedup: 2.0}",
+            )
+        if self.speedup is not None and self.speedup <= 1.0:
+            self.fail(path, "speedup", f"must be > 1 (a speed-up over the dense model), got {self.speedup}")
+        if self.latency_ms is not None and self.latency_ms <= 0:
+            self.fail(path, "latency_ms", f"must be > 0, got {self.latency_ms}")
+        for name in ("macs", "params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                self.fail(path, name, f"must be a fraction in (0, 1) of the dense model kept, got {value}")
+        if self.batch < 1:
+            self.fail(path, "batch", f"must be >= 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            self.fail(path, "threads", f"must be >= 1, got {self.threads}")
+        if self.widths < 2:
+            self.fail(path, "widths", f"must be >= 2, got {self.widths}")
+        if self.rounds < 1:
+            self.fail(path, "rounds", f"must be >= 1, got {self.rounds}")
+        if not 0.0 < self.tolerance < 1.0:
+            self.fail(path, "tolerance", f"must be in (0, 1), got {self.tolerance}")
+
+    @property
+    def kind(self) -> str:
+        """Which budget: 'speedup', 'latency_ms', 'macs' or 'params'."""
+        return next(n for n in ("speedup", "latency_ms", "macs", "params") if getattr(self, n) is not None)
+
+    @property
+    def timed(self) -> bool:
+        """A latency budget (measured), rather than a counted one."""
+        return self.kind in ("speedup", "latency_ms")
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
 def _ratio(cfg: Config, path: str, name: str) -> None:
     value = getattr(cfg, name)
     if not 0.0 <= value < 1.0:
@@ -220,6 +287,11 @@ class PruneConfig(Config):
     verify: bool = help_field(
         True, "at prepare, check on a copy of the model that masking equals removal (costs one copy)"
     )
+    target: TargetConfig | None = help_field(
+        None,
+        "a budget instead of channels / heads ratios: {speedup: 2.0, batch: 1}, {latency_ms: 12}, {macs: 0.5} "
+        "or {params: 0.5}; per-layer widths are chosen where they cost least quality",
+    )
 
     def validate(self, path: str) -> None:
         for name in ("channels", "heads", "sparsity"):
@@ -248,6 +320,15 @@ class PruneConfig(Config):
                 self.fail(path, "nm", f"expected 'N:M' with 0 < N < M, such as '2:4', got {self.nm!r}")
         if self.sparsity and self.nm:
             self.fail(path, "nm", "use either sparsity (unstructured) or nm (N:M), not both")
+        if self.target is not None:
+            for name in ("channels", "heads", "layers"):
+                if getattr(self, name):
+                    self.fail(
+                        path,
+                        name,
+                        f"prune.target chooses the widths itself; remove {name} (or the target), "
+                        "depth pruning does not take a target yet",
+                    )
 
     def phase_start(self) -> int | None:
         return self.schedule.start_step
@@ -272,7 +353,13 @@ class PruneConfig(Config):
     @property
     def width(self) -> bool:
         """True when channels / MLP neurons or heads are pruned (units inside layers)."""
-        return self.channels > 0 or self.heads > 0
+        return self.channels > 0 or self.heads > 0 or self.target is not None
+
+    @property
+    def measures_sensitivity(self) -> bool:
+        """Whether each group's error curve is measured on recorded inputs (global allocation by
+        sensitivity, or a target, which trades those curves against latency / MACs)."""
+        return self.width and (self.target is not None or (self.scope == "global" and self.allocation == "sensitivity"))
 
     @property
     def gradient_based(self) -> bool:
@@ -282,8 +369,9 @@ class PruneConfig(Config):
     @property
     def records_inputs(self) -> bool:
         """Whether the pruning points use recorded layer inputs."""
-        sensitivity = self.scope == "global" and self.allocation == "sensitivity"
-        return self.width and (self.importance in ("activation", "obs") or self.reconstruct or sensitivity)
+        return self.width and (
+            self.importance in ("activation", "obs") or self.reconstruct or self.measures_sensitivity
+        )
 
 
 # ----------------------------------------------------------------------------------------

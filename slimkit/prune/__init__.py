@@ -22,8 +22,9 @@ from .units import Member, UnitGroup
 
 def summary(model) -> dict:
     """What pruning has done to a prepared model so far: units pruned / prunable per kind
-    (``channels``, ``heads``), ``layers`` (the blocks removed and the removable ones), and the
-    channel groups left whole with the reason (``skipped``)."""
+    (``channels``, ``heads``), ``layers`` (the blocks removed and the removable ones), the
+    channel groups left whole with the reason (``skipped``), and with ``prune.target`` what was
+    asked, predicted and measured and the width chosen per group (``target``)."""
     from ..controller import controller_of, unwrap
 
     pruner = controller_of(unwrap(model)).methods.get("prune")

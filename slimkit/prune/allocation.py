@@ -73,6 +73,39 @@ def _hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return hull
 
 
+def group_readers(consumers: list[Consumer], damping: float, refit: bool) -> dict[int, list[_ConsumerCurve]]:
+    """Group id -> the error curves of the recorded consumers that read its units."""
+    readers: dict[int, list[_ConsumerCurve]] = {}
+    for consumer in consumers:
+        if consumer.stats.gram is None:
+            continue
+        curve = _ConsumerCurve(consumer, damping, refit)
+        for g, _ in consumer.members:
+            readers.setdefault(g, []).append(curve)
+    return readers
+
+
+def error_curve(
+    readers: list[_ConsumerCurve], gid: int, order: torch.Tensor, mask: torch.Tensor, counts: list[int], removed_columns
+) -> list[float]:
+    """The relative output error of the group's readers with ``counts[j]`` units removed (the
+    already pruned ``mask`` plus the next ones in ``order``), one value per count."""
+    energy = sum(c.energy for c in readers) or 1.0
+    done = int(mask.sum())
+    out = []
+    for k in counts:
+        removed = mask.clone()
+        removed[order[: max(k - done, 0)]] = True
+        out.append(sum(curve.error(removed_columns(curve.consumer, gid, removed)) for curve in readers) / energy)
+    return out
+
+
+def removal_order(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The units not pruned yet, lowest score first."""
+    alive = (~mask).nonzero().flatten()
+    return alive[torch.argsort(score[alive], stable=True)]
+
+
 def sensitivity_counts(
     groups: list[UnitGroup],
     group_ids: list[int],
@@ -88,13 +121,7 @@ def sensitivity_counts(
 ) -> list[int] | None:
     """Units to remove per group (already pruned included), or None when a group has no
     recorded consumer (the caller falls back to normalised scores)."""
-    readers: dict[int, list[_ConsumerCurve]] = {}
-    for consumer in consumers:
-        if consumer.stats.gram is None:
-            continue
-        curve = _ConsumerCurve(consumer, damping, refit)
-        for g, _ in consumer.members:
-            readers.setdefault(g, []).append(curve)
+    readers = group_readers(consumers, damping, refit)
     if any(g not in readers for g in group_ids):
         return None
     total = sum(g.size for g in groups)
@@ -105,22 +132,11 @@ def sensitivity_counts(
     segments = []  # (slope, group, units)
     for i, (group, gid, score, mask) in enumerate(zip(groups, group_ids, scores, pruned)):
         cap = max(removable(group, int(max_layer_ratio * group.size + 1e-9), None), counts[i])
-        alive = (~mask).nonzero().flatten()
-        order = alive[torch.argsort(score[alive], stable=True)]
         room = cap - counts[i]
         steps = room if room <= 2 * _GRID else _GRID
         samples = sorted({counts[i] + round(j * room / max(steps, 1)) for j in range(steps + 1)})
-        energy = sum(c.energy for c in readers[gid]) or 1.0
-        points = []
-        for k in samples:
-            removed = mask.clone()
-            removed[order[: k - counts[i]]] = True
-            columns_by_curve = {}
-            for curve in readers[gid]:
-                columns_by_curve[id(curve)] = removed_columns(curve.consumer, gid, removed)
-            error = sum(curve.error(columns_by_curve[id(curve)]) for curve in readers[gid])
-            points.append((k, error / energy))
-        hull = _hull(points)
+        errors = error_curve(readers[gid], gid, removal_order(score, mask), mask, samples, removed_columns)
+        hull = _hull(list(zip(samples, errors)))
         for (k1, e1), (k2, e2) in zip(hull, hull[1:]):
             segments.append(((e2 - e1) / (k2 - k1), i, k2 - k1))
     for _, i, units in sorted(segments, key=lambda s: s[0]):

@@ -85,8 +85,7 @@ class PointData:
                     if member.side == "in":
                         readers.setdefault(member.module, []).append((g, m))
             modules = {name: get_module(model, name) for name in readers}
-            sensitivity = config.scope == "global" and config.allocation == "sensitivity"
-            gram = config.reconstruct or sensitivity or config.importance == "obs"
+            gram = config.reconstruct or config.measures_sensitivity or config.importance == "obs"
             self.recorder = Recorder(model, modules, transposed, gram=gram)
             for name, stats in self.recorder.stats.items():
                 self.consumers[name] = Consumer(name, modules[name], stats, readers[name])

@@ -246,15 +246,10 @@ def _paired_stats(
     return stats
 
 
-def sensitivity_allocation(
-    pruner: Pruner, kind: UnitKind, scores: list[torch.Tensor], pruned: list[torch.Tensor], target: float
-) -> list[int] | None:
-    """Units per group of one kind by measured sensitivity (allocation.py); None without data."""
+def removed_columns_of(pruner: Pruner):
+    """``f(consumer, group id, mask)``: the input columns a consumer loses when group ``gid``
+    has ``mask`` pruned and every other group what it has pruned now."""
     data = pruner.data
-    if data is None or data.recorder is None or data.recorder.seen == 0:
-        return None
-    flat_offset = 0 if kind is pruner.channels else len(pruner.channels.groups)
-    group_ids = [flat_offset + i for i in range(len(kind.groups))]
     current = pruner._pruned()
 
     def removed_columns(consumer: Consumer, gid: int, mask: torch.Tensor) -> list[int]:
@@ -267,6 +262,19 @@ def sensitivity_allocation(
                 positions.update(data.groups[g].members[m].positions(units))
         return columns_of(consumer.stats, consumer.module, sorted(positions))
 
+    return removed_columns
+
+
+def sensitivity_allocation(
+    pruner: Pruner, kind: UnitKind, scores: list[torch.Tensor], pruned: list[torch.Tensor], target: float
+) -> list[int] | None:
+    """Units per group of one kind by measured sensitivity (allocation.py); None without data."""
+    data = pruner.data
+    if data is None or data.recorder is None or data.recorder.seen == 0:
+        return None
+    flat_offset = 0 if kind is pruner.channels else len(pruner.channels.groups)
+    group_ids = [flat_offset + i for i in range(len(kind.groups))]
+    removed_columns = removed_columns_of(pruner)
     consumers = [c for c in data.consumers.values() if any(g in group_ids for g, _ in c.members)]
     counts = sensitivity_counts(
         kind.groups,

@@ -20,7 +20,7 @@ from . import importance
 from .obs import obs_scores
 from .oneshot import sensitivity_allocation
 from .schedule import target_at_point
-from .selection import choose, select
+from .selection import choose, removable, select
 from .sparse import input_dim, magnitude_masks, nm_mask
 from .state import UnitKind, broadcast
 
@@ -53,6 +53,10 @@ def prune_to_point(pruner: Pruner, model: nn.Module, point: int) -> None:
     """Rank every unit with the statistics gathered for ``point``, mark the schedule's share of
     each kind pruned (and update unstructured / N:M keep masks), and broadcast the result."""
     cfg = pruner.config
+    if cfg.target is not None:
+        changed = prune_to_target(pruner, model, point)
+        broadcast(changed + update_sparse_masks(pruner, model, point))
+        return
     changed = []
     for kind in (pruner.channels, pruner.heads):
         target = target_at_point(cfg.schedule, kind.final, point)
@@ -82,6 +86,56 @@ def prune_to_point(pruner: Pruner, model: nn.Module, point: int) -> None:
             stats.zero_()  # gradient sums restart at every pruning point
     changed += update_sparse_masks(pruner, model, point)
     broadcast(changed)
+
+
+def prune_to_target(pruner: Pruner, model: nn.Module, point: int) -> list[torch.Tensor]:
+    """``prune.target``: at the first point the solver chooses every group's final removal count
+    (target.py, kept in the checkpointed state); each point removes the schedule's share of it,
+    ``target_at_point(schedule, count / size, point)`` of each group."""
+    cfg, state = pruner.config, pruner.state
+    kinds = [pruner.channels, pruner.heads]
+    if target_at_point(cfg.schedule, 0.5, point) <= 0:
+        return []
+    parts = []  # (kind, flat, stats, pruned, scores) per kind
+    for kind in kinds:
+        if not kind.groups:
+            continue
+        flat = getattr(state, f"{kind.name}_pruned")
+        stats = getattr(state, f"{kind.name}_{cfg.importance}", None) if cfg.gradient_based else None
+        method = cfg.importance
+        if method in ("taylor", "fisher") and not bool((stats > 0).any()):
+            logger.warning("prune: no gradients were seen since the last pruning point; ranking %s by l2", kind.name)
+            method = "l2"
+        stat_parts = kind.split(stats) if stats is not None else [None] * len(kind.groups)
+        pruned = [p.cpu() for p in kind.split(flat)]
+        scores = [
+            unit_scores(pruner, model, kind, i, method, s, p, cfg.max_layer_ratio)
+            for i, (s, p) in enumerate(zip(stat_parts, pruned))
+        ]
+        parts.append((kind, flat, stats, pruned, scores))
+    if not bool(state.target_solved):
+        from .target import solve_target
+
+        all_scores = [s for part in parts for s in part[4]]
+        all_pruned = [p for part in parts for p in part[3]]
+        chosen, pruner.target_outcome = solve_target(pruner, model, all_scores, all_pruned)
+        state.target_counts.copy_(torch.tensor(chosen, dtype=torch.long))
+        state.target_solved.fill_(True)
+        logger.info("prune: %s", pruner.target_outcome.describe())
+    changed, offset = [], 0
+    for kind, flat, stats, pruned, scores in parts:
+        new = []
+        for i, (group, score, mask) in enumerate(zip(kind.groups, scores, pruned)):
+            final = int(state.target_counts[offset + i])
+            share = target_at_point(cfg.schedule, final / group.size, point)
+            count = min(removable(group, int(share * group.size + 1e-9), kind.round_to), final)
+            new.append(choose(group, score, mask, max(count, int(mask.sum()))))
+        offset += len(kind.groups)
+        flat.copy_(torch.cat(new).to(flat.device))
+        changed.append(flat)
+        if stats is not None:
+            stats.zero_()
+    return changed
 
 
 def select_units(

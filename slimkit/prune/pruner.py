@@ -22,6 +22,7 @@ from torch import nn
 from ..adapters import call_model
 from ..controller import Controller, Method
 from ..distributed import mul_mask_
+from ..errors import UnsupportedModelError
 from ..model_info import add_method_notes
 from ..modules import get_module
 from ..recipe import PruneConfig
@@ -37,6 +38,7 @@ from .schedule import due_point, pruning_points, target_at_point
 from .scope import pruned_scope
 from .slicing import remove_units
 from .state import PruneState, UnitKind, broadcast, distributed
+from .target import DEFAULT_ROUND_TO, TargetOutcome, restored_outcome
 from .units import UnitGroup, apply_zero_plan, zero_plan
 from .verify import find_inexact
 
@@ -70,6 +72,7 @@ class Pruner(Method):
         self._model_ref: nn.Module | None = None
         self._converted = False
         self._synced = False
+        self.target_outcome: TargetOutcome | None = None  # prune.target: what was asked, predicted, measured
 
     # ------------------------------------------------------------------------------------
     # prepare
@@ -80,12 +83,10 @@ class Pruner(Method):
         self.transposed = dict(adapter.transposed_linear_types())
         self.excluded = self._excluded(model)
         layouts = adapter.attention_heads(model) if cfg.width else []
-        if cfg.heads > 0:
-            self.heads = UnitKind(
-                "heads", find_head_groups(model, layouts, self.excluded, self.included), cfg.heads, None
-            )
-        if cfg.channels > 0:
-            self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, cfg.round_to)
+        if cfg.heads > 0 or (cfg.target is not None and layouts):
+            self.heads = UnitKind("heads", self._head_groups(model, layouts), cfg.heads, None)
+        if cfg.channels > 0 or cfg.target is not None:
+            self.channels = UnitKind("channels", self._channel_groups(model, layouts), cfg.channels, self._round_to)
         if cfg.width and cfg.verify:
             with self.controller.suspended():
                 find_inexact(
@@ -102,7 +103,9 @@ class Pruner(Method):
         )
         gradient = cfg.importance if cfg.gradient_based else None
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.state = PruneState(self.channels.total, self.heads.total, gradient, sparse_shapes).to(device)
+        target_groups = len(self.channels.groups) + len(self.heads.groups) if cfg.target is not None else None
+        self.state = PruneState(self.channels.total, self.heads.total, gradient, sparse_shapes, target_groups)
+        self.state = self.state.to(device)
         self.state.register_load_state_dict_post_hook(lambda module, keys: self._after_load())
         if cfg.layers > 0:
             self.depth = self._depth_setup(model)
@@ -112,6 +115,21 @@ class Pruner(Method):
         if cfg.records_inputs or cfg.gradient_based:
             self.data = PointData(model, cfg, [self.channels, self.heads], self.transposed)
         self._advance(model, self.controller.step, prepare=True)
+
+    def _head_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
+        try:
+            return find_head_groups(model, layouts, self.excluded, self.included)
+        except UnsupportedModelError as exc:
+            if self.config.target is None:
+                raise
+            # a target chooses among what can be pruned: heads that cannot be are left whole
+            logger.warning("prune.target: attention heads are left whole: %s", exc)
+            return []
+
+    @property
+    def _round_to(self) -> int | None:
+        cfg = self.config
+        return cfg.round_to if cfg.round_to is not None or cfg.target is None else DEFAULT_ROUND_TO
 
     def _inputs(self, model: nn.Module) -> Any:
         """Example inputs for tracing (dict inputs get the adapter's trace kwargs)."""
@@ -134,7 +152,7 @@ class Pruner(Method):
     def _channel_groups(self, model: nn.Module, layouts: list) -> list[UnitGroup]:
         with self.controller.suspended():
             groups, self.skipped = find_channel_groups(
-                model, self._inputs(model), layouts, self.transposed, self.excluded, self.included, self.config.round_to
+                model, self._inputs(model), layouts, self.transposed, self.excluded, self.included, self._round_to
             )
         return groups
 
@@ -182,6 +200,8 @@ class Pruner(Method):
 
     # -- data-aware points -------------------------------------------------------------------
     def _targets(self, point: int) -> bool:
+        if self.config.target is not None:
+            return target_at_point(self.config.schedule, 0.5, point) > 0
         return any(target_at_point(self.config.schedule, k.final, point) > 0 for k in (self.channels, self.heads))
 
     def _waits_for_data(self, point: int) -> bool:
@@ -288,6 +308,8 @@ class Pruner(Method):
         # A checkpoint restored the state: a point it already did no longer waits for data.
         if self._deferred is not None and int(self.state.last_point) >= self._deferred:
             self._clear_deferred()
+        if self.config.target is not None and bool(self.state.target_solved) and self.target_outcome is None:
+            self.target_outcome = restored_outcome(self)  # the widths; the timings were not checkpointed
         self._invalidate()
 
     def _invalidate(self) -> None:
@@ -362,6 +384,8 @@ class Pruner(Method):
                 "removable": [b.name for b in self.depth.blocks],
             }
         out["skipped"] = dict(self.skipped)
+        if self.target_outcome is not None:
+            out["target"] = self.target_outcome.as_dict()
         return out
 
     # ------------------------------------------------------------------------------------
@@ -410,6 +434,8 @@ class Pruner(Method):
         }
         for key, value in values.items():
             report[names[key]] = f"{100 * value:.1f}%"
+        if self.target_outcome is not None:
+            report["target"] = self.target_outcome.describe()
         if self.depth is not None:
             gone = [b.name for b in self.depth.removed_blocks()]
             report[names["prune/layers"]] = f"{len(gone)} of {len(self.depth.blocks)} ({', '.join(gone) or 'none'})"

@@ -39,8 +39,18 @@ def broadcast(tensors: list[torch.Tensor]) -> None:
 class PruneState(nn.Module):
     """The checkpointed pruning state (a child of ``controller.state``)."""
 
-    def __init__(self, channels: int, heads: int, gradient: str | None, sparse: list[torch.Size]) -> None:
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        gradient: str | None,
+        sparse: list[torch.Size],
+        target_groups: int | None = None,
+    ) -> None:
         super().__init__()
+        if target_groups is not None:  # prune.target: the removal count chosen per group (channels, heads)
+            self.register_buffer("target_solved", torch.tensor(False))
+            self.register_buffer("target_counts", torch.zeros(target_groups, dtype=torch.long))
         self.register_buffer("last_point", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("channels_pruned", torch.zeros(channels, dtype=torch.bool))
         self.register_buffer("heads_pruned", torch.zeros(heads, dtype=torch.bool))

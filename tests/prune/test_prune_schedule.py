@@ -123,6 +123,7 @@ def test_prune_config_round_trips(tmp_path):
         "sparsity": 0.0,
         "nm": None,
         "verify": False,
+        "target": None,
     }
     config = PruneConfig.from_dict(data)
     assert config.to_dict() == data

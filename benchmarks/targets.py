@@ -1,0 +1,339 @@
+"""Compress to a speed-up target: does the measured speed-up land on the target, and at what quality?
+
+For timm resnet50, mobilenetv3_large_100 and vit_small_patch16_224 (random weights from timm's
+configs, BatchNorm statistics set on smooth random images) and the real all-MiniLM-L6-v2
+(``stdlib-docs`` sentences, as ``prune_quality.py``), at batch 1 and batch 32 and speed-up targets
+2x and 3x, it runs ``prune.target: {speedup: s, batch: b, threads: 2}`` with activation importance
+and reconstruction (``slimkit.calibrate``, no training), then, in the same process:
+
+* times the converted model against the dense one, interleaved A/B, independently of the
+  solver's own check (ratio of medians, and of the fastest rounds, which the solver uses; on a
+  quiet machine they agree); reports target vs measured and whether it is within +-10%;
+* quality on held-out batches: output cosine to the dense model (MiniLM: embedding cosine and the
+  Spearman correlation of pairwise similarities);
+* uniform pruning (every layer the same ratio, the same importance and reconstruction) at the
+  ratio that gives the speed-up the target reached (found by timing a few uniform ratios and
+  interpolating), for the quality comparison at equal measured speed;
+* onnxruntime ``quantize_dynamic`` of the dense model: the zero-effort baseline.
+
+Writes benchmarks/results/targets.json and targets.png (quality vs measured speed-up).
+Timings need a quiet machine (interleaving does not protect against contention); latency tables
+go to a fresh folder each run unless ``--cache`` names one. A full run takes about an hour on 2 cores.
+
+    python benchmarks/targets.py [--quick] [--models resnet50 minilm] [--batches 1 32] [--speedups 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimkit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import int8_common as common  # noqa: E402
+from prune_quality import embed, minilm_data, quality  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VISION = {
+    "resnet50": {"heads": False},
+    "mobilenetv3_large_100": {"heads": False},
+    "vit_small_patch16_224": {"heads": True},
+}
+UNIFORM_GRID = (0.3, 0.5, 0.7, 0.85)
+
+
+# ----------------------------------------------------------------------------------------
+# models and data
+# ----------------------------------------------------------------------------------------
+def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Random images whose neighbouring pixels correlate (as in real ones), plus some noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=size, mode="bilinear")
+    return coarse + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def vision_model(name: str, size: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    extra = {"img_size": size} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, **extra)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.momentum = None  # statistics of the images below (random weights would explode otherwise)
+    model.train()
+    with torch.no_grad():
+        for x in smooth_images(32, size, 1).split(8):
+            model(x)
+    return model.eval()
+
+
+def vision_data(args) -> dict:
+    n_cal, n_eval = (8, 8) if args.quick else (64, 64)
+    return {
+        "calibration": list(smooth_images(n_cal, args.size, 2).split(8)),
+        "eval": list(smooth_images(n_eval, args.size, 3).split(8)),
+    }
+
+
+def text_data(args, tokenizer) -> dict:
+    data = minilm_data(tokenizer, 64 if args.quick else 512)
+    if args.quick:
+        data["eval"] = data["eval"][:2]
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# measures
+# ----------------------------------------------------------------------------------------
+def example(data: dict, batch: int):
+    """The timing input: ``batch`` rows (tiled) of the first calibration batch."""
+    from slimkit.prune.target import rebatched
+
+    return rebatched(data["calibration"][0], batch)
+
+
+def call(model: nn.Module, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, data: dict, text: bool) -> torch.Tensor:
+    model.eval()
+    if text:
+        return embed(model, data["eval"])
+    return torch.cat([model(x) for x in data["eval"]])
+
+
+def quality_of(out: torch.Tensor, reference: torch.Tensor, text: bool) -> dict:
+    if text:
+        return quality(out, reference)
+    return {"cosine": round(float(F.cosine_similarity(out.flatten(1), reference.flatten(1)).mean()), 5)}
+
+
+def speedups(dense: nn.Module, model, inputs, rounds: int) -> dict[str, float]:
+    """dense / candidate latency, interleaved (``model``: a module or a callable): the ratio of
+    medians, and of the fastest rounds (what the solver itself compares)."""
+    run = model if not isinstance(model, nn.Module) else (lambda: call(model, inputs))
+    timing = common.interleaved({"dense": lambda: call(dense, inputs), "other": run}, rounds=rounds, iters=1)
+    return {stat: timing["dense"][f"{stat}_s"] / timing["other"][f"{stat}_s"] for stat in ("median", "min")}
+
+
+def speedup(dense: nn.Module, model, inputs, rounds: int) -> float:
+    return speedups(dense, model, inputs, rounds)["median"]
+
+
+def pruned(dense: nn.Module, section: dict, data: dict, example_inputs, calibrate: bool = True):
+    model = copy.deepcopy(dense)
+    slimkit.prepare(model, {"prune": section}, example_inputs=example_inputs)
+    if calibrate:
+        slimkit.calibrate(model, data["calibration"])
+    summary = slimkit.prune.summary(model)
+    return slimkit.convert_(model).eval(), summary
+
+
+def uniform_section(ratio: float, heads: bool, **data_aware) -> dict:
+    section = {"channels": ratio, "round_to": 8, **data_aware}
+    if heads:
+        section["heads"] = ratio
+    return section
+
+
+def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid) -> dict:
+    """Uniform pruning at the ratio that gives ``speed``: uniform widths do not depend on the
+    scores, so the ratio is found with l2 (no calibration: a grid, then up to two interpolated
+    refinements) and the model then built with the same importance and reconstruction as the
+    target run."""
+
+    def timed(ratio: float) -> tuple[float, float]:
+        model, _ = pruned(dense, uniform_section(ratio, heads), data, data["calibration"][0], calibrate=False)
+        return ratio, speedup(dense, model, inputs, rounds)
+
+    def interpolate(points: list[tuple[float, float]]) -> float:
+        points = sorted(points)
+        for (r1, s1), (r2, s2) in zip(points, points[1:]):
+            if min(s1, s2) <= speed <= max(s1, s2) and s2 != s1:
+                return r1 + (r2 - r1) * (speed - s1) / (s2 - s1)
+        return max(points, key=lambda p: p[1])[0] if speed > max(p[1] for p in points) else 0.01
+
+    points = [(0.0, 1.0), *(timed(r) for r in grid)]
+    ratio = min(max(round(interpolate(points), 3), 0.01), 0.9)
+    for _ in range(2):
+        point = timed(ratio)
+        points.append(point)
+        if abs(point[1] / speed - 1) <= 0.05:
+            break
+        ratio = min(max(round(interpolate(points), 3), 0.01), 0.9)
+    section = uniform_section(ratio, heads, importance="activation", reconstruct=True)
+    model, _ = pruned(dense, section, data, data["calibration"][0])
+    return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in sorted(points)], "model": model}
+
+
+def ort_dynamic(dense: nn.Module, data: dict, inputs, text: bool, rounds: int) -> dict:
+    """onnxruntime quantize_dynamic of the dense model: speed-up at this batch and quality."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = slimkit.export_onnx(copy.deepcopy(dense), Path(tmp) / "fp32.onnx", inputs)
+        session = common.ort_session(common.ort_dynamic_quantize(fp32, Path(tmp) / "dynamic.onnx"))
+        names = [i.name for i in session.get_inputs()]
+        outs = []
+        for batch in data["eval"]:
+            feed = {k: v.numpy() for k, v in batch.items() if k in names} if text else {names[0]: batch.numpy()}
+            result = torch.from_numpy(session.run(None, feed)[0])
+            outs.append(common.mean_pool(result, batch["attention_mask"]) if text else result)
+        speed = speedup(dense, common.ort_runner(session, inputs), inputs, rounds)
+    return {"speedup": round(speed, 3), **quality_of(torch.cat(outs), outputs(dense, data, text), text)}
+
+
+# ----------------------------------------------------------------------------------------
+# one model
+# ----------------------------------------------------------------------------------------
+def run_model(name: str, args) -> dict:
+    text = name == "minilm"
+    if text:
+        tokenizer, dense = common.minilm()
+        data, heads = text_data(args, tokenizer), True
+    else:
+        dense, data, heads = vision_model(name, args.size), vision_data(args), VISION[name]["heads"]
+    reference = outputs(dense, data, text)
+    out: dict = {}
+    for batch in args.batches:
+        inputs = example(data, batch)
+        rounds = args.rounds if batch == 1 else max(3, args.rounds // 4)
+        entry: dict = {"ort_dynamic": ort_dynamic(dense, data, inputs, text, rounds), "targets": []}
+        for goal in args.speedups:
+            target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
+            section = {"target": target, "importance": "activation", "reconstruct": True}
+            start = time.perf_counter()
+            try:
+                model, summary = pruned(dense, section, data, data["calibration"][0])
+            except slimkit.SlimkitError as exc:  # a target beyond reach is refused: record why
+                entry["targets"].append({"target": goal, "refused": str(exc)})
+                print(f"{name} batch {batch} {goal}x: refused: {exc}")
+                continue
+            seconds = time.perf_counter() - start
+            both = speedups(dense, model, inputs, rounds)
+            measured = both["median"]
+            solver = summary["target"]
+            row = {
+                "target": goal,
+                "slimkit": {
+                    "measured_speedup": round(measured, 3),
+                    "within_10pct": abs(measured / goal - 1) <= 0.10,
+                    "measured_speedup_min_rounds": round(both["min"], 3),
+                    "within_10pct_min_rounds": abs(both["min"] / goal - 1) <= 0.10,
+                    "solver_predicted": round(solver["predicted"], 3),
+                    "solver_measured": round(solver["measured"], 3),
+                    "solver_rounds": solver["rounds"],
+                    "layers_timed": solver["layers_measured"],
+                    "seconds": round(seconds, 1),
+                    "widths": solver["widths"],
+                    **quality_of(outputs(model, data, text), reference, text),
+                },
+            }
+            uniform = uniform_at(dense, data, inputs, heads, measured, rounds, args.grid)
+            row["uniform"] = {
+                "ratio": uniform["ratio"],
+                "grid_speedups": uniform["grid"],
+                "measured_speedup": round(speedup(dense, uniform["model"], inputs, rounds), 3),
+                **quality_of(outputs(uniform["model"], data, text), reference, text),
+            }
+            key = "spearman" if text else "cosine"
+            row["quality_minus_uniform"] = round(row["slimkit"][key] - row["uniform"][key], 5)
+            entry["targets"].append(row)
+            s, u = row["slimkit"], row["uniform"]
+            print(
+                f"{name:>22} b{batch:<3} target {goal:.1f}x  measured {s['measured_speedup']:.2f}x "
+                f"(solver {s['solver_measured']:.2f}x)  cosine {s['cosine']:.4f}"
+                + (f" spearman {s['spearman']:.4f}" if text else "")
+                + f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
+            )
+        o = entry["ort_dynamic"]
+        print(f"{name:>22} b{batch:<3} ORT quantize_dynamic {o['speedup']:.2f}x cosine {o['cosine']:.4f}")
+        out[f"batch{batch}"] = entry
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for batch_key, entry in report["models"][name].items():
+            marker = "o" if batch_key == "batch1" else "s"
+            for row in entry["targets"]:
+                if "slimkit" not in row:
+                    continue
+                s, u = row["slimkit"], row["uniform"]
+                ax.scatter(s["measured_speedup"], s["cosine"], color="tab:blue", marker=marker)
+                ax.scatter(u["measured_speedup"], u["cosine"], color="tab:orange", marker=marker)
+                ax.axvline(row["target"], color="0.85", linewidth=0.8, zorder=0)
+            o = entry["ort_dynamic"]
+            ax.scatter(o["speedup"], o["cosine"], color="tab:gray", marker=marker)
+        ax.set(xlabel="measured CPU speed-up vs dense", ylabel="output cosine to dense (held out)", title=name)
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", linestyle="", label=t)
+        for c, t in (
+            ("tab:blue", "slimkit prune.target"),
+            ("tab:orange", "uniform, same speed"),
+            ("tab:gray", "ORT quantize_dynamic"),
+        )
+    ]
+    handles += [
+        plt.Line2D([], [], color="k", marker=m, linestyle="", label=t) for m, t in (("o", "batch 1"), ("s", "batch 32"))
+    ]
+    axes[0][0].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[*VISION, "minilm"], choices=[*VISION, "minilm"])
+    parser.add_argument("--batches", nargs="+", type=int, help="default: 1 32 (--quick: 1)")
+    parser.add_argument("--speedups", nargs="+", type=float, help="default: 2 3 (--quick: 2)")
+    parser.add_argument("--size", type=int, default=224, help="image size of the vision models")
+    parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (a quarter at larger batches)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
+    parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="latency tables to reuse (default: a fresh folder, so that tables timed on a busy machine never count)",
+    )
+    args = parser.parse_args()
+    if args.cache is None:
+        args.cache = Path(tempfile.mkdtemp(prefix="slimkit-latency-"))
+    args.grid = UNIFORM_GRID
+    if args.quick:
+        args.size, args.rounds, args.grid = 64, 5, (0.5, 0.8)
+        if args.output == RESULTS / "targets.json":
+            args.output = RESULTS / "targets_quick.json"
+    args.batches = args.batches or ([1] if args.quick else [1, 32])
+    args.speedups = args.speedups or ([2.0] if args.quick else [2.0, 3.0])
+    common.setup_machine()
+    report = {"machine": common.machine_info(), "quick": args.quick, "size": args.size, "models": {}}
+    for name in args.models:
+        report["models"][name] = run_model(name, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.output.with_suffix(".png"))
+    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""``prune.target``: choose per-group widths that reach a budget with the least predicted loss.
+
+At the first pruning point of a recipe with a target, :func:`solve_target`
+
+1. lists, per group, a handful of candidate removal counts (widths that are multiples of
+   ``round_to``, at most ``max_layer_ratio`` removed);
+2. prices each candidate: its quality cost is the group's measured error curve (the relative
+   output error of the layers that read its units, from recorded inputs: the curves of
+   ``allocation: sensitivity``; without recorded inputs, the sum of its lowest normalised
+   scores), its saving comes from the :class:`~.target_costs.CostModel` (latency measured on
+   this machine and cached, or counted MACs / parameters);
+3. greedily takes, among every group's further candidates, the step with the least error per
+   unit of cost saved (the lower-convex-hull greedy of ``allocation``, with cost in place of
+   units) until the predicted cost meets the budget, then steps groups back while it still does;
+4. checks the prediction on a physically pruned copy (timed interleaved against the dense model,
+   or counted), and where it misses by more than ``tolerance``, corrects the predicted goal
+   (rescaled by goal / measured, or interpolated between earlier tries that bracket the goal)
+   and solves again (``rounds`` measurements in all), keeping the closest.
+
+A budget that even every group at its smallest candidate cannot meet is refused, naming the best
+reachable figure. Under DDP rank 0 decides alone (its timings) and broadcasts the counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..distributed import broadcast_, is_distributed, rank
+from ..errors import IncompatibleError
+from ..recipe import TargetConfig
+from .allocation import error_curve, group_readers, removal_order
+from .heads import set_head_counts
+from .latency import LatencyTable, interleaved_ms, machine_key, torch_threads
+from .metrics import count_macs, count_parameters
+from .selection import choose
+from .slicing import remove_units
+from .target_costs import CostModel, layers_of
+from .target_solver import candidates, greedy, next_aim
+
+if TYPE_CHECKING:
+    from .pruner import Pruner
+
+logger = logging.getLogger("slimkit")
+
+DEFAULT_ROUND_TO = 8  # channel widths with a target, unless prune.round_to says otherwise
+_COUNTED_WIDTHS = 32  # candidate widths per group for macs / params targets
+
+
+@dataclass
+class TargetOutcome:
+    """What the target asked, what the solver predicted and what the pruned copy measured.
+    Reductions are dense / pruned (a speed-up, or 1 / the fraction kept)."""
+
+    kind: str
+    asked: float
+    batch: int
+    threads: int | None
+    goal: float = 0.0  # the asked reduction (latency_ms: dense latency / asked latency)
+    predicted: float = 0.0
+    measured: float | None = None
+    dense: float = 0.0  # ms, MACs or parameters of the dense model
+    pruned: float | None = None
+    met: bool = False
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    widths: dict[str, list[int]] = field(default_factory=dict)  # group root -> [dense, kept]
+    layers_measured: int = 0
+    layers_cached: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        unit = {"speedup": "x", "latency_ms": " ms", "macs": " of MACs", "params": " of parameters"}[self.kind]
+        got = "not measured" if self.measured is None else _figure(self.kind, self.measured, self.dense)
+        return (
+            f"target {self.asked:g}{unit}: measured {got} (predicted {_figure(self.kind, self.predicted, self.dense)}"
+            + (f", batch {self.batch}, {self.threads} threads" if self.kind in ("speedup", "latency_ms") else "")
+            + f"; {'within' if self.met else 'outside'} tolerance)"
+        )
+
+
+def restored_outcome(pruner: Pruner) -> TargetOutcome:
+    """The outcome of a solve restored from a checkpoint: what was asked and the widths chosen
+    (the figures measured then are not part of the checkpoint)."""
+    target = pruner.config.target
+    groups = pruner.channels.groups + pruner.heads.groups
+    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads)
+    counts = pruner.state.target_counts.tolist()
+    outcome.widths = {g.root: [g.size, g.size - int(c)] for g, c in zip(groups, counts)}
+    return outcome
+
+
+def _figure(kind: str, reduction: float, dense: float) -> str:
+    if reduction <= 0:
+        return "unknown (restored from a checkpoint)"
+    if kind == "speedup":
+        return f"{reduction:.2f}x"
+    if kind == "latency_ms":
+        return f"{dense / reduction:.2f} ms"
+    return f"{1.0 / reduction:.3f}"
+
+
+def rebatched(inputs: Any, batch: int) -> Any:
+    """``inputs`` (a tensor, a tuple or a dict of tensors) with ``batch`` rows (tiled / cut)."""
+    if isinstance(inputs, torch.Tensor) and inputs.dim() > 0:
+        reps = -(-batch // inputs.shape[0])
+        return inputs.repeat(reps, *[1] * (inputs.dim() - 1))[:batch]
+    if isinstance(inputs, dict):
+        return {k: rebatched(v, batch) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(rebatched(v, batch) for v in inputs)
+    return inputs
+
+
+def _error_curves(pruner: Pruner, scores, pruned, cands) -> list[list[float]]:
+    """Per group, the quality cost of each candidate count (see the module docstring)."""
+    from .oneshot import removed_columns_of
+
+    data = pruner.data
+    groups = pruner.channels.groups + pruner.heads.groups
+    if data is not None and data.recorder is not None and data.recorder.seen > 0:
+        readers = group_readers(list(data.consumers.values()), pruner.config.damping, pruner.config.reconstruct)
+        if all(g in readers for g in range(len(groups))):
+            columns = removed_columns_of(pruner)
+            return [
+                error_curve(readers[g], g, removal_order(scores[g], pruned[g]), pruned[g], cands[g], columns)
+                for g in range(len(groups))
+            ]
+    logger.warning(
+        "prune.target: no recorded inputs for every group (call slimkit.calibrate first); weighing "
+        "quality by normalised scores instead of measured output errors"
+    )
+    curves = []
+    for g, group in enumerate(groups):
+        order = removal_order(scores[g], pruned[g])
+        values = scores[g][order].double()
+        values = values / (values.mean() if len(values) and values.mean() > 0 else 1.0)
+        done = int(pruned[g].sum())
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)]) / group.size
+        curves.append([float(cum[min(c - done, len(cum) - 1)]) for c in cands[g]])
+    return curves
+
+
+class _Measure:
+    """The physically pruned copy's reduction: timed against the dense model, or counted."""
+
+    def __init__(self, pruner: Pruner, model: nn.Module, inputs: Any, kind: str, scores, pruned) -> None:
+        self.pruner, self.model, self.inputs, self.kind = pruner, model, inputs, kind
+        self.scores, self.pruned = scores, pruned
+        self.memo = {id(pruner.controller): pruner.controller}
+        self.dense_copy = copy.deepcopy(model, dict(self.memo)).eval() if kind == "latency" else None
+        self.dense = self._value(model if kind != "latency" else self.dense_copy)
+        self.last_dense = self.dense
+
+    def _value(self, net: nn.Module, against: nn.Module | None = None) -> float:
+        if self.kind == "macs":
+            return float(count_macs(net, self.inputs))
+        if self.kind == "params":
+            return float(count_parameters(net))
+        models = {"dense": self.dense_copy} if against is None else {"dense": against, "pruned": net}
+        times = interleaved_ms(models, self.inputs)
+        self.last_dense = times["dense"]
+        return times.get("pruned", times["dense"])
+
+    def probe(self, counts: dict[int, int]) -> nn.Module:
+        pruner = self.pruner
+        groups = pruner.channels.groups + pruner.heads.groups
+        masks = [choose(g, s, p, counts[i]) for i, (g, s, p) in enumerate(zip(groups, self.scores, self.pruned))]
+        net = copy.deepcopy(self.model, dict(self.memo))
+        remove_units(net, groups, masks, pruner.transposed)
+        set_head_counts(net, pruner.controller.adapter, groups, masks)
+        return net.eval()
+
+    def reduction(self, counts: dict[int, int]) -> tuple[float, float]:
+        """(dense / pruned, pruned) for these counts."""
+        net = self.probe(counts)
+        value = self._value(net, self.dense_copy)
+        dense = self.last_dense if self.kind == "latency" else self.dense
+        return dense / max(value, 1e-12), value
+
+
+def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -> tuple[list[int], TargetOutcome]:
+    """Removal counts per group (channels, then heads) for ``prune.target``, on rank 0, broadcast."""
+    target: TargetConfig = pruner.config.target
+    groups = pruner.channels.groups + pruner.heads.groups
+    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads or torch.get_num_threads())
+    # [refused, met, goal, predicted, measured, dense, pruned, counts...]: every process reports rank 0's
+    status = torch.zeros(7 + len(groups), dtype=torch.float64)
+    error = None
+    if not is_distributed() or rank() == 0:
+        try:
+            counts = _solve(pruner, model, scores, pruned, outcome)
+            figures = [outcome.met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned]
+            status[1:7] = torch.tensor([float(v) for v in figures], dtype=torch.float64)
+            status[7:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
+        except Exception as exc:  # the other processes wait on the broadcast: tell them, then raise
+            error, status[0] = exc, 1.0
+    broadcast_([status])
+    if error is not None:
+        raise error
+    if status[0] > 0:
+        raise IncompatibleError("prune.target: rank 0 refused the target or failed choosing widths (see its log)")
+    met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned = status[1:7].tolist()
+    outcome.met = bool(met)
+    chosen = [int(v) for v in status[7:].tolist()]
+    outcome.widths = {g.root: [g.size, g.size - c] for g, c in zip(groups, chosen)}
+    return chosen, outcome
+
+
+def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome: TargetOutcome) -> dict[int, int]:
+    cfg, target = pruner.config, pruner.config.target
+    groups = pruner.channels.groups + pruner.heads.groups
+    kinds = [pruner.channels] * len(pruner.channels.groups) + [pruner.heads] * len(pruner.heads.groups)
+    inputs = rebatched(pruner._inputs(model), target.batch)
+    kind = "latency" if target.timed else target.kind
+    was_training = model.training
+    recorder = pruner.data.recorder if pruner.data is not None else None
+    recording = recorder is not None and recorder.active
+    if recording:
+        recorder.active = False  # the forwards below are no training data
+    model.eval()
+    try:
+        with pruner.controller.suspended(), torch_threads(target.threads if target.timed else None):
+            # counting is free: counted targets see finer steps than timed ones (each width timed)
+            per_group = target.widths if target.timed else max(target.widths, _COUNTED_WIDTHS)
+            cands = [
+                candidates(g, int(p.sum()), k.round_to, cfg.max_layer_ratio, per_group)
+                for g, p, k in zip(groups, pruned, kinds)
+            ]
+            errors = _error_curves(pruner, scores, pruned, cands)
+            measure = _Measure(pruner, model, inputs, kind, scores, pruned)
+            table = None
+            if kind == "latency":
+                table = LatencyTable(machine_key(torch.get_num_threads(), target.batch), target.cache)
+            layers = layers_of(model, groups, inputs, pruner.transposed)
+            cost = CostModel(kind, layers, measure.dense, table)
+            cost.prime(cands)
+            if table is not None:
+                table.save()
+                outcome.layers_measured, outcome.layers_cached = table.measured, table.reused
+            return _rounds(target, cost, cands, errors, measure, outcome, pruner)
+    finally:
+        model.train(was_training)
+        if recording:
+            recorder.active = True
+
+
+def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutcome, pruner: Pruner) -> dict[int, int]:
+    dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
+    goal = target.value if target.kind == "speedup" else 0.0
+    if target.kind == "latency_ms":
+        goal = measure.dense / target.value
+    elif target.kind in ("macs", "params"):
+        goal = 1.0 / target.value
+    outcome.goal, outcome.dense = goal, measure.dense
+    most = {g: c[-1] for g, c in enumerate(cands)}
+    reached = None
+    if measure.kind == "latency":  # the smallest model, timed: the best reachable, and the fixed overhead
+        reached, _ = measure.reduction(most)
+        cost.calibrate(most, measure.dense / reached)
+        dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
+    best_pred = dense_pred / max(cost.total(most), 1e-12)
+    if best_pred < goal:
+        if reached is None:
+            reached, _ = measure.reduction(most)
+        if reached < goal * (1.0 - target.tolerance):
+            cfg = pruner.config
+            raise IncompatibleError(
+                f"prune.target.{target.kind} {target.value:g} cannot be met: the best reachable is about "
+                f"{_figure(target.kind, reached, measure.dense)} (every prunable layer at its smallest width: "
+                f"prune.max_layer_ratio {cfg.max_layer_ratio}, round_to {pruner.channels.round_to}"
+                + (f", batch {target.batch}, {torch.get_num_threads()} threads" if target.timed else "")
+                + "). Ask for less, or raise prune.max_layer_ratio"
+            )
+    aim = goal
+    history: list[tuple[float, dict[int, int], float, float, float]] = []
+    counts = greedy(cands, errors, cost, dense_pred / aim)
+    for r in range(max(target.rounds, 1)):
+        predicted = dense_pred / max(cost.total(counts), 1e-12)
+        reached, value = measure.reduction(counts)
+        miss = abs(reached / goal - 1.0)
+        history.append((miss, counts, predicted, reached, value))
+        outcome.rounds.append({"aim": aim, "predicted": predicted, "measured": reached})
+        logger.info(
+            "prune.target round %d: aimed at %.3g, predicted %.3g, measured %.3g (goal %.3g)",
+            r + 1, aim, predicted, reached, goal,
+        )  # fmt: skip
+        if miss <= target.tolerance or r + 1 >= target.rounds:
+            break
+        aim = next_aim([(h[2], h[3]) for h in history], goal, best_pred)
+        new = greedy(cands, errors, cost, dense_pred / aim)
+        if new == counts:
+            break
+        counts = new
+    miss, counts, predicted, reached, value = min(history, key=lambda h: h[0])
+    outcome.predicted, outcome.measured, outcome.pruned = predicted, reached, value
+    outcome.met = miss <= target.tolerance
+    if not outcome.met:
+        logger.warning("prune.target: %s", outcome.describe())
+    return counts

@@ -1,0 +1,42 @@
+"""Run by tests/prune/test_prune_target.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+Each process prepares the same tiny CNN with a speed-up target, calibrates it on its *own*
+batches and times its own layers (timings differ per process), then writes the widths it chose
+and the converted widths to ``<out>/rank<k>.json``; the test checks both processes agree.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import slimkit
+from tests.families import settle_batchnorm, timm_model
+
+
+def main(out: Path) -> None:
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    torch.set_flush_denormal(True)
+    model = settle_batchnorm(timm_model("resnet-wide"), torch.randn(8, 3, 32, 32)).eval()
+    g = torch.Generator().manual_seed(100 + rank)  # every process sees other images
+    batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    recipe = {
+        "prune": {
+            "target": {"speedup": 1.1, "batch": 4, "threads": 1, "rounds": 1, "cache": str(out / f"cache{rank}")},
+            "importance": "activation",
+        }
+    }
+    slimkit.prepare(model, recipe, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    chosen = slimkit.prune.summary(model)["target"]["widths"]
+    small = slimkit.convert(model)
+    widths = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    record = {"rank": rank, "world_size": torch.distributed.get_world_size(), "chosen": chosen, "widths": widths}
+    (out / f"rank{rank}.json").write_text(json.dumps(record, sort_keys=True))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,248 @@
+"""``prune.target``: a speed-up, latency, MACs or parameter budget instead of fixed ratios.
+
+The latency table is cached per machine key (reused, rebuilt for another thread count or CPU);
+counted targets (MACs, parameters) land near the asked fraction and choose the same widths
+every run; a target beyond reach is refused with the best reachable figure; a speed-up target
+gives a converted model with hardware-friendly widths that reloads from its folder; gradual
+schedules ramp towards the chosen widths; under DDP every process keeps rank 0's choice.
+No assertion here depends on a timing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit
+from slimkit import ConfigError, IncompatibleError
+from slimkit.prune import count_macs, count_parameters, latency
+from tests.families import settle_batchnorm, timm_model
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    """timm resnet18 at widths 16-128 (a few dozen channel groups), sane BatchNorm statistics."""
+    return settle_batchnorm(timm_model("resnet-wide", seed=seed), torch.randn(8, 3, 32, 32)).eval()
+
+
+def images(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def prune_to(target: dict, model: nn.Module | None = None, **section) -> nn.Module:
+    """prepare -> calibrate -> the prepared model (not converted)."""
+    model = cnn() if model is None else model
+    batches = images(2, 5)
+    recipe = {"prune": {"target": target, "importance": "activation", **section}}
+    slimkit.prepare(model, recipe, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    return model
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# -- the recipe -------------------------------------------------------------------------------
+def test_target_needs_exactly_one_budget_and_replaces_ratios():
+    with pytest.raises(ConfigError, match=r"prune\.target\.speedup: give exactly one of .*got speedup, macs"):
+        slimkit.Recipe.from_dict({"prune": {"target": {"speedup": 2.0, "macs": 0.5}}})
+    with pytest.raises(ConfigError, match=r"prune\.target\.speedup: give exactly one .*got none"):
+        slimkit.Recipe.from_dict({"prune": {"target": {"batch": 4}}})
+    with pytest.raises(ConfigError, match=r"prune\.channels: prune\.target chooses the widths itself"):
+        slimkit.Recipe.from_dict({"prune": {"channels": 0.5, "target": {"macs": 0.5}}})
+    with pytest.raises(ConfigError, match=r"prune\.target\.macs: must be a fraction in \(0, 1\)"):
+        slimkit.Recipe.from_dict({"prune": {"target": {"macs": 1.5}}})
+    with pytest.raises(ConfigError, match=r"prune\.target\.speedup: must be > 1"):
+        slimkit.Recipe.from_dict({"prune": {"target": {"speedup": 0.5}}})
+    recipe = slimkit.Recipe.from_dict({"prune": {"target": {"speedup": 2.0, "batch": 1, "threads": 2}}})
+    assert slimkit.Recipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+    assert recipe.prune.target.kind == "speedup" and recipe.prune.width
+
+
+# -- the latency table --------------------------------------------------------------------------
+def test_latency_table_is_reused_from_its_cache_and_rebuilt_for_other_threads_or_machine(tmp_path, monkeypatch):
+    def run(threads: int) -> dict:
+        # a modest goal: tiny models are overhead-bound, and the check must never refuse it under load
+        target = {"speedup": 1.05, "batch": 4, "threads": threads, "rounds": 1, "cache": str(tmp_path)}
+        model = prune_to(target, model=settle_batchnorm(timm_model("resnet"), torch.randn(8, 3, 32, 32)).eval())
+        return slimkit.prune.summary(model)["target"]
+
+    first = run(1)
+    assert first["layers_measured"] > 0  # (layers of the same shape are timed once)
+    files = sorted(tmp_path.glob("latency-*.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["cpu"] == latency.cpu_model()
+    assert len(saved["entries"]) == first["layers_measured"]
+
+    again = run(1)  # the same machine key: nothing is timed again
+    assert again["layers_measured"] == 0
+    assert again["layers_cached"] == first["layers_measured"] + first["layers_cached"]
+
+    other_threads = run(2)
+    assert other_threads["layers_measured"] == first["layers_measured"]
+    assert len(list(tmp_path.glob("latency-*.json"))) == 2
+
+    monkeypatch.setattr(latency, "cpu_model", lambda: "another CPU")
+    other_machine = run(1)
+    assert other_machine["layers_measured"] == first["layers_measured"]
+    assert len(list(tmp_path.glob("latency-*.json"))) == 3
+
+
+def test_latency_cache_folder_follows_slimkit_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMKIT_CACHE", str(tmp_path))
+    table = latency.LatencyTable(latency.machine_key(1, 1))
+    assert table.path.parent == tmp_path / "latency"
+    shape = latency.LayerShape("linear", 16, 8, (2, 16), -1)
+    assert table.ms(shape, 16, 8) > 0 and table.measured == 1
+    table.save()
+    reread = latency.LatencyTable(latency.machine_key(1, 1))
+    assert reread.ms(shape, 16, 8) == table.ms(shape, 16, 8) and reread.measured == 0 and reread.reused == 1
+
+
+# -- counted targets ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "fraction"), [("macs", 0.65), ("params", 0.5)])
+def test_counted_target_lands_near_the_asked_fraction(kind, fraction):
+    x = images(1, 5)[0]
+    dense = cnn()
+    dense_count = count_macs(dense, x) if kind == "macs" else count_parameters(dense)
+    model = prune_to({kind: fraction, "tolerance": 0.05}, reconstruct=True)
+    outcome = slimkit.prune.summary(model)["target"]
+    small = slimkit.convert(model)
+    count = count_macs(small, x) if kind == "macs" else count_parameters(small)
+    assert abs(count / dense_count - fraction) <= 0.05 * fraction, count / dense_count
+    assert outcome["met"] and abs(1 / outcome["measured"] - count / dense_count) < 1e-6
+    kept = {root: kept for root, (size, kept) in outcome["widths"].items()}
+    assert len(set(kept.values())) > 1  # widths differ per layer: spread where they cost least
+
+
+def test_counted_target_widths_are_deterministic_for_a_fixed_seed():
+    first = slimkit.prune.summary(prune_to({"params": 0.45}))["target"]["widths"]
+    second = slimkit.prune.summary(prune_to({"params": 0.45}))["target"]["widths"]
+    assert first == second
+    assert any(size != kept for size, kept in first.values())
+
+
+def test_unreachable_target_is_refused_with_the_best_reachable_figure(tmp_path):
+    with pytest.raises(
+        IncompatibleError, match=r"prune\.target\.speedup 50 cannot be met: the best reachable is about [\d.]+x"
+    ):
+        prune_to({"speedup": 50, "rounds": 1, "cache": str(tmp_path)}, max_layer_ratio=0.5)
+    with pytest.raises(
+        IncompatibleError, match=r"prune\.target\.macs 0\.01 cannot be met: .*about 0\.[0-9]+ .*max_layer_ratio 0\.5"
+    ):
+        prune_to({"macs": 0.01}, max_layer_ratio=0.5)
+
+
+# -- a speed-up target, end to end ------------------------------------------------------------------
+def test_speedup_target_converts_to_round_widths_that_reload(tmp_path):
+    dense = conv_widths(cnn())
+    target = {"speedup": 1.1, "batch": 4, "threads": 1, "cache": str(tmp_path / "cache")}
+    model = prune_to(target, reconstruct=True)
+    outcome = slimkit.prune.summary(model)["target"]
+    assert outcome["kind"] == "speedup" and outcome["asked"] == 1.1 and outcome["measured"] > 0
+    assert 1 <= len(outcome["rounds"]) <= 3
+    small = slimkit.convert(model)
+    widths = conv_widths(small)
+    changed = [n for n in widths if widths[n] != dense[n]]
+    assert changed, "nothing was pruned"
+    assert all(widths[n] % 8 == 0 for n in changed), widths
+    report = slimkit.model_info(small).report["methods"]
+    assert report["target"].startswith("target 1.1x: measured ") and "batch 4, 1 threads" in report["target"]
+    slimkit.save_pretrained(small, tmp_path / "out")
+    assert "target 1.1x: measured" in (tmp_path / "out" / "README.md").read_text()
+    again = slimkit.from_pretrained(tmp_path / "out")
+    assert conv_widths(again) == widths
+    x = images(1, 9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), small.eval()(x))
+
+
+def test_gradual_schedule_ramps_each_group_towards_its_chosen_width():
+    model = cnn()
+    schedule = {"kind": "linear", "start_step": 0, "end_step": 4, "every": 2}
+    recipe = {
+        "prune": {"target": {"params": 0.5}, "importance": "activation", "schedule": schedule, "statistics_steps": 1}
+    }
+    slimkit.prepare(model, recipe, example_inputs=images(1, 5)[0])
+    pruned = []
+    model.train()
+    for x in images(4, 7):
+        with torch.no_grad():
+            model(x)
+        slimkit.step(model)
+        pruned.append(slimkit.prune.summary(model)["channels"]["pruned"])
+    chosen = slimkit.prune.summary(model)["target"]["widths"]
+    final = sum(size - kept for size, kept in chosen.values())
+    assert 0 < pruned[1] < final  # step 2: half-way (the schedule's share of every group's count)
+    assert pruned[3] == final  # step 4: every group at its chosen width
+    small = slimkit.convert(model)
+    assert count_parameters(small) < 0.6 * count_parameters(cnn())
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_processes_keep_rank_zeros_widths(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, str(HERE / "ddp_target.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["chosen"] == ranks[1]["chosen"]
+    assert ranks[0]["widths"] == ranks[1]["widths"]
+    assert any(size != kept for size, kept in ranks[0]["chosen"].values())
+    # only rank 0 timed layers (and wrote a cache): the others took its decision
+    assert list((tmp_path / "cache0").glob("latency-*.json")) and not (tmp_path / "cache1").exists()
+
+
+def test_the_correction_interpolates_between_tries_that_bracket_the_goal():
+    from slimkit.prune.target_solver import next_aim
+
+    # one try: predicted 2.0 measured 1.6 -> rescale by goal / measured
+    assert next_aim([(2.0, 1.6)], 2.0, 10.0) == pytest.approx(2.5)
+    # two tries bracketing the goal: between them (log-linear), never above the reachable most
+    aim = next_aim([(2.0, 1.6), (3.0, 2.4)], 2.0, 10.0)
+    assert 2.0 < aim < 3.0
+    assert next_aim([(2.0, 0.5)], 2.0, 3.0) == 3.0
+
+
+def test_chosen_widths_are_part_of_the_checkpoint():
+    model = prune_to({"params": 0.5})
+    chosen = slimkit.prune.summary(model)["target"]["widths"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = cnn(seed=1)
+    slimkit.prepare(
+        fresh, {"prune": {"target": {"params": 0.5}, "importance": "activation"}}, example_inputs=images(1, 5)[0]
+    )
+    fresh.load_state_dict(state)
+    restored = slimkit.prune.summary(fresh)["target"]
+    assert restored["widths"] == chosen and restored["measured"] is None
+    assert conv_widths(slimkit.convert(fresh)) == conv_widths(slimkit.convert(model))
+
+
+def test_counted_target_on_an_encoder_spreads_heads_and_ffn_neurons():
+    from tests.families import hf_model, token_batch
+
+    model = hf_model("bert-base").eval()
+    batches = [token_batch(4, 12, seed=s) for s in (1, 2)]
+    dense_macs = count_macs(model, batches[0])
+    recipe = {"prune": {"target": {"macs": 0.6}, "importance": "activation", "reconstruct": True}}
+    slimkit.prepare(model, recipe, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    widths = slimkit.prune.summary(model)["target"]["widths"]
+    assert any(root.endswith("attention.self") and kept < size for root, (size, kept) in widths.items())
+    assert any(root.endswith("intermediate.dense") and kept < size for root, (size, kept) in widths.items())
+    small = slimkit.convert(model)
+    assert abs(count_macs(small, batches[0]) / dense_macs - 0.6) <= 0.1 * 0.6
