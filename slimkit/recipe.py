@@ -19,6 +19,7 @@ from .recipe_io import short_repr
 from .recipe_quant import ActivationQuantConfig as ActivationQuantConfig  # re-exported: slimkit.recipe's names
 from .recipe_quant import QuantConfig
 from .recipe_quant import WeightQuantConfig as WeightQuantConfig
+from .recipe_target import TargetConfig
 
 # ----------------------------------------------------------------------------------------
 # distill
@@ -150,73 +151,6 @@ class ScheduleConfig(Config):
     def last_step(self) -> int:
         """The step after which no unit is pruned any more."""
         return self.start_step if self.kind == "one_shot" else int(self.end_step)
-
-
-@dataclasses.dataclass
-class TargetConfig(Config):
-    """A budget instead of ratios: per-group widths are chosen to reach it with the least
-    predicted quality loss (latency measured on this machine, MACs / parameters counted)."""
-
-    section: ClassVar[str] = "prune.target"
-
-    speedup: float | None = help_field(None, "measured speed-up over the dense model on this machine, > 1")
-    latency_ms: float | None = help_field(None, "measured forward latency in milliseconds on this machine, > 0")
-    macs: float | None = help_field(None, "fraction in (0, 1) of the dense model's multiply-accumulates kept")
-    params: float | None = help_field(None, "fraction in (0, 1) of the dense model's parameters kept")
-    batch: int = help_field(1, "speedup / latency_ms: batch size the latency is measured at")
-    threads: int | None = help_field(None, "speedup / latency_ms: torch threads while timing (default: current)")
-    widths: int = help_field(
-        6, "candidate widths timed per group (multiples of round_to, default 8 with a target; macs / params: >= 32)"
-    )
-    rounds: int = help_field(
-        3, "measurements of the pruned copy (timed or counted); after each miss the budget is rescaled and re-solved"
-    )
-    tolerance: float = help_field(0.1, "relative miss accepted after the rounds (measured against the target)")
-    cache: str | None = help_field(
-        None, "folder of the per-machine latency tables (default: $SLIMKIT_CACHE/latency or ~/.cache/slimkit/latency)"
-    )
-
-    def validate(self, path: str) -> None:
-        given = [n for n in ("speedup", "latency_ms", "macs", "params") if getattr(self, n) is not None]
-        if len(given) != 1:
-            self.fail(
-                path,
-                "speedup",
-                f"give exactly one of speedup, latency_ms, macs, params (got {', '.join(given) or 'none'}), "
-                "e.g. target: {speedup: 2.0}",
-            )
-        if self.speedup is not None and self.speedup <= 1.0:
-            self.fail(path, "speedup", f"must be > 1 (a speed-up over the dense model), got {self.speedup}")
-        if self.latency_ms is not None and self.latency_ms <= 0:
-            self.fail(path, "latency_ms", f"must be > 0, got {self.latency_ms}")
-        for name in ("macs", "params"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value < 1.0:
-                self.fail(path, name, f"must be a fraction in (0, 1) of the dense model kept, got {value}")
-        if self.batch < 1:
-            self.fail(path, "batch", f"must be >= 1, got {self.batch}")
-        if self.threads is not None and self.threads < 1:
-            self.fail(path, "threads", f"must be >= 1, got {self.threads}")
-        if self.widths < 2:
-            self.fail(path, "widths", f"must be >= 2, got {self.widths}")
-        if self.rounds < 1:
-            self.fail(path, "rounds", f"must be >= 1, got {self.rounds}")
-        if not 0.0 < self.tolerance < 1.0:
-            self.fail(path, "tolerance", f"must be in (0, 1), got {self.tolerance}")
-
-    @property
-    def kind(self) -> str:
-        """Which budget: 'speedup', 'latency_ms', 'macs' or 'params'."""
-        return next(n for n in ("speedup", "latency_ms", "macs", "params") if getattr(self, n) is not None)
-
-    @property
-    def timed(self) -> bool:
-        """A latency budget (measured), rather than a counted one."""
-        return self.kind in ("speedup", "latency_ms")
-
-    @property
-    def value(self) -> float:
-        return float(getattr(self, self.kind))
 
 
 def _ratio(cfg: Config, path: str, name: str) -> None:
