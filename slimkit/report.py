@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import call_model
 from .folder_checks import architecture_of, library_of
 from .modules import SLIMKIT_ATTR
 
@@ -348,21 +349,28 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, wa
 
 
 @torch.inference_mode()
-def interleaved_latencies(models: dict[str, nn.Module], inputs: Any, rounds: int = 15) -> dict[str, float]:
-    """Median forward time (ms) of each model on ``inputs`` (a tensor or a dict of kwargs),
-    interleaved round by round, the order reversed every other round, so that drift (another
-    process, CPU clocks) hits all of them alike. Each model is warmed up once first."""
-
-    def run(model: nn.Module) -> Any:
-        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
+def warm_up(models: dict[str, nn.Module], inputs: Any) -> None:
+    """Eval mode and one call each (oneDNN primitives, the allocator) before anything is timed."""
     for model in models.values():
         model.eval()
-        run(model)  # warm-up: oneDNN primitives, allocator
+        call_model(model, inputs)
+
+
+def round_robin_ms(models: dict[str, nn.Module], inputs: Any, rounds: int) -> dict[str, list[float]]:
+    """Each model's forward time (ms) in each of ``rounds`` rounds, one call per model per round,
+    the order reversed every other round, so that drift (another process, CPU clocks) hits all
+    of them alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(rounds):
         for name in list(models) if i % 2 == 0 else list(models)[::-1]:
             start = time.perf_counter()
-            run(models[name])
+            call_model(models[name], inputs)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def interleaved_latencies(models: dict[str, nn.Module], inputs: Any, rounds: int = 15) -> dict[str, float]:
+    """Median forward time (ms) of each model on ``inputs`` (a tensor or a dict of kwargs),
+    timed interleaved (:func:`round_robin_ms`) after one warm-up call each."""
+    warm_up(models, inputs)
+    return {name: statistics.median(v) for name, v in round_robin_ms(models, inputs, rounds).items()}

@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ..adapters import call_model
+from ..report import round_robin_ms, warm_up
 
 logger = logging.getLogger("slimkit")
 
@@ -200,18 +201,10 @@ def interleaved_ms(models: dict[str, torch.nn.Module], inputs: Any, budget_s: fl
     """Forward time (ms) of each model, interleaved round by round (order alternating), for about
     ``budget_s`` seconds in all (at least 5 rounds): the fastest round, as for the layer tables
     (other processes only ever add time, so the least-disturbed round is the most comparable)."""
-    for model in models.values():
-        model.eval()
-        call_model(model, inputs)  # warm-up
+    warm_up(models, inputs)
     start = time.perf_counter()
     for model in models.values():
         call_model(model, inputs)
     per_round = max(time.perf_counter() - start, 1e-6)
     rounds = max(5, min(50, int(budget_s / per_round)))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(rounds):
-        for name in list(models) if i % 2 == 0 else list(models)[::-1]:
-            start = time.perf_counter()
-            call_model(models[name], inputs)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: min(v) for name, v in times.items()}
+    return {name: min(v) for name, v in round_robin_ms(models, inputs, rounds).items()}

@@ -258,15 +258,16 @@ class Quantizer(Method):
             return choice
         keep = torch.tensor([float(n in choice.layers) for n in names])
         broadcast_([keep])
-        layers = [n for n in names if keep[names.index(n)] > 0]
+        layers = [n for n, kept in zip(names, keep.tolist()) if kept]
         return dataclasses.replace(choice, layers=sorted(layers, key=lambda n: -choice.recovery[n]))
 
     @contextlib.contextmanager
-    def _measuring(self, model: nn.Module, fake_quant: bool):
-        """The whole model in eval mode, fake-quantized with the calibrated ranges or in float."""
+    def _evaluating(self, model: nn.Module, phase: Phase):
+        """The whole model in eval mode in ``phase``, the other methods suspended; the schedule's
+        phase and the model's mode come back afterwards."""
         was_training = model.training
         model.eval()
-        self._set_phase(Phase("frozen" if fake_quant else "float", fake_quant, False, self.phase.bn_frozen))
+        self._set_phase(phase)
         try:
             with self.controller.suspended():
                 yield
@@ -274,11 +275,13 @@ class Quantizer(Method):
             model.train(was_training)
             self.apply_phase(self.controller.step)
 
+    def _measuring(self, model: nn.Module, fake_quant: bool):
+        """Fake-quantized with the calibrated ranges, or in float (keep_fp32's measurements)."""
+        name = "frozen" if fake_quant else "float"
+        return self._evaluating(model, Phase(name, fake_quant, False, self.phase.bn_frozen))
+
     def _observe(self, model: nn.Module, batches: list, allow_degenerate: bool) -> None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        was_training = model.training
-        model.eval()
-        self._set_phase(calibrating(self.phase))  # layer inputs are observed in float
         samples = 0
         spread = InputSpread()
         layers = self._of(LayerTarget)
@@ -289,16 +292,13 @@ class Quantizer(Method):
             if self.config.bias_correction
             else contextlib.nullcontext()
         )
-        try:
-            with self.controller.suspended(), correcting:
-                for batch in batches:
-                    inputs = model_inputs(batch, device)
-                    call_model(model, inputs)
-                    samples += batch_size(inputs)
-                    spread.add(inputs)
-        finally:
-            model.train(was_training)
-            self.apply_phase(self.controller.step)
+        # layer inputs are observed as the float model produces them
+        with self._evaluating(model, calibrating(self.phase)), correcting:
+            for batch in batches:
+                inputs = model_inputs(batch, device)
+                call_model(model, inputs)
+                samples += batch_size(inputs)
+                spread.add(inputs)
         check_calibration(self.quantizers, samples, spread, allow_degenerate)
 
     # -- convert -------------------------------------------------------------------------------
