@@ -107,3 +107,32 @@ def test_cli_scans_a_saved_folder(tmp_path, capsys):
     assert {row["kind"] for row in data["rows"]} == {"channels"}
     assert main(["sensitivity", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_output_comparison_skips_padding_tokens():
+    """Token outputs are compared per real token: a change confined to padded positions (which
+    mean pooling and heads never read) leaves the cosine at 1, a change to a real token does not."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from slimkit.outputs import flat_outputs, mean_cosine
+
+    class Encoder(nn.Module):
+        def __init__(self, touch: int | None) -> None:
+            super().__init__()
+            self.embed, self.touch = nn.Embedding(20, 8), touch
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.embed(input_ids).clone()
+            if self.touch is not None:
+                hidden[:, self.touch] = -hidden[:, self.touch]
+            return BaseModelOutput(last_hidden_state=hidden)
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batches = [{"input_ids": torch.randint(0, 20, (2, 4)), "attention_mask": mask}]
+    base, padded_only, real = Encoder(None), Encoder(3), Encoder(0)  # position 3 is padding in both rows
+    padded_only.embed = real.embed = base.embed
+    reference = flat_outputs(base, batches)
+    assert reference[0].shape == (5, 8)  # one row per real token
+    assert mean_cosine(flat_outputs(padded_only, batches), reference) == pytest.approx(1.0)
+    assert mean_cosine(flat_outputs(real, batches), reference) < 0.7
