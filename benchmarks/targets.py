@@ -18,7 +18,8 @@ and reconstruction (``slimkit.calibrate``, no training), then, in the same proce
 
 Writes benchmarks/results/targets.json and targets.png (quality vs measured speed-up).
 Timings need a quiet machine (interleaving does not protect against contention); latency tables
-go to a fresh folder each run unless ``--cache`` names one. A full run takes about an hour on 2 cores.
+go to a fresh folder each run unless ``--cache`` names one. A full run (4 models, 2 batches, 2
+targets) takes over two hours on 2 cores, about 8 minutes a target at batch 1.
 
     python benchmarks/targets.py [--quick] [--models resnet50 minilm] [--batches 1 32] [--speedups 2 3]
 """
@@ -327,10 +328,10 @@ def main() -> None:
     args.speedups = args.speedups or ([2.0] if args.quick else [2.0, 3.0])
     common.setup_machine()
     report = {"machine": common.machine_info(), "quick": args.quick, "size": args.size, "models": {}}
-    for name in args.models:
-        report["models"][name] = run_model(name, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    for name in args.models:  # written after each model: a long run stopped early keeps what it measured
+        report["models"][name] = run_model(name, args)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.output.with_suffix(".png"))
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 

@@ -78,6 +78,7 @@ class PointData:
         self.consumers: dict[str, Consumer] = {}
         self.gradients: GradientStatistics | None = None
         self.calibrated = False  # slimkit.calibrate supplied this point's data
+        self.samples: list = []  # a few of calibrate's batches while it prunes (prune.target probes them)
         if config.records_inputs:
             readers: dict[str, list[tuple[int, int]]] = {}
             for g, group in enumerate(self.groups):

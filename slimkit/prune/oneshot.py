@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("slimkit")
 
+_TARGET_SAMPLES = 2  # calibration batches prune.target's per-group probes run on
+
 
 def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -129,6 +131,7 @@ def calibrate_point(pruner: Pruner, model: nn.Module, batches: list, point: int)
         with pruner.controller.suspended():
             _gather(pruner, model, batches)
             pruner.data.calibrated = True
+            pruner.data.samples = list(batches[:_TARGET_SAMPLES])
             sequential = cfg.reconstruct and cfg.sequential
             reference = _reference_copy(model, pruner) if sequential else None
             before = [p.clone() for p in pruner._pruned()]
@@ -145,6 +148,8 @@ def calibrate_point(pruner: Pruner, model: nn.Module, batches: list, point: int)
                 pruner.apply_masks(model)
                 recalibrate_batchnorms(model, batches, lambda m, b: _call(m, split_batch(b, _device(m))[0]))
     finally:
+        if pruner.data is not None:
+            pruner.data.samples = []  # the user's batches are not kept past the call
         model.train(was_training)
 
 

@@ -6,9 +6,11 @@ At the first pruning point of a recipe with a target, :func:`solve_target`
    ``round_to``, at most ``max_layer_ratio`` removed);
 2. prices each candidate: its quality cost is the group's measured error curve (the relative
    output error of the layers that read its units, from recorded inputs: the curves of
-   ``allocation: sensitivity``; without recorded inputs, the sum of its lowest normalised
-   scores), its saving comes from the :class:`~.target_costs.CostModel` (latency measured on
-   this machine and cached, or counted MACs / parameters);
+   ``allocation: sensitivity``), weighted by how much of that error reaches the model's output
+   (:func:`output_reach`: one probe per group on a few calibration batches); without recorded
+   inputs, the sum of its lowest normalised scores. Its saving comes from the
+   :class:`~.target_costs.CostModel` (latency measured on this machine and cached, or counted
+   MACs / parameters);
 3. greedily takes, among every group's further candidates, the step with the least error per
    unit of cost saved (the lower-convex-hull greedy of ``allocation``, with cost in place of
    units) until the predicted cost meets the budget, then steps groups back while it still does;
@@ -69,6 +71,7 @@ class TargetOutcome:
     met: bool = False
     rounds: list[dict[str, float]] = field(default_factory=list)
     widths: dict[str, list[int]] = field(default_factory=dict)  # group root -> [dense, kept]
+    output_reach: dict[str, float] = field(default_factory=dict)  # group root -> weight of its error curve
     layers_measured: int = 0
     layers_cached: int = 0
 
@@ -118,20 +121,26 @@ def rebatched(inputs: Any, batch: int) -> Any:
     return inputs
 
 
-def _error_curves(pruner: Pruner, scores, pruned, cands) -> list[list[float]]:
+def _error_curves(
+    pruner: Pruner, model: nn.Module, measure: _Measure, scores, pruned, cands, outcome: TargetOutcome
+) -> list[list[float]]:
     """Per group, the quality cost of each candidate count (see the module docstring)."""
     from .oneshot import removed_columns_of
 
     data = pruner.data
     groups = pruner.channels.groups + pruner.heads.groups
     if data is not None and data.recorder is not None and data.recorder.seen > 0:
-        readers = group_readers(list(data.consumers.values()), pruner.config.damping, pruner.config.reconstruct)
+        consumers = list(data.consumers.values())
+        readers = group_readers(consumers, pruner.config.damping, pruner.config.reconstruct)
         if all(g in readers for g in range(len(groups))):
             columns = removed_columns_of(pruner)
-            return [
-                error_curve(readers[g], g, removal_order(scores[g], pruned[g]), pruned[g], cands[g], columns)
-                for g in range(len(groups))
-            ]
+            orders = [removal_order(scores[g], pruned[g]) for g in range(len(groups))]
+            curves = [error_curve(readers[g], g, orders[g], pruned[g], cands[g], columns) for g in range(len(groups))]
+            plain = group_readers(consumers, pruner.config.damping, False)
+            local = lambda g, count: error_curve(plain[g], g, orders[g], pruned[g], [count], columns)[0]  # noqa: E731
+            reach = output_reach(model, measure, cands, local, data.samples or [pruner.example_inputs])
+            outcome.output_reach = {g.root: round(r, 6) for g, r in zip(groups, reach)}
+            return [[reach[g] * e for e in curve] for g, curve in enumerate(curves)]
     logger.warning(
         "prune.target: no recorded inputs for every group (call slimkit.calibrate first); weighing "
         "quality by normalised scores instead of measured output errors"
@@ -147,6 +156,40 @@ def _error_curves(pruner: Pruner, scores, pruned, cands) -> list[list[float]]:
     return curves
 
 
+def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: list) -> list[float]:
+    """Per group, how much of its readers' output error reaches the model's output.
+
+    The curves above are relative errors of each group's own readers: comparable along one
+    group, not across groups. An FFN's error is diluted by the residual stream it is added to,
+    an early stage's grows through the layers after it; weighing them alike cut every FFN of
+    MiniLM to its floor at 2x where uniform widths kept more quality. So each group is probed
+    once, alone, at its middle candidate, physically cut without refit: the drop of the output
+    cosine on a few calibration batches, divided by the readers' relative error at that count
+    without refit (both about linear in the squared error there), rescales its curve."""
+    from ..outputs import flat_outputs, mean_cosine
+
+    batches = [b for b in batches if b is not None]
+    if not batches:
+        return [1.0] * len(cands)
+    reference = flat_outputs(model, batches, "prune.target")
+    base = {g: c[0] for g, c in enumerate(cands)}
+    reach = []
+    for g, options in enumerate(cands):
+        count = options[len(options) // 2]
+        error = local(g, count) if count > options[0] else 0.0
+        if error <= 0.0:
+            reach.append(None)
+            continue
+        net = measure.probe({**base, g: count})
+        drop = 1.0 - mean_cosine(flat_outputs(net, batches, "prune.target"), reference)
+        del net
+        reach.append(max(drop, 0.0) / error)
+    known = sorted(r for r in reach if r is not None and r > 0)
+    floor = known[len(known) // 2] * 1e-3 if known else 1.0  # a probe within noise is cheap, not free
+    fallback = known[len(known) // 2] if known else 1.0
+    return [fallback if r is None else max(r, floor) for r in reach]
+
+
 class _Measure:
     """The physically pruned copy's reduction: timed against the dense model, or counted."""
 
@@ -154,6 +197,9 @@ class _Measure:
         self.pruner, self.model, self.inputs, self.kind = pruner, model, inputs, kind
         self.scores, self.pruned = scores, pruned
         self.memo = {id(pruner.controller): pruner.controller}
+        recorder = pruner.data.recorder if pruner.data is not None else None
+        if recorder is not None:  # copies share it (its hooks skip them): its Gram matrices are not copied
+            self.memo[id(recorder)] = recorder
         self.dense_copy = copy.deepcopy(model, dict(self.memo)).eval() if kind == "latency" else None
         self.dense = self._value(model if kind != "latency" else self.dense_copy)
         self.last_dense = self.dense
@@ -233,8 +279,8 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
                 candidates(g, int(p.sum()), k.round_to, cfg.max_layer_ratio, per_group)
                 for g, p, k in zip(groups, pruned, kinds)
             ]
-            errors = _error_curves(pruner, scores, pruned, cands)
             measure = _Measure(pruner, model, inputs, kind, scores, pruned)
+            errors = _error_curves(pruner, model, measure, scores, pruned, cands, outcome)
             table = None
             if kind == "latency":
                 table = LatencyTable(machine_key(torch.get_num_threads(), target.batch), target.cache)

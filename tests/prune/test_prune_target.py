@@ -246,3 +246,27 @@ def test_counted_target_on_an_encoder_spreads_heads_and_ffn_neurons():
     assert any(root.endswith("intermediate.dense") and kept < size for root, (size, kept) in widths.items())
     small = slimkit.convert(model)
     assert abs(count_macs(small, batches[0]) / dense_macs - 0.6) <= 0.1 * 0.6
+
+
+def test_groups_whose_error_hardly_reaches_the_output_are_cut_first():
+    """Layer 0's FFN of an encoder writes a fiftieth of its usual output into the residual
+    stream: its own relative error curve is unchanged, but its cuts hardly reach the model's
+    output. The solver weighs each curve by that reach (one probe per group) and cuts this FFN
+    the most; weighing the local curves alone cut it no more than layer 1's."""
+    from tests.families import hf_model, token_batch
+
+    model = hf_model("bert-base").eval()
+    with torch.no_grad():
+        quiet = model.encoder.layer[0].output.dense
+        quiet.weight.mul_(0.02)
+        quiet.bias.mul_(0.02)
+    batches = [token_batch(4, 12, seed=s) for s in (1, 2)]
+    recipe = {"prune": {"target": {"macs": 0.7}, "importance": "activation", "reconstruct": True}}
+    slimkit.prepare(model, recipe, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    outcome = slimkit.prune.summary(model)["target"]
+    reach, widths = outcome["output_reach"], outcome["widths"]
+    ffn = [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    assert reach[ffn[0]] < 0.1 * reach[ffn[1]], reach
+    kept = [widths[root][1] / widths[root][0] for root in ffn]
+    assert kept[0] < kept[1] - 0.2, widths
