@@ -21,33 +21,24 @@ from pathlib import Path
 
 import torch
 
-import slimkit
 from slimkit.prune import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_split import shuffled_digits  # noqa: E402
 from prune_accuracy import DigitsCNN, accuracy, train_cnn  # noqa: E402
+from targets import pruned  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.5, 0.3)
 
 
-def pruned(dense, section: dict, calibration: list, calibrate: bool = True):
-    model = copy.deepcopy(dense)
-    slimkit.prepare(model, {"prune": section}, example_inputs=calibration[0])
-    if calibrate:
-        slimkit.calibrate(model, calibration)
-    summary = slimkit.prune.summary(model)
-    return slimkit.convert_(model).eval(), summary
-
-
-def uniform_ratio(dense, fraction: float, calibration: list, x) -> float:
+def uniform_ratio(dense, fraction: float, x) -> float:
     """The uniform ratio whose counted MACs come closest to ``fraction`` (widths do not depend on
     the scores, so l2 without calibration finds it)."""
     dense_macs, lo, hi = count_macs(dense, x), 0.0, 0.9
     for _ in range(12):
         mid = (lo + hi) / 2
-        model, _ = pruned(dense, {"channels": mid, "round_to": 8}, calibration, calibrate=False)
+        model, _ = pruned(dense, {"channels": mid, "round_to": 8}, {}, x, calibrate=False)
         lo, hi = (mid, hi) if count_macs(model, x) / dense_macs > fraction else (lo, mid)
     return round((lo + hi) / 2, 4)
 
@@ -64,16 +55,16 @@ def main() -> None:
     train_cnn(dense, train, steps, 2e-3)
     dense.eval()
     calibration = list(train[0][:512].split(64))
-    x = calibration[0]
+    data, x = {"calibration": calibration}, calibration[0]
     dense_macs = count_macs(dense, x)
     report = {"dense_accuracy": accuracy(dense, test), "training_steps": steps, "recovery_steps": recovery, "rows": []}
     print(f"digits CNN: dense held-out accuracy {report['dense_accuracy']:.4f}")
     data_aware = {"importance": "activation", "reconstruct": True}
     for fraction in FRACTIONS:
         row = {"macs_target": fraction}
-        target_model, summary = pruned(dense, {"target": {"macs": fraction}, **data_aware}, calibration)
-        ratio = uniform_ratio(dense, fraction, calibration, x)
-        uniform_model, _ = pruned(dense, {"channels": ratio, "round_to": 8, **data_aware}, calibration)
+        target_model, summary = pruned(dense, {"target": {"macs": fraction}, **data_aware}, data, x)
+        ratio = uniform_ratio(dense, fraction, x)
+        uniform_model, _ = pruned(dense, {"channels": ratio, "round_to": 8, **data_aware}, data, x)
         for name, model in (("target", target_model), ("uniform", uniform_model)):
             entry = {"macs": round(count_macs(model, x) / dense_macs, 4), "accuracy": accuracy(model, test)}
             tuned = copy.deepcopy(model)

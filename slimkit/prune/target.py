@@ -185,9 +185,9 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
         del net
         reach.append(max(drop, 0.0) / error)
     known = sorted(r for r in reach if r is not None and r > 0)
-    floor = known[len(known) // 2] * 1e-3 if known else 1.0  # a probe within noise is cheap, not free
-    fallback = known[len(known) // 2] if known else 1.0
-    return [fallback if r is None else max(r, floor) for r in reach]
+    median = known[len(known) // 2] if known else 1.0  # groups without a probe weigh as the typical one
+    floor = median * 1e-3 if known else 1.0  # a probe within noise is cheap, not free
+    return [median if r is None else max(r, floor) for r in reach]
 
 
 class _Measure:
