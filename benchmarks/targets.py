@@ -14,7 +14,9 @@ and reconstruction (``slimkit.calibrate``, no training), then, in the same proce
 * uniform pruning (every layer the same ratio, the same importance and reconstruction) at the
   ratio that gives the speed-up the target reached (found by timing a few uniform ratios and
   interpolating), for the quality comparison at equal measured speed;
-* onnxruntime ``quantize_dynamic`` of the dense model: the zero-effort baseline.
+* onnxruntime ``quantize_dynamic`` of the dense model (and, for the vision models,
+  ``quantize_static`` on the calibration batches): the zero-effort baselines, with the size of
+  their INT8 files beside the FP32 size of each pruned model.
 
 Writes benchmarks/results/targets.json and targets.png (quality vs measured speed-up).
 Timings need a quiet machine (interleaving does not protect against contention); latency tables
@@ -180,11 +182,16 @@ def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid
     return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in sorted(points)], "model": model}
 
 
-def ort_dynamic(dense: nn.Module, data: dict, inputs, text: bool, rounds: int) -> dict:
-    """onnxruntime quantize_dynamic of the dense model: speed-up at this batch and quality."""
+def ort_baseline(dense: nn.Module, data: dict, inputs, text: bool, rounds: int, static: bool = False) -> dict:
+    """onnxruntime ``quantize_dynamic`` (or ``quantize_static`` on the calibration batches) of the
+    dense model: speed-up at this batch, quality, and the INT8 file's size."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = slimkit.export_onnx(copy.deepcopy(dense), Path(tmp) / "fp32.onnx", inputs)
-        session = common.ort_session(common.ort_dynamic_quantize(fp32, Path(tmp) / "dynamic.onnx"))
+        if static:
+            path = common.ort_static_quantize(fp32, Path(tmp) / "static.onnx", data["calibration"])
+        else:
+            path = common.ort_dynamic_quantize(fp32, Path(tmp) / "dynamic.onnx")
+        session = common.ort_session(path)
         names = [i.name for i in session.get_inputs()]
         outs = []
         for batch in data["eval"]:
@@ -192,7 +199,15 @@ def ort_dynamic(dense: nn.Module, data: dict, inputs, text: bool, rounds: int) -
             result = torch.from_numpy(session.run(None, feed)[0])
             outs.append(common.mean_pool(result, batch["attention_mask"]) if text else result)
         speed = speedup(dense, common.ort_runner(session, inputs), inputs, rounds)
-    return {"speedup": round(speed, 3), **quality_of(torch.cat(outs), outputs(dense, data, text), text)}
+        size = path.stat().st_size / 2**20
+    quality = quality_of(torch.cat(outs), outputs(dense, data, text), text)
+    return {"speedup": round(speed, 3), "size_mb": round(size, 2), **quality}
+
+
+def size_mb(model: nn.Module) -> float:
+    """FP32 weights and buffers in MiB (what a float safetensors file of the model holds)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -210,7 +225,10 @@ def run_model(name: str, args) -> dict:
     for batch in args.batches:
         inputs = example(data, batch)
         rounds = args.rounds if batch == 1 else max(3, args.rounds // 4)
-        entry: dict = {"ort_dynamic": ort_dynamic(dense, data, inputs, text, rounds), "targets": []}
+        entry: dict = {"dense_size_mb": size_mb(dense), "ort_dynamic": ort_baseline(dense, data, inputs, text, rounds)}
+        if not text:  # CNNs and ViT: onnxruntime's static INT8 is the baseline a vision user picks
+            entry["ort_static"] = ort_baseline(dense, data, inputs, text, rounds, static=True)
+        entry["targets"] = []
         for goal in args.speedups:
             target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
             section = {"target": target, "importance": "activation", "reconstruct": True}
@@ -238,6 +256,9 @@ def run_model(name: str, args) -> dict:
                     "layers_timed": solver["layers_measured"],
                     "seconds": round(seconds, 1),
                     "widths": solver["widths"],
+                    "size_mb": size_mb(model),
+                    "picked": solver["picked"],
+                    "compared": solver["compared"],
                     **quality_of(outputs(model, data, text), reference, text),
                 },
             }
@@ -246,6 +267,7 @@ def run_model(name: str, args) -> dict:
                 "ratio": uniform["ratio"],
                 "grid_speedups": uniform["grid"],
                 "measured_speedup": round(speedup(dense, uniform["model"], inputs, rounds), 3),
+                "size_mb": size_mb(uniform["model"]),
                 **quality_of(outputs(uniform["model"], data, text), reference, text),
             }
             key = "spearman" if text else "cosine"
@@ -258,8 +280,10 @@ def run_model(name: str, args) -> dict:
                 + (f" spearman {s['spearman']:.4f}" if text else "")
                 + f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
             )
-        o = entry["ort_dynamic"]
-        print(f"{name:>22} b{batch:<3} ORT quantize_dynamic {o['speedup']:.2f}x cosine {o['cosine']:.4f}")
+        for key in ("ort_dynamic", "ort_static"):
+            if key in entry:
+                o = entry[key]
+                print(f"{name:>22} b{batch:<3} ORT {key[4:]} {o['speedup']:.2f}x cosine {o['cosine']:.4f}")
         out[f"batch{batch}"] = entry
     return out
 
@@ -282,8 +306,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.scatter(s["measured_speedup"], s["cosine"], color="tab:blue", marker=marker)
                 ax.scatter(u["measured_speedup"], u["cosine"], color="tab:orange", marker=marker)
                 ax.axvline(row["target"], color="0.85", linewidth=0.8, zorder=0)
-            o = entry["ort_dynamic"]
-            ax.scatter(o["speedup"], o["cosine"], color="tab:gray", marker=marker)
+            for key, color in (("ort_dynamic", "tab:gray"), ("ort_static", "tab:green")):
+                if key in entry:
+                    ax.scatter(entry[key]["speedup"], entry[key]["cosine"], color=color, marker=marker)
         ax.set(xlabel="measured CPU speed-up vs dense", ylabel="output cosine to dense (held out)", title=name)
     handles = [
         plt.Line2D([], [], color=c, marker="o", linestyle="", label=t)
@@ -291,6 +316,7 @@ def plot(report: dict, path: Path) -> None:
             ("tab:blue", "slimkit prune.target"),
             ("tab:orange", "uniform, same speed"),
             ("tab:gray", "ORT quantize_dynamic"),
+            ("tab:green", "ORT quantize_static (vision)"),
         )
     ]
     handles += [

@@ -73,6 +73,8 @@ def main() -> None:
             row[name] = entry
         row["uniform"]["ratio"] = ratio
         row["target"]["widths"] = summary["target"]["widths"]
+        row["target"]["picked"] = summary["target"]["picked"]
+        row["target"]["compared"] = summary["target"]["compared"]
         row["accuracy_minus_uniform"] = round(row["target"]["accuracy"] - row["uniform"]["accuracy"], 4)
         row["after_recovery_minus_uniform"] = round(
             row["target"]["accuracy_after_recovery"] - row["uniform"]["accuracy_after_recovery"], 4

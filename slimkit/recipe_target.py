@@ -32,6 +32,11 @@ class TargetConfig(Config):
         3, "measurements of the pruned copy (timed or counted); after each miss the budget is rescaled and re-solved"
     )
     tolerance: float = help_field(0.1, "relative miss accepted after the rounds (measured against the target)")
+    compare: bool = help_field(
+        True,
+        "with calibration batches, also prune copies to uniform widths and to the unweighted curves' widths at the "
+        "same predicted cost, and keep the plan whose outputs stay closest to the dense model's",
+    )
     cache: str | None = help_field(
         None, "folder of the per-machine latency tables (default: $SLIMKIT_CACHE/latency or ~/.cache/slimkit/latency)"
     )

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("slimkit")
 
-_TARGET_SAMPLES = 2  # calibration batches prune.target's per-group probes run on
+_TARGET_SAMPLES = 8  # calibration batches prune.target may run copies on (the per-group probes: 2)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -55,6 +55,11 @@ def _mask_of(inputs: Any) -> torch.Tensor | None:
 
 def _call(model: nn.Module, inputs: Any) -> Any:
     return call_model(model, inputs)
+
+
+def call_on_batch(model: nn.Module, batch: Any) -> Any:
+    """The model on a calibration batch's inputs (labels left out)."""
+    return _call(model, split_batch(batch, _device(model))[0])
 
 
 def calibration_loss(pruner: Pruner, model: nn.Module, inputs: Any, labels: Any, outputs: Any) -> torch.Tensor:
@@ -146,7 +151,7 @@ def calibrate_point(pruner: Pruner, model: nn.Module, batches: list, point: int)
                 del reference
             if cfg.reconstruct:
                 pruner.apply_masks(model)
-                recalibrate_batchnorms(model, batches, lambda m, b: _call(m, split_batch(b, _device(m))[0]))
+                recalibrate_batchnorms(model, batches, call_on_batch)
     finally:
         if pruner.data is not None:
             pruner.data.samples = []  # the user's batches are not kept past the call

@@ -118,9 +118,12 @@ def output_error(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, d
 
 
 @torch.no_grad()
-def recalibrate_batchnorms(model: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any]) -> int:
+def recalibrate_batchnorms(
+    model: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any], reduce: bool = True
+) -> int:
     """Recompute every BatchNorm's running mean / variance on ``batches`` (cumulative average,
-    other modules in eval mode); returns how many BatchNorms were recalibrated."""
+    other modules in eval mode), averaged over processes under DDP unless ``reduce`` is False
+    (a copy only one process builds); returns how many BatchNorms were recalibrated."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -140,7 +143,7 @@ def recalibrate_batchnorms(model: nn.Module, batches: list, forward: Callable[[n
             norm.momentum = momentum
         for module in model.modules():
             module.train(modes.get(id(module), was_training))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         from .statistics import all_reduce_sum
 

@@ -42,6 +42,7 @@ from .latency import LatencyTable, interleaved_ms, machine_key, torch_threads
 from .metrics import count_macs, count_parameters
 from .selection import choose
 from .slicing import remove_units
+from .target_compare import PLANS, pick, plan_quality, uniform_plan
 from .target_costs import CostModel, layers_of
 from .target_solver import candidates, greedy, next_aim
 
@@ -52,6 +53,7 @@ logger = logging.getLogger("slimkit")
 
 DEFAULT_ROUND_TO = 8  # channel widths with a target, unless prune.round_to says otherwise
 _COUNTED_WIDTHS = 32  # candidate widths per group for macs / params targets
+_REACH_SAMPLES = 2  # calibration batches each group's output-reach probe runs on
 
 
 @dataclass
@@ -72,6 +74,8 @@ class TargetOutcome:
     rounds: list[dict[str, float]] = field(default_factory=list)
     widths: dict[str, list[int]] = field(default_factory=dict)  # group root -> [dense, kept]
     output_reach: dict[str, float] = field(default_factory=dict)  # group root -> weight of its error curve
+    picked: str = "solver"  # prune.target.compare: the plan kept
+    compared: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> its measured cosine (and reduction)
     layers_measured: int = 0
     layers_cached: int = 0
 
@@ -123,8 +127,9 @@ def rebatched(inputs: Any, batch: int) -> Any:
 
 def _error_curves(
     pruner: Pruner, model: nn.Module, measure: _Measure, scores, pruned, cands, outcome: TargetOutcome
-) -> list[list[float]]:
-    """Per group, the quality cost of each candidate count (see the module docstring)."""
+) -> tuple[list[list[float]], list[list[float]] | None]:
+    """Per group, the quality cost of each candidate count (see the module docstring), and the
+    readers' curves before the output-reach weighting (None without recorded inputs)."""
     from .oneshot import removed_columns_of
 
     data = pruner.data
@@ -138,9 +143,10 @@ def _error_curves(
             curves = [error_curve(readers[g], g, orders[g], pruned[g], cands[g], columns) for g in range(len(groups))]
             plain = group_readers(consumers, pruner.config.damping, False)
             local = lambda g, count: error_curve(plain[g], g, orders[g], pruned[g], [count], columns)[0]  # noqa: E731
-            reach = output_reach(model, measure, cands, local, data.samples or [pruner.example_inputs])
+            probed = data.samples[:_REACH_SAMPLES] or [pruner.example_inputs]
+            reach = output_reach(model, measure, cands, local, probed)
             outcome.output_reach = {g.root: round(r, 6) for g, r in zip(groups, reach)}
-            return [[reach[g] * e for e in curve] for g, curve in enumerate(curves)]
+            return [[reach[g] * e for e in curve] for g, curve in enumerate(curves)], curves
     logger.warning(
         "prune.target: no recorded inputs for every group (call slimkit.calibrate first); weighing "
         "quality by normalised scores instead of measured output errors"
@@ -153,7 +159,7 @@ def _error_curves(
         done = int(pruned[g].sum())
         cum = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)]) / group.size
         curves.append([float(cum[min(c - done, len(cum) - 1)]) for c in cands[g]])
-    return curves
+    return curves, None
 
 
 def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: list) -> list[float]:
@@ -214,10 +220,15 @@ class _Measure:
         self.last_dense = times["dense"]
         return times.get("pruned", times["dense"])
 
+    def masks(self, counts: dict[int, int]) -> list[torch.Tensor]:
+        """The pruned mask of every group at these counts (the lowest-scored units)."""
+        groups = self.pruner.channels.groups + self.pruner.heads.groups
+        return [choose(g, s, p, counts[i]) for i, (g, s, p) in enumerate(zip(groups, self.scores, self.pruned))]
+
     def probe(self, counts: dict[int, int]) -> nn.Module:
         pruner = self.pruner
         groups = pruner.channels.groups + pruner.heads.groups
-        masks = [choose(g, s, p, counts[i]) for i, (g, s, p) in enumerate(zip(groups, self.scores, self.pruned))]
+        masks = self.masks(counts)
         net = copy.deepcopy(self.model, dict(self.memo))
         remove_units(net, groups, masks, pruner.transposed)
         set_head_counts(net, pruner.controller.adapter, groups, masks)
@@ -236,15 +247,17 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
     target: TargetConfig = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
     outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads or torch.get_num_threads())
-    # [refused, met, goal, predicted, measured, dense, pruned, counts...]: every process reports rank 0's
-    status = torch.zeros(7 + len(groups), dtype=torch.float64)
+    # [refused, met, goal, predicted, measured, dense, pruned, picked, counts...]: every process
+    # reports rank 0's (what compare measured of each plan stays in rank 0's summary)
+    status = torch.zeros(8 + len(groups), dtype=torch.float64)
     error = None
     if not is_distributed() or rank() == 0:
         try:
             counts = _solve(pruner, model, scores, pruned, outcome)
             figures = [outcome.met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned]
             status[1:7] = torch.tensor([float(v) for v in figures], dtype=torch.float64)
-            status[7:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
+            status[7] = PLANS.index(outcome.picked)
+            status[8:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
         except Exception as exc:  # the other processes wait on the broadcast: tell them, then raise
             error, status[0] = exc, 1.0
     broadcast_([status])
@@ -253,8 +266,8 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
     if status[0] > 0:
         raise IncompatibleError("prune.target: rank 0 refused the target or failed choosing widths (see its log)")
     met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned = status[1:7].tolist()
-    outcome.met = bool(met)
-    chosen = [int(v) for v in status[7:].tolist()]
+    outcome.met, outcome.picked = bool(met), PLANS[int(status[7])]
+    chosen = [int(v) for v in status[8:].tolist()]
     outcome.widths = {g.root: [g.size, g.size - c] for g, c in zip(groups, chosen)}
     return chosen, outcome
 
@@ -280,7 +293,7 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
                 for g, p, k in zip(groups, pruned, kinds)
             ]
             measure = _Measure(pruner, model, inputs, kind, scores, pruned)
-            errors = _error_curves(pruner, model, measure, scores, pruned, cands, outcome)
+            errors, local = _error_curves(pruner, model, measure, scores, pruned, cands, outcome)
             table = None
             if kind == "latency":
                 table = LatencyTable(machine_key(torch.get_num_threads(), target.batch), target.cache)
@@ -290,11 +303,51 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
             if table is not None:
                 table.save()
                 outcome.layers_measured, outcome.layers_cached = table.measured, table.reused
-            return _rounds(target, cost, cands, errors, measure, outcome, pruner)
+            counts = _rounds(target, cost, cands, errors, measure, outcome, pruner)
+            samples = pruner.data.samples if pruner.data is not None else []
+            if target.compare and local is not None and samples:
+                counts = _compare(pruner, model, measure, cost, cands, local, counts, samples, outcome)
+            return counts
     finally:
         model.train(was_training)
         if recording:
             recorder.active = True
+
+
+def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, counts, samples, outcome) -> dict[int, int]:
+    """``prune.target.compare`` (see :mod:`.target_compare`): the solver's plan against uniform
+    widths and the unweighted curves' plan at its predicted cost; updates ``outcome``."""
+    from ..outputs import flat_outputs
+
+    groups = pruner.channels.groups + pruner.heads.groups
+    budget = cost.total(counts)
+    plans = {
+        "solver": counts,
+        "uniform": uniform_plan([g.size for g in groups], cands, cost, budget),
+        "local": greedy(cands, local, cost, budget),
+    }
+    reference = flat_outputs(model, samples, "prune.target")
+    measured: dict[int, float] = {}
+
+    def quality(plan: dict[int, int]) -> float:
+        return plan_quality(pruner, model, measure.memo, plan, measure.masks(plan), samples, reference)
+
+    def reduction(plan: dict[int, int]) -> float:
+        measured[id(plan)] = measure.reduction(plan)
+        return measured[id(plan)][0]
+
+    solver_miss = abs(outcome.measured / outcome.goal - 1.0)
+    name, outcome.compared = pick(plans, quality, reduction, outcome.goal, pruner.config.target.tolerance, solver_miss)
+    outcome.picked = name
+    logger.info("prune.target.compare: kept the %s plan (%s)", name, outcome.compared)
+    if name != "solver":
+        chosen = plans[name]
+        dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
+        outcome.predicted = dense_pred / max(cost.total(chosen), 1e-12)
+        outcome.measured, outcome.pruned = measured[id(chosen)]
+        outcome.met = abs(outcome.measured / outcome.goal - 1.0) <= pruner.config.target.tolerance
+        return chosen
+    return counts
 
 
 def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutcome, pruner: Pruner) -> dict[int, int]:

@@ -8,6 +8,7 @@ schedules ramp towards the chosen widths; under DDP every process keeps rank 0's
 No assertion here depends on a timing.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -270,3 +271,60 @@ def test_groups_whose_error_hardly_reaches_the_output_are_cut_first():
     assert reach[ffn[0]] < 0.1 * reach[ffn[1]], reach
     kept = [widths[root][1] / widths[root][0] for root in ffn]
     assert kept[0] < kept[1] - 0.2, widths
+
+
+# -- compare: the solver's plan against uniform widths and the unweighted curves' plan --------
+def test_compare_keeps_the_best_plan_it_measured_and_its_figure_is_the_converted_models():
+    """With calibration batches the solver also prunes copies to uniform widths and to the plan of
+    the unweighted curves at its predicted cost; the kept plan is the best one measured within
+    the tolerance, and the cosine it reports is what the converted model gives on those batches."""
+    from slimkit.outputs import flat_outputs, mean_cosine
+
+    dense = cnn()
+    batches = images(2, 5)
+    model = prune_to({"macs": 0.7}, copy.deepcopy(dense), reconstruct=True)
+    outcome = slimkit.prune.summary(model)["target"]
+    compared = outcome["compared"]
+    assert set(compared) == {"solver", "uniform", "local"}, compared
+    measured = {n: e["cosine"] for n, e in compared.items() if "cosine" in e}
+    assert "solver" in measured and len(measured) >= 2, compared  # uniform differs from the solver here
+    best = max(measured, key=measured.get)
+    if best != "solver" and compared[best]["miss"] <= 0.1:
+        assert outcome["picked"] == best, outcome
+    small = slimkit.convert(model).eval()
+    with torch.no_grad():
+        cosine = mean_cosine(flat_outputs(small, batches), flat_outputs(dense, batches))
+    assert abs(cosine - measured[outcome["picked"]]) < 1e-4, (cosine, compared)
+    assert abs(count_macs(small, batches[0]) / count_macs(dense, batches[0]) - 0.7) <= 0.07
+
+
+def test_compare_off_keeps_the_solvers_plan():
+    model = prune_to({"macs": 0.7, "compare": False}, reconstruct=True)
+    outcome = slimkit.prune.summary(model)["target"]
+    assert outcome["picked"] == "solver" and outcome["compared"] == {}
+
+
+def test_pick_keeps_the_best_plan_within_tolerance_and_times_only_what_it_must():
+    from slimkit.prune.target_compare import pick
+
+    plans = {"solver": {0: 1}, "uniform": {0: 2}, "local": {0: 3}}
+    quality = {1: 0.90, 2: 0.95, 3: 0.99}
+    timed = []
+
+    def reduction(plan):
+        timed.append(plan[0])
+        return {2: 2.1, 3: 3.0}[plan[0]]
+
+    name, report = pick(plans, lambda p: quality[p[0]], reduction, goal=2.0, tolerance=0.1, solver_miss=0.02)
+    assert name == "uniform" and timed == [3, 2], report  # local is best but 50% off the goal
+    assert report["local"]["miss"] == 0.5 and report["uniform"]["measured"] == 2.1
+
+    timed.clear()
+    quality[1] = 0.999
+    name, report = pick(plans, lambda p: quality[p[0]], reduction, goal=2.0, tolerance=0.1, solver_miss=0.02)
+    assert name == "solver" and timed == [], report  # the best is the solver's: nothing else is timed
+
+    same = {"solver": {0: 1}, "uniform": {0: 1}, "local": {0: 3}}
+    quality[1] = 0.5
+    name, report = pick(same, lambda p: quality[p[0]], reduction, goal=3.0, tolerance=0.1, solver_miss=0.3)
+    assert report["uniform"] == {"same_as": "solver"} and name == "local", report
