@@ -166,17 +166,22 @@ def _reference_copy(model: nn.Module, pruner: Pruner) -> nn.Module:
     return reference
 
 
-def reconstruct_point(pruner: Pruner, before: list[torch.Tensor], after: list[torch.Tensor]) -> list[nn.Module]:
-    """Independent refits of every consumer that lost columns; returns the refit modules."""
+def reconstruct_point(
+    pruner: Pruner, before: list[torch.Tensor], after: list[torch.Tensor], into: nn.Module | None = None
+) -> list[nn.Module]:
+    """Independent refits of every consumer that lost columns; returns the refit modules.
+    ``into``: a copy of the model whose same-named layers are refit instead (prune.target's
+    plans), from the statistics recorded on the model."""
     data = pruner.data
     done = []
     for consumer in data.changed_consumers(before, after):
         if consumer.stats.gram is None or consumer.stats.count == 0:
             logger.info("prune.reconstruct: %s is left as is (no recorded inputs it can refit with)", consumer.name)
             continue
-        error = refit(consumer.module, consumer.stats, data.removed_columns(consumer, after), pruner.config.damping)
+        module = consumer.module if into is None else get_module(into, consumer.name)
+        error = refit(module, consumer.stats, data.removed_columns(consumer, after), pruner.config.damping)
         logger.debug("prune.reconstruct: %s refit, relative output error %.4g", consumer.name, error)
-        done.append(consumer.module)
+        done.append(module)
     return done
 
 

@@ -40,9 +40,11 @@ from .allocation import error_curve, group_readers, removal_order
 from .heads import set_head_counts
 from .latency import LatencyTable, interleaved_ms, machine_key, torch_threads
 from .metrics import count_macs, count_parameters
+from .oneshot import call_on_batch, reconstruct_point
+from .reconstruct import recalibrate_batchnorms
 from .selection import choose
 from .slicing import remove_units
-from .target_compare import PLANS, pick, plan_quality, uniform_plan
+from .target_compare import PLANS, pick, uniform_plan
 from .target_costs import CostModel, layers_of
 from .target_solver import candidates, greedy, next_aim
 
@@ -225,11 +227,15 @@ class _Measure:
         groups = self.pruner.channels.groups + self.pruner.heads.groups
         return [choose(g, s, p, counts[i]) for i, (g, s, p) in enumerate(zip(groups, self.scores, self.pruned))]
 
-    def probe(self, counts: dict[int, int]) -> nn.Module:
+    def probe(self, counts: dict[int, int], refit: bool = False) -> nn.Module:
+        """A copy of the model physically pruned to ``counts``; ``refit``: its consumers refit
+        first, as the pruning point refits them (``prune.reconstruct``)."""
         pruner = self.pruner
         groups = pruner.channels.groups + pruner.heads.groups
         masks = self.masks(counts)
         net = copy.deepcopy(self.model, dict(self.memo))
+        if refit:
+            reconstruct_point(pruner, pruner._pruned(), masks, into=net)
         remove_units(net, groups, masks, pruner.transposed)
         set_head_counts(net, pruner.controller.adapter, groups, masks)
         return net.eval()
@@ -317,7 +323,7 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
 def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, counts, samples, outcome) -> dict[int, int]:
     """``prune.target.compare`` (see :mod:`.target_compare`): the solver's plan against uniform
     widths and the unweighted curves' plan at its predicted cost; updates ``outcome``."""
-    from ..outputs import flat_outputs
+    from ..outputs import flat_outputs, mean_cosine
 
     groups = pruner.channels.groups + pruner.heads.groups
     budget = cost.total(counts)
@@ -327,10 +333,16 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
         "local": greedy(cands, local, cost, budget),
     }
     reference = flat_outputs(model, samples, "prune.target")
-    measured: dict[int, float] = {}
+    measured: dict[int, tuple[float, float]] = {}  # id(plan) -> (reduction, pruned value)
+    refitting = pruner.config.reconstruct and pruner.data is not None
 
     def quality(plan: dict[int, int]) -> float:
-        return plan_quality(pruner, model, measure.memo, plan, measure.masks(plan), samples, reference)
+        """Output cosine of a copy pruned as the point prunes (refit, removal, BatchNorms)."""
+        net = measure.probe(plan, refit=refitting)
+        with torch.no_grad():
+            if refitting:  # rank 0 alone: the statistics are not reduced across processes here
+                recalibrate_batchnorms(net, samples, call_on_batch, reduce=False)
+            return mean_cosine(flat_outputs(net, samples, "prune.target"), reference)
 
     def reduction(plan: dict[int, int]) -> float:
         measured[id(plan)] = measure.reduction(plan)

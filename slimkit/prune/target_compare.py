@@ -11,31 +11,21 @@ also builds, at the predicted cost of its own plan,
 * ``local``: its own greedy on the unweighted curves (the readers' errors alone),
 
 prunes each on a copy the way the point will (consumers refit on the recorded inputs when
-``prune.reconstruct``, units physically removed, BatchNorm statistics recomputed), and keeps the
-plan whose outputs stay closest to the dense model's on those batches (mean cosine). The copy
-matches the point exactly with independent refits and up to 8 calibration batches (tested to
-1e-4); with ``prune.sequential``, or more batches for the BatchNorm recount, it approximates it. A plan
-other than the solver's is kept only if its measured reduction is within the target's tolerance,
-or misses it by no more than the solver's plan did.
+``prune.reconstruct``, units physically removed, BatchNorm statistics recomputed: ``_compare`` in
+:mod:`.target`, which measures), and keeps the plan whose outputs stay closest to the dense
+model's on those batches (mean cosine). The copy matches the point exactly with independent
+refits and up to 8 calibration batches (tested to 1e-4); with ``prune.sequential``, or more
+batches for the BatchNorm recount, it approximates it. A plan other than the solver's is kept
+only if its measured reduction is within the target's tolerance, or misses it by no more than
+the solver's plan did. This module holds the plain-number parts, testable on their own.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from torch import nn
-
-from ..modules import get_module
-from .heads import set_head_counts
-from .reconstruct import recalibrate_batchnorms, refit
-from .slicing import remove_units
 from .target_costs import CostModel
-
-if TYPE_CHECKING:
-    from .pruner import Pruner
 
 Plan = dict[int, int]  # group index -> removal count
 PLANS = ("solver", "uniform", "local")  # the plans compared, by name
@@ -98,30 +88,3 @@ def pick(
         if miss <= max(tolerance, solver_miss):
             return name, report
     return "solver", report
-
-
-def plan_quality(pruner: Pruner, model: nn.Module, memo: dict, counts: Plan, masks: list, batches: list, reference):
-    """Mean output cosine to ``reference`` on ``batches`` of a copy pruned to ``masks`` the way
-    the pruning point prunes (refit, physical removal, BatchNorms recomputed)."""
-    from ..outputs import flat_outputs, mean_cosine
-    from .oneshot import call_on_batch
-
-    groups = pruner.channels.groups + pruner.heads.groups
-    data = pruner.data
-    net = copy.deepcopy(model, dict(memo))
-    refitting = pruner.config.reconstruct and data is not None
-    if refitting:
-        for consumer in data.changed_consumers(pruner._pruned(), masks):
-            if consumer.stats.gram is None or consumer.stats.count == 0:
-                continue
-            removed = data.removed_columns(consumer, masks)
-            refit(get_module(net, consumer.name), consumer.stats, removed, pruner.config.damping)
-    remove_units(net, groups, masks, pruner.transposed)
-    set_head_counts(net, pruner.controller.adapter, groups, masks)
-    net.eval()
-    with torch.no_grad():
-        if refitting:  # rank 0 alone: the statistics are not reduced across processes here
-            recalibrate_batchnorms(net, batches, call_on_batch, reduce=False)
-        cosine = mean_cosine(flat_outputs(net, batches, "prune.target"), reference)
-    del net
-    return cosine
