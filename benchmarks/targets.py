@@ -16,7 +16,10 @@ and reconstruction (``slimkit.calibrate``, no training), then, in the same proce
   interpolating), for the quality comparison at equal measured speed;
 * onnxruntime ``quantize_dynamic`` of the dense model (and, for the vision models,
   ``quantize_static`` on the calibration batches): the zero-effort baselines, with the size of
-  their INT8 files beside the FP32 size of each pruned model.
+  their INT8 files beside the FP32 size of each pruned model;
+* the pruned model made INT8 (unless ``--no-int8``): by the baseline's own tool (``quantize_static``
+  for the vision models, ``quantize_dynamic`` for MiniLM) and by slimkit (PTQ / dynamic, exported
+  to QDQ ONNX, run by onnxruntime), timed against the dense FP32 model: does pruning add to INT8?
 
 Writes benchmarks/results/targets.json and targets.png (quality vs measured speed-up).
 Timings need a quiet machine (interleaving does not protect against contention); latency tables
@@ -182,26 +185,56 @@ def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid
     return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in sorted(points)], "model": model}
 
 
-def ort_baseline(dense: nn.Module, data: dict, inputs, text: bool, rounds: int, static: bool = False) -> dict:
-    """onnxruntime ``quantize_dynamic`` (or ``quantize_static`` on the calibration batches) of the
-    dense model: speed-up at this batch, quality, and the INT8 file's size."""
+def onnx_point(path: Path, dense: nn.Module, data: dict, inputs, text: bool, rounds: int, reference) -> dict:
+    """An onnxruntime session of ``path``: speed-up over the dense PyTorch model at this batch,
+    quality against the dense model's held-out outputs, and the file's size."""
+    session = common.ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    outs = []
+    for batch in data["eval"]:
+        feed = {k: v.numpy() for k, v in batch.items() if k in names} if text else {names[0]: batch.numpy()}
+        result = torch.from_numpy(session.run(None, feed)[0])
+        outs.append(common.mean_pool(result, batch["attention_mask"]) if text else result)
+    speed = speedup(dense, common.ort_runner(session, inputs), inputs, rounds)
+    size = path.stat().st_size / 2**20
+    return {"speedup": round(speed, 3), "size_mb": round(size, 2), **quality_of(torch.cat(outs), reference, text)}
+
+
+def ort_int8(model: nn.Module, dense: nn.Module, data: dict, inputs, text, rounds, reference, static=False) -> dict:
+    """onnxruntime ``quantize_dynamic`` (or ``quantize_static`` on the calibration batches) of
+    ``model`` (the dense model: the zero-effort baseline; a pruned one: pruning, then the same
+    INT8 tool), timed against the dense PyTorch model."""
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = slimkit.export_onnx(copy.deepcopy(dense), Path(tmp) / "fp32.onnx", inputs)
+        fp32 = slimkit.export_onnx(copy.deepcopy(model), Path(tmp) / "fp32.onnx", inputs)
         if static:
             path = common.ort_static_quantize(fp32, Path(tmp) / "static.onnx", data["calibration"])
         else:
             path = common.ort_dynamic_quantize(fp32, Path(tmp) / "dynamic.onnx")
-        session = common.ort_session(path)
-        names = [i.name for i in session.get_inputs()]
-        outs = []
-        for batch in data["eval"]:
-            feed = {k: v.numpy() for k, v in batch.items() if k in names} if text else {names[0]: batch.numpy()}
-            result = torch.from_numpy(session.run(None, feed)[0])
-            outs.append(common.mean_pool(result, batch["attention_mask"]) if text else result)
-        speed = speedup(dense, common.ort_runner(session, inputs), inputs, rounds)
-        size = path.stat().st_size / 2**20
-    quality = quality_of(torch.cat(outs), outputs(dense, data, text), text)
-    return {"speedup": round(speed, 3), "size_mb": round(size, 2), **quality}
+        return onnx_point(path, dense, data, inputs, text, rounds, reference)
+
+
+def slimkit_int8(model: nn.Module, dense: nn.Module, data: dict, inputs, text, rounds, reference) -> dict:
+    """slimkit's own INT8 of ``model`` (PTQ on the calibration batches for the vision models,
+    dynamic for MiniLM, as its ORT baseline), exported to QDQ ONNX and run by onnxruntime: the
+    fastest slimkit deployment path on these models (``int8_speed.json``)."""
+    mode = "dynamic" if text else "ptq"
+    quantized = copy.deepcopy(model)
+    slimkit.prepare(quantized, {"quant": {"mode": mode}}, example_inputs=data["calibration"][0])
+    if mode == "ptq":
+        slimkit.calibrate(quantized, data["calibration"])
+    int8 = slimkit.convert_(quantized)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = slimkit.export_onnx(int8, Path(tmp) / "slimkit.onnx", inputs)
+        return {"mode": mode, **onnx_point(path, dense, data, inputs, text, rounds, reference)}
+
+
+def int8_points(model: nn.Module, dense: nn.Module, data: dict, inputs, text, rounds, reference) -> dict:
+    """The pruned model made INT8 by the tool the dense baseline used, and by slimkit."""
+    key = "ort_dynamic" if text else "ort_static"
+    return {
+        key: ort_int8(model, dense, data, inputs, text, rounds, reference, static=not text),
+        "slimkit_onnx": slimkit_int8(model, dense, data, inputs, text, rounds, reference),
+    }
 
 
 def size_mb(model: nn.Module) -> float:
@@ -225,9 +258,10 @@ def run_model(name: str, args) -> dict:
     for batch in args.batches:
         inputs = example(data, batch)
         rounds = args.rounds if batch == 1 else max(3, args.rounds // 4)
-        entry: dict = {"dense_size_mb": size_mb(dense), "ort_dynamic": ort_baseline(dense, data, inputs, text, rounds)}
+        baseline = (dense, dense, data, inputs, text, rounds, reference)
+        entry: dict = {"dense_size_mb": size_mb(dense), "ort_dynamic": ort_int8(*baseline)}
         if not text:  # CNNs and ViT: onnxruntime's static INT8 is the baseline a vision user picks
-            entry["ort_static"] = ort_baseline(dense, data, inputs, text, rounds, static=True)
+            entry["ort_static"] = ort_int8(*baseline, static=True)
         entry["targets"] = []
         for goal in args.speedups:
             target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
@@ -262,6 +296,8 @@ def run_model(name: str, args) -> dict:
                     **quality_of(outputs(model, data, text), reference, text),
                 },
             }
+            if args.int8:  # pruning is meant to add to INT8: the pruned model quantized, same run
+                row["pruned_int8"] = int8_points(model, dense, data, inputs, text, rounds, reference)
             uniform = uniform_at(dense, data, inputs, heads, measured, rounds, args.grid)
             row["uniform"] = {
                 "ratio": uniform["ratio"],
@@ -280,6 +316,9 @@ def run_model(name: str, args) -> dict:
                 + (f" spearman {s['spearman']:.4f}" if text else "")
                 + f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
             )
+            for tool, q in row.get("pruned_int8", {}).items():
+                line = f"{name:>22} b{batch:<3} target {goal:.1f}x + INT8 ({tool}) {q['speedup']:.2f}x"
+                print(line + f" cosine {q['cosine']:.4f}" + (f" spearman {q['spearman']:.4f}" if text else ""))
         for key in ("ort_dynamic", "ort_static"):
             if key in entry:
                 o = entry[key]
@@ -295,7 +334,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 4.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         for batch_key, entry in report["models"][name].items():
             marker = "o" if batch_key == "batch1" else "s"
@@ -306,6 +345,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.scatter(s["measured_speedup"], s["cosine"], color="tab:blue", marker=marker)
                 ax.scatter(u["measured_speedup"], u["cosine"], color="tab:orange", marker=marker)
                 ax.axvline(row["target"], color="0.85", linewidth=0.8, zorder=0)
+                for tool, q in row.get("pruned_int8", {}).items():
+                    color = "tab:purple" if tool == "slimkit_onnx" else "tab:red"
+                    ax.scatter(q["speedup"], q["cosine"], color=color, marker=marker)
             for key, color in (("ort_dynamic", "tab:gray"), ("ort_static", "tab:green")):
                 if key in entry:
                     ax.scatter(entry[key]["speedup"], entry[key]["cosine"], color=color, marker=marker)
@@ -317,13 +359,15 @@ def plot(report: dict, path: Path) -> None:
             ("tab:orange", "uniform, same speed"),
             ("tab:gray", "ORT quantize_dynamic"),
             ("tab:green", "ORT quantize_static (vision)"),
+            ("tab:red", "prune.target, then the same ORT INT8"),
+            ("tab:purple", "prune.target, then slimkit INT8 (ONNX)"),
         )
     ]
     handles += [
         plt.Line2D([], [], color="k", marker=m, linestyle="", label=t) for m, t in (("o", "batch 1"), ("s", "batch 32"))
     ]
-    axes[0][0].legend(handles=handles, fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -334,6 +378,7 @@ def main() -> None:
     parser.add_argument("--speedups", nargs="+", type=float, help="default: 2 3 (--quick: 2)")
     parser.add_argument("--size", type=int, default=224, help="image size of the vision models")
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (a quarter at larger batches)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip INT8 of the pruned models")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")
     parser.add_argument(
