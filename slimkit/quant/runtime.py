@@ -57,6 +57,7 @@ class SignatureState:
     path: str = "pending"  # pending | compiled | eager
     reason: str | None = None  # why eager
     int8_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    wrapper: str | None = None  # Inductor's "cpp" or "python" wrapper, once compiled
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -176,7 +177,7 @@ class Int8Runtime:
             return state.compiled(*args, **kwargs)
         return self._first_call(state, args, kwargs)
 
-    def _compile(self):
+    def _compile(self, cpp_wrapper: bool = True):
         from .compiled import prepare_compilation
 
         prepare_compilation(self.model)
@@ -188,6 +189,10 @@ class Int8Runtime:
         )
         function.__kwdefaults__ = forward.__kwdefaults__
         kwargs = {"dynamic": False, **self.compile_kwargs}
+        if cpp_wrapper and "options" not in kwargs and "mode" not in kwargs:
+            # Inductor's C++ wrapper calls the kernels without a Python frame per op: at batch 1
+            # a small CNN is mostly that overhead (benchmarks/int8_speed.py, small models)
+            kwargs["options"] = {"cpp_wrapper": True}
         return torch.compile(types.MethodType(function, self.model), **kwargs)
 
     def _first_call(self, state: SignatureState, args: tuple, kwargs: dict):
@@ -195,7 +200,7 @@ class Int8Runtime:
 
         before = {kind: counters["inductor"][name] for kind, name in _COUNTERS.items()}
         try:
-            out = state.compiled(*args, **kwargs)
+            out = self._run_compiled(state, args, kwargs, counters, before)
         except Exception as exc:  # compile failures of any kind: the eager kernels still work
             state.compiled, state.path = None, "eager"
             state.reason = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -222,6 +227,24 @@ class Int8Runtime:
             logger.warning("slimkit: compiled %s: %s", type(self.model).__name__, state.reason)
         return out
 
+    def _run_compiled(self, state: SignatureState, args: tuple, kwargs: dict, counters, before: dict):
+        """The first compiled call; the default C++ wrapper is a speed-up, not a requirement:
+        if it fails, compile once more with Inductor's Python wrapper."""
+        default = "options" not in self.compile_kwargs and "mode" not in self.compile_kwargs
+        options = self.compile_kwargs.get("options") or {}
+        state.wrapper = "cpp" if default or options.get("cpp_wrapper") else "python"
+        try:
+            return state.compiled(*args, **kwargs)
+        except Exception as exc:
+            if not default:
+                raise
+            logger.info(
+                "slimkit: Inductor's C++ wrapper failed (%s: %s); using its Python wrapper", type(exc).__name__, exc
+            )
+            before.update({kind: counters["inductor"][name] for kind, name in _COUNTERS.items()})
+            state.compiled, state.wrapper = self._compile(cpp_wrapper=False), "python"
+            return state.compiled(*args, **kwargs)
+
     def report(self) -> dict:
         return {
             "compile": self.mode,
@@ -231,6 +254,7 @@ class Int8Runtime:
                     "inputs": repr(key)[:200],
                     "path": state.path,
                     "int8_kernels": dict(state.int8_kernels),
+                    **({"wrapper": state.wrapper} if state.path == "compiled" else {}),
                     **({"reason": state.reason} if state.reason else {}),
                 }
                 for key, state in self.signatures.items()

@@ -38,6 +38,7 @@ def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
     out = logits_of(model, x)
     assert _paths(model) == ["compiled"]
     assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}
+    assert runtime_report(model)["signatures"][0]["wrapper"] == "cpp"  # no Python frame per kernel
     assert torch.allclose(out, eager, atol=1e-4)
     logits_of(model, x[:3])  # another shape: its own graph, no recompilation of the first
     assert _paths(model) == ["compiled", "compiled"]
@@ -60,6 +61,37 @@ def test_many_compiled_models_of_one_class_stay_compiled_and_correct():
             # a graph of its own, with its own weights lowered to int8 kernels (not dynamo's
             # silent eager fallback once the limit is spent)
             assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}, seed
+
+
+def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper_and_user_options_are_kept(monkeypatch):
+    from slimkit.quant.runtime import Int8Runtime
+
+    compile_graph = Int8Runtime._compile
+
+    def cpp_wrapper_breaks(self, cpp_wrapper: bool = True):
+        if not cpp_wrapper:
+            return compile_graph(self, cpp_wrapper=False)
+
+        def fails(*args, **kwargs):  # what a missing or broken C++ toolchain raises on first call
+            raise RuntimeError("C++ compile error: the wrapper failed to build")
+
+        return fails
+
+    x = torch.randn(4, 1, 12, 12)
+    model = _int8_cnn(0)
+    with torch.no_grad():
+        eager = model.forward.eager(x)
+    monkeypatch.setattr(Int8Runtime, "_compile", cpp_wrapper_breaks)
+    out = logits_of(model, x)
+    (signature,) = runtime_report(model)["signatures"]
+    assert signature["path"] == "compiled" and signature["wrapper"] == "python"
+    assert signature["int8_kernels"] == {"conv2d": 3, "linear": 1}  # counted once, by the graph that ran
+    assert torch.allclose(out, eager, atol=1e-4)
+    monkeypatch.undo()
+
+    chosen = slimkit.quant.compile_int8(_int8_cnn(1), options={"cpp_wrapper": False})
+    logits_of(chosen, x)
+    assert runtime_report(chosen)["signatures"][0]["wrapper"] == "python"  # the user's options, untouched
 
 
 def _int8_resnet(compile_mode: str) -> torch.nn.Module:
