@@ -72,8 +72,11 @@ def test_target_needs_exactly_one_budget_and_replaces_ratios():
 # -- the latency table --------------------------------------------------------------------------
 def test_latency_table_is_reused_from_its_cache_and_rebuilt_for_other_threads_or_machine(tmp_path, monkeypatch):
     def run(threads: int) -> dict:
-        # a modest goal: tiny models are overhead-bound, and the check must never refuse it under load
-        target = {"speedup": 1.05, "batch": 4, "threads": threads, "rounds": 1, "cache": str(tmp_path)}
+        # a modest goal and a wide tolerance: tiny models are overhead-bound, and under load even
+        # the smallest widths have timed slower than dense (0.94x in one CI run); this test is
+        # about the table's cache, so the target must never be refused
+        target = {"speedup": 1.05, "batch": 4, "threads": threads, "rounds": 1, "tolerance": 0.5}
+        target["cache"] = str(tmp_path)
         model = prune_to(target, model=settle_batchnorm(timm_model("resnet"), torch.randn(8, 3, 32, 32)).eval())
         return slimkit.prune.summary(model)["target"]
 
