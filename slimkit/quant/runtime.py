@@ -177,6 +177,11 @@ class Int8Runtime:
             return state.compiled(*args, **kwargs)
         return self._first_call(state, args, kwargs)
 
+    @property
+    def _picks_wrapper(self) -> bool:
+        """Whether slimkit chooses Inductor's wrapper (the caller passed neither options nor mode)."""
+        return "options" not in self.compile_kwargs and "mode" not in self.compile_kwargs
+
     def _compile(self, cpp_wrapper: bool = True):
         from .compiled import prepare_compilation
 
@@ -189,9 +194,9 @@ class Int8Runtime:
         )
         function.__kwdefaults__ = forward.__kwdefaults__
         kwargs = {"dynamic": False, **self.compile_kwargs}
-        if cpp_wrapper and "options" not in kwargs and "mode" not in kwargs:
-            # Inductor's C++ wrapper calls the kernels without a Python frame per op: at batch 1
-            # a small CNN is mostly that overhead (benchmarks/int8_speed.py, small models)
+        if cpp_wrapper and self._picks_wrapper:
+            # Inductor's C++ wrapper calls the kernels without a Python frame per op: 1.04-1.43x
+            # faster, most on small CNNs at batch 1 (benchmarks/int8_wrapper.py)
             kwargs["options"] = {"cpp_wrapper": True}
         return torch.compile(types.MethodType(function, self.model), **kwargs)
 
@@ -230,13 +235,12 @@ class Int8Runtime:
     def _run_compiled(self, state: SignatureState, args: tuple, kwargs: dict, counters, before: dict):
         """The first compiled call; the default C++ wrapper is a speed-up, not a requirement:
         if it fails, compile once more with Inductor's Python wrapper."""
-        default = "options" not in self.compile_kwargs and "mode" not in self.compile_kwargs
         options = self.compile_kwargs.get("options") or {}
-        state.wrapper = "cpp" if default or options.get("cpp_wrapper") else "python"
+        state.wrapper = "cpp" if self._picks_wrapper or options.get("cpp_wrapper") else "python"
         try:
             return state.compiled(*args, **kwargs)
         except Exception as exc:
-            if not default:
+            if not self._picks_wrapper:
                 raise
             logger.info(
                 "slimkit: Inductor's C++ wrapper failed (%s: %s); using its Python wrapper", type(exc).__name__, exc
