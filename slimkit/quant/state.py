@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 STATE_KEY = "_slimkit_quant"
@@ -84,6 +85,8 @@ class Int8LayerState:
     # traced graph must not quantize it again (QuantizeLinear after DequantizeLinear)
     input_from_site: bool = False
     trace_qparams: tuple[float, int] | None = None  # input qparams as constants for tracing
+    # the bias as int32 at scale input_scale * weight_scale, for ONNX export (see Int8Layer)
+    trace_bias: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: KernelCache = dataclasses.field(default_factory=KernelCache)
 
 

@@ -89,15 +89,34 @@ def test_onnx_export_keeps_uint8_between_layers(tmp_path):
     expected = logits_of(int8, x)
     same = (torch.from_numpy(run_onnx(session, x)[0]).argmax(-1) == expected.argmax(-1)).float().mean()
     assert same == 1.0
+    ops = _optimized_ops(onnx, path, tmp_path)
+    # onnxruntime fuses every conv (ReLU included) and every residual add into uint8 kernels, and
+    # the classifier (its bias exported as int32) into QGemm
+    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 8 and ops["QGemm"] == 1, ops
+    assert not {"Conv", "FusedConv", "Add", "Relu", "Gemm"} & set(ops), ops
+    onnx_logits = torch.from_numpy(run_onnx(session, x)[0])
+    error = (onnx_logits - expected).abs().max()
+    assert error <= 1e-3 * expected.abs().max(), error
+
+
+def _optimized_ops(onnx, path, tmp_path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    # onnxruntime fuses every conv (ReLU included) and every residual add into uint8 kernels
-    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 8, ops
-    assert not {"Conv", "FusedConv", "Add", "Relu"} & set(ops), ops
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_a_bias_too_large_for_int32_is_exported_in_float(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    x = torch.randn(4, 3, 32, 32)
+    int8 = slimkit.convert(_ptq(_resnet18(), x))
+    int8.fc.bias[0] = 1e9  # 1e9 / (input_scale * weight_scale) is far past 2**31
+    path = slimkit.export_onnx(int8, tmp_path / "model.onnx", x)
+    ops = _optimized_ops(onnx, path, tmp_path)
+    assert ops["Gemm"] == 1 and "QGemm" not in ops, ops
+    assert torch.equal(torch.from_numpy(run_onnx(onnx_session(path), x)[0])[:, 0], torch.full((4,), 1e9))
 
 
 def test_int8_folder_with_sites_round_trip(tmp_path):
