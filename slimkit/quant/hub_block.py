@@ -6,7 +6,7 @@
   dynamic) and, when its input comes quantized from a site, ``"input": "site"``;
 * ``sites``: every activation site between layers (:mod:`slimkit.quant.sites`), module name ->
   ``"output"`` or ``"input"``, with its qparams in ``<module>.<where>_scale`` / ``_zero_point``;
-* ``folded_batchnorms``: every BatchNorm folded away (``identity`` or ``frozen``);
+* ``folded_batchnorms``: every BatchNorm folded away (``identity``, ``remainder`` or ``frozen``);
 * ``embeddings`` (format 3, only when there are any): the names of the weight-only INT8
   embeddings (``quant.embeddings``), int8 ``weight`` and per-row ``weight_scale``. Folders
   without INT8 embeddings are still written as format 2, which older slimkit versions read;

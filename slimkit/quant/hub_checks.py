@@ -51,7 +51,12 @@ def check_block(block: Any, newest: int) -> dict:
     expect_names(block.get("sites_read_by_layers_only", []), WHERE, "slimkit.quantization.sites_read_by_layers_only")
     folded = expect_mapping(block.get("folded_batchnorms", {}), WHERE, "slimkit.quantization.folded_batchnorms")
     for name, how in folded.items():
-        expect_str(how, WHERE, f"slimkit.quantization.folded_batchnorms[{short_repr(name)}]", ("identity", "frozen"))
+        expect_str(
+            how,
+            WHERE,
+            f"slimkit.quantization.folded_batchnorms[{short_repr(name)}]",
+            ("identity", "remainder", "frozen"),
+        )
     expect_names(block.get("embeddings", []), WHERE, "slimkit.quantization.embeddings")
     return block
 

@@ -12,7 +12,7 @@ and the site of its own output quantizer):
 * ``embedding``: :class:`EmbeddingState`, a fake-quant or INT8 embedding;
 * ``site``: :class:`SiteState`, an activation quantizer between layers (:mod:`.sites`);
 * ``batchnorm``: :class:`BatchNormState`, a BatchNorm folded into the conv before it;
-* ``folded_batchnorms``: on a converted model, BatchNorm name -> ``"identity"`` | ``"frozen"``.
+* ``folded_batchnorms``: on a converted model, BatchNorm name -> ``"identity"`` | ``"remainder"`` | ``"frozen"``.
 
 What must be saved is not here: tensors are buffers and Parameters of the modules (their
 ``state_dict``), the training step lives in the model's ``slimkit`` child, and a saved

@@ -3,11 +3,13 @@ through class names in the core: transposed Linear layers, BatchNorm remainders.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import torch
 from quant_helpers import logits_of
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import slimkit
@@ -72,16 +74,38 @@ def test_a_registered_norm_remainder_runs_alone_once_folded_and_after_loading(tm
 
     int8 = slimkit.convert(model)
     assert type(int8.bn) is not nn.Identity and state_of(int8.bn).batchnorm.neutral  # kept for its SiLU
-    assert torch.equal(int8.bn.running_var, torch.ones(6)) and int8.bn.eps == 0.0
+    # it runs only its remainder, so it keeps no statistics or affine tensors to save
+    assert int8.bn.weight is None and int8.bn.running_var is None
+    assert not [k for k in int8.state_dict() if k.startswith("bn.") and not k.startswith("bn.act.")]
     calls.clear()
     out = logits_of(int8, x)
     assert calls
     torch.testing.assert_close(out, fake, rtol=0, atol=1e-4)
 
-    slimkit.save_pretrained(int8, tmp_path / "m")
-    loaded = slimkit.from_pretrained(tmp_path / "m", model=ConvBNAct())
-    assert state_of(loaded.bn).batchnorm.neutral
+    folder = slimkit.save_pretrained(int8, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["slimkit"]["quantization"]["folded_batchnorms"] == {"bn": "remainder"}
+    saved = load_file(folder / "model.safetensors")
+    assert not [k for k in saved if k.startswith("bn.") and not k.startswith("bn.act.")]
+    loaded = slimkit.from_pretrained(folder, model=ConvBNAct())
+    assert state_of(loaded.bn).batchnorm.neutral and loaded.bn.running_var is None
+    calls.clear()
     torch.testing.assert_close(logits_of(loaded, x), out, rtol=0, atol=1e-6)
+    assert calls
+
+    # a folder saved before the "remainder" form: "frozen", the identity statistics in the file
+    state = dict(saved)
+    state.update({"bn.weight": torch.ones(6), "bn.bias": torch.zeros(6), "bn.running_mean": torch.zeros(6)})
+    state.update({"bn.running_var": torch.ones(6), "bn.num_batches_tracked": torch.tensor(0)})
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(state, old / "model.safetensors")
+    config["slimkit"]["quantization"]["folded_batchnorms"] = {"bn": "frozen"}
+    config["slimkit"].pop("weights_sha256")
+    (old / "config.json").write_text(json.dumps(config))
+    loaded_old = slimkit.from_pretrained(old, model=ConvBNAct())
+    assert torch.equal(loaded_old.bn.running_var, torch.ones(6)) and loaded_old.bn.eps == 0.0
+    torch.testing.assert_close(logits_of(loaded_old, x), out, rtol=0, atol=1e-6)
 
 
 class TransposedLinear(nn.Module):
