@@ -17,12 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _first_paragraph(doc: str, max_words: int = 40) -> str | None:
-    words = doc.strip().split("\n\n")[0].split()
-    if len(words) < 4 or ">>>" in doc[:200]:
-        return None
-    sentence = " ".join(words[:max_words])
-    return sentence if sentence[0].isalpha() else None
+def _first_paragraph(doc: str) -> str | None:
+    """As stdlib-docs does, skipping doctest examples and lines that start with code or markup."""
+    from plugins.data import first_paragraph
+
+    sentence = None if ">>>" in doc[:200] else first_paragraph(doc)
+    return sentence if sentence and sentence[0].isalpha() else None
 
 
 def package_docstrings(roots: list[Path]) -> list[str]:

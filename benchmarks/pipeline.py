@@ -125,12 +125,13 @@ def minilm(
         tmp = Path(tmp)
         (tmp / "recipe.json").write_text(json.dumps(recipe))
         started = time.perf_counter()
-        dataset, train_sentences = "stdlib-docs", len(stdlib_docs().train.inputs)
         if texts == "docstrings":  # the training split plus every installed package's docstrings
             from docstring_corpus import write_corpus
 
             dataset = str(tmp / "docstrings.jsonl")
             train_sentences = write_corpus(Path(dataset))
+        else:
+            dataset, train_sentences = "stdlib-docs", len(stdlib_docs().train.inputs)
         options = DistillOptions(
             teacher=str(teacher_dir),
             student=str(teacher_dir),

@@ -120,6 +120,12 @@ def digits(channels: int = 1, size: tuple[int, int] = (32, 32), eval_fraction: f
     return TaskData("image", train, ev, 10, [str(i) for i in range(10)])
 
 
+def first_paragraph(doc: str, max_words: int = 40) -> str | None:
+    """A docstring's first paragraph as one line of at most ``max_words`` words; None under 4."""
+    words = doc.strip().split("\n\n")[0].split()
+    return " ".join(words[:max_words]) if len(words) >= 4 else None
+
+
 def stdlib_docs_texts() -> tuple[list[str], list[int], list[str]]:
     """(sentences, labels, topic names) from the standard library's docstrings; deterministic."""
     texts, labels, seen = [], [], set()
@@ -140,11 +146,8 @@ def stdlib_docs_texts() -> tuple[list[str], list[int], list[str]]:
                     doc = inspect.getdoc(item)
                     if not doc:
                         continue
-                    words = doc.strip().split("\n\n")[0].split()
-                    if len(words) < 4:
-                        continue
-                    sentence = " ".join(words[:40])
-                    if sentence in seen:
+                    sentence = first_paragraph(doc)
+                    if sentence is None or sentence in seen:
                         continue
                     seen.add(sentence)
                     texts.append(sentence)

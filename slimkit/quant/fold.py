@@ -193,6 +193,11 @@ def neutralize(bn: nn.Module) -> None:
     bn.running_mean.zero_()
     bn.running_var.fill_(1.0)
     bn.eps = 0.0
+    _mark_neutral(bn)
+
+
+def _mark_neutral(bn: nn.Module) -> None:
+    """A converted folded BatchNorm: it runs only its remainder (or identity statistics)."""
     swap_class(bn, FreezableBatchNorm, "Folded")
     attach_state(bn).batchnorm = BatchNormState(frozen=True, neutral=True)
 
@@ -213,8 +218,7 @@ def strip(bn: nn.Module) -> None:
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         if bn._buffers.get(name) is not None:
             bn._buffers[name] = None
-    swap_class(bn, FreezableBatchNorm, "Folded")
-    attach_state(bn).batchnorm = BatchNormState(frozen=True, neutral=True)
+    _mark_neutral(bn)
 
 
 def fold_away(model: nn.Module, name: str, bn: nn.Module) -> str:
