@@ -8,7 +8,9 @@ On a quiet machine spinning saves the wake-up latency instead: measured on the s
 while it was quiet (``benchmarks/omp_wait_policy.py --rounds 3``), ``PASSIVE`` made the training
 step 1.13x, resnet18 FP32 inference 1.55x and its INT8 inference 2.17x *slower*. So slimkit
 never sets it by default, and warns only when the machine is oversubscribed when a model is
-prepared (1-minute load average above the number of cores). :data:`DEFAULT` holds the decision:
+prepared (1-minute load average above 1.5x the number of cores: a process alone on the machine
+puts up to one runnable thread per core there itself, so "above the core count" fired on a quiet
+machine as soon as the caller's own model ran). :data:`DEFAULT` holds the decision:
 
 * ``"set"``: ``import slimkit`` sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and torch is
   not imported yet (OpenMP reads the variable once, when torch loads its runtime); later, the
@@ -45,10 +47,14 @@ def apply_default() -> bool:
     return True
 
 
+BUSY_LOAD_PER_CORE = 1.5  # this process's own threads fill up to 1.0 per core; the rest is others'
+
+
 def busy() -> bool:
-    """More runnable processes than cores over the last minute (where the OS reports it)."""
+    """Others compete for the cores: the 1-minute load average (where the OS reports it) is above
+    what this process's own threads put there (at most one per core) by half the cores."""
     try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
+        return os.getloadavg()[0] > BUSY_LOAD_PER_CORE * (os.cpu_count() or 1)
     except (AttributeError, OSError):  # Windows has no load average
         return False
 
@@ -65,7 +71,7 @@ def warn_once() -> None:
         return
     _warned = True
     warnings.warn(
-        "slimkit: this machine is busy (load average above its core count) and OpenMP threads spin while waiting "
+        "slimkit: this machine is busy (load average above 1.5x its core count) and OpenMP threads spin while waiting "
         "(OMP_WAIT_POLICY is unset), which can make each training step and inference several times slower while "
         "other processes share the cores. Start Python with "
         "OMP_WAIT_POLICY=PASSIVE (export OMP_WAIT_POLICY=PASSIVE), or set SLIMKIT_OMP_WAIT_POLICY=off to "
