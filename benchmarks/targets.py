@@ -14,6 +14,9 @@ and reconstruction (``slimkit.calibrate``, no training), then, in the same proce
 * uniform pruning (every layer the same ratio, the same importance and reconstruction) at the
   ratio that gives the speed-up the target reached (found by timing a few uniform ratios and
   interpolating), for the quality comparison at equal measured speed;
+* Torch-Pruning 1.6 (the pruner a user would pick instead; it takes ratios, not a speed) at the
+  ratio that gives the same measured speed-up, found the same way: activation importance on the
+  calibration batches, no reconstruction (it has none), widths rounded to 8;
 * onnxruntime ``quantize_dynamic`` of the dense model (and, for the vision models,
   ``quantize_static`` on the calibration batches): the zero-effort baselines, with the size of
   their INT8 files beside the FP32 size of each pruned model;
@@ -37,6 +40,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +51,7 @@ import slimkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_common as common  # noqa: E402
-from prune_quality import embed, minilm_data, quality  # noqa: E402
+from prune_quality import embed, minilm_data, quality, torch_pruning_minilm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION = {
@@ -155,15 +159,12 @@ def uniform_section(ratio: float, heads: bool, **data_aware) -> dict:
     return section
 
 
-def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid) -> dict:
-    """Uniform pruning at the ratio that gives ``speed``: uniform widths do not depend on the
-    scores, so the ratio is found with l2 (no calibration: a grid, then up to two interpolated
-    refinements) and the model then built with the same importance and reconstruction as the
-    target run."""
+def ratio_at_speed(build, dense, inputs, speed: float, rounds: int, grid) -> tuple[float, list]:
+    """The one ratio, applied to every layer, at which ``build(ratio)`` runs ``speed`` times faster
+    than ``dense``: a grid, then up to two interpolated refinements, each point timed."""
 
     def timed(ratio: float) -> tuple[float, float]:
-        model, _ = pruned(dense, uniform_section(ratio, heads), data, data["calibration"][0], calibrate=False)
-        return ratio, speedup(dense, model, inputs, rounds)
+        return ratio, speedup(dense, build(ratio), inputs, rounds)
 
     def interpolate(points: list[tuple[float, float]]) -> float:
         points = sorted(points)
@@ -180,9 +181,81 @@ def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid
         if abs(point[1] / speed - 1) <= 0.05:
             break
         ratio = min(max(round(interpolate(points), 3), 0.01), 0.9)
+    return ratio, [[r, round(s, 3)] for r, s in sorted(points)]
+
+
+def uniform_at(dense, data, inputs, heads: bool, speed: float, rounds: int, grid) -> dict:
+    """Uniform pruning at the ratio that gives ``speed``: uniform widths do not depend on the
+    scores, so the ratio is found with l2 (no calibration) and the model then built with the same
+    importance and reconstruction as the target run."""
+
+    def build(ratio: float) -> nn.Module:
+        return pruned(dense, uniform_section(ratio, heads), data, data["calibration"][0], calibrate=False)[0]
+
+    ratio, points = ratio_at_speed(build, dense, inputs, speed, rounds, grid)
     section = uniform_section(ratio, heads, importance="activation", reconstruct=True)
     model, _ = pruned(dense, section, data, data["calibration"][0])
-    return {"ratio": ratio, "grid": [[r, round(s, 3)] for r, s in sorted(points)], "model": model}
+    return {"ratio": ratio, "grid": points, "model": model}
+
+
+def torch_pruning_vision(name: str, dense: nn.Module, data: dict, ratio: float) -> nn.Module:
+    """Torch-Pruning's pruner as its examples run timm models: every layer the same ratio,
+    activation importance on the calibration batches, widths rounded to 8, the classifier kept.
+    CNNs: every coupled group, residual stream included (Torch-Pruning's default). ViT: heads
+    and MLP neurons (the residual stream, patch embedding and position table kept whole, as
+    slimkit prunes it; pruning them needs Torch-Pruning's unwrapped-parameter setup)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(dense).eval()
+    ignored, heads = [model.get_classifier()], {}
+    vit = name.startswith("vit")
+    if vit:
+        ignored.append(model.patch_embed)
+        for block in model.blocks:
+            ignored += [block.attn.proj, block.mlp.fc2]
+            heads[block.attn.qkv] = block.attn.num_heads
+    head_ratio = 0.0
+    if vit:  # Torch-Pruning removes ceil(ratio * heads) heads; all of them would leave qkv whole and
+        # num_heads at 0 (a reshape error): keep one
+        n = model.blocks[0].attn.num_heads
+        head_ratio = min(ratio, (n - 1.5) / n)
+    imp = tp.importance.ActivationImportance()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(
+            model,
+            data["calibration"][0][:1],
+            imp,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=8,
+            num_heads=heads,
+            prune_num_heads=vit,
+            prune_head_dims=False,
+            head_pruning_ratio=head_ratio,
+        )
+        with imp.compute_importance(model), torch.no_grad():
+            for batch in data["calibration"]:
+                model(batch)
+        pruner.step()
+    if vit:  # timm's Attention reshapes by these attributes
+        for block in model.blocks:
+            block.attn.num_heads = pruner.num_heads[block.attn.qkv]
+            block.attn.attn_dim = block.attn.qkv.out_features // 3
+    return model.eval()
+
+
+def torch_pruning_at(name: str, dense, data, inputs, speed: float, rounds: int, grid) -> dict:
+    """Torch-Pruning (no latency target of its own) at the ratio that gives ``speed``."""
+    text = name == "minilm"
+
+    def build(ratio: float) -> nn.Module:
+        if text:
+            return torch_pruning_minilm(dense, data, ratio, "activation")
+        return torch_pruning_vision(name, dense, data, ratio)
+
+    ratio, points = ratio_at_speed(build, dense, inputs, speed, rounds, grid)
+    return {"ratio": ratio, "grid": points, "model": build(ratio)}
 
 
 def onnx_point(path: Path, dense: nn.Module, data: dict, inputs, text: bool, rounds: int, reference) -> dict:
@@ -234,6 +307,24 @@ def int8_points(model: nn.Module, dense: nn.Module, data: dict, inputs, text, ro
     return {
         key: ort_int8(model, dense, data, inputs, text, rounds, reference, static=not text),
         "slimkit_onnx": slimkit_int8(model, dense, data, inputs, text, rounds, reference),
+    }
+
+
+def torch_pruning_row(name: str, dense, data, inputs, speed: float, rounds: int, grid, reference) -> dict:
+    """Torch-Pruning at the speed slimkit's target reached, measured like the other rows; a
+    failure of the peer's tool on this model is recorded, not hidden."""
+    text = name == "minilm"
+    try:
+        tp = torch_pruning_at(name, dense, data, inputs, speed, rounds, grid)
+    except Exception as exc:  # noqa: BLE001 -- the peer's own error, kept in the report
+        print(f"{name}: Torch-Pruning failed: {exc!r}")
+        return {"failed": repr(exc)}
+    return {
+        "ratio": tp["ratio"],
+        "grid_speedups": tp["grid"],
+        "measured_speedup": round(speedup(dense, tp["model"], inputs, rounds), 3),
+        "size_mb": size_mb(tp["model"]),
+        **quality_of(outputs(tp["model"], data, text), reference, text),
     }
 
 
@@ -308,6 +399,13 @@ def run_model(name: str, args) -> dict:
             }
             key = "spearman" if text else "cosine"
             row["quality_minus_uniform"] = round(row["slimkit"][key] - row["uniform"][key], 5)
+            if args.torch_pruning:
+                row["torch_pruning"] = torch_pruning_row(
+                    name, dense, data, inputs, measured, rounds, args.grid, reference
+                )
+                if "measured_speedup" in row["torch_pruning"]:
+                    theirs = row["torch_pruning"][key]
+                    row["quality_minus_torch_pruning"] = round(row["slimkit"][key] - theirs, 5)
             entry["targets"].append(row)
             s, u = row["slimkit"], row["uniform"]
             print(
@@ -316,6 +414,13 @@ def run_model(name: str, args) -> dict:
                 + (f" spearman {s['spearman']:.4f}" if text else "")
                 + f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
             )
+            t = row.get("torch_pruning", {})
+            if "measured_speedup" in t:
+                print(
+                    f"{name:>22} b{batch:<3} target {goal:.1f}x  Torch-Pruning r={t['ratio']:.2f} "
+                    f"{t['measured_speedup']:.2f}x cosine {t['cosine']:.4f}"
+                    + (f" spearman {t['spearman']:.4f}" if text else "")
+                )
             for tool, q in row.get("pruned_int8", {}).items():
                 line = f"{name:>22} b{batch:<3} target {goal:.1f}x + INT8 ({tool}) {q['speedup']:.2f}x"
                 print(line + f" cosine {q['cosine']:.4f}" + (f" spearman {q['spearman']:.4f}" if text else ""))
@@ -345,6 +450,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.scatter(s["measured_speedup"], s["cosine"], color="tab:blue", marker=marker)
                 ax.scatter(u["measured_speedup"], u["cosine"], color="tab:orange", marker=marker)
                 ax.axvline(row["target"], color="0.85", linewidth=0.8, zorder=0)
+                if "measured_speedup" in row.get("torch_pruning", {}):
+                    t = row["torch_pruning"]
+                    ax.scatter(t["measured_speedup"], t["cosine"], color="tab:brown", marker=marker)
                 for tool, q in row.get("pruned_int8", {}).items():
                     color = "tab:purple" if tool == "slimkit_onnx" else "tab:red"
                     ax.scatter(q["speedup"], q["cosine"], color=color, marker=marker)
@@ -357,6 +465,7 @@ def plot(report: dict, path: Path) -> None:
         for c, t in (
             ("tab:blue", "slimkit prune.target"),
             ("tab:orange", "uniform, same speed"),
+            ("tab:brown", "Torch-Pruning, same speed"),
             ("tab:gray", "ORT quantize_dynamic"),
             ("tab:green", "ORT quantize_static (vision)"),
             ("tab:red", "prune.target, then the same ORT INT8"),
@@ -379,6 +488,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image size of the vision models")
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (a quarter at larger batches)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip INT8 of the pruned models")
+    parser.add_argument(
+        "--no-torch-pruning", dest="torch_pruning", action="store_false", help="skip the Torch-Pruning rows"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")
     parser.add_argument(
