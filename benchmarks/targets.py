@@ -207,15 +207,14 @@ def torch_pruning_vision(name: str, dense: nn.Module, data: dict, ratio: float) 
     import torch_pruning as tp
 
     model = copy.deepcopy(dense).eval()
-    ignored, heads = [model.get_classifier()], {}
+    ignored, heads, head_ratio = [model.get_classifier()], {}, 0.0
     vit = name.startswith("vit")
     if vit:
         ignored.append(model.patch_embed)
         for block in model.blocks:
             ignored += [block.attn.proj, block.mlp.fc2]
             heads[block.attn.qkv] = block.attn.num_heads
-    head_ratio = 0.0
-    if vit:  # Torch-Pruning removes ceil(ratio * heads) heads; all of them would leave qkv whole and
+        # Torch-Pruning removes ceil(ratio * heads) heads; all of them would leave qkv whole and
         # num_heads at 0 (a reshape error): keep one
         n = model.blocks[0].attn.num_heads
         head_ratio = min(ratio, (n - 1.5) / n)
@@ -243,19 +242,6 @@ def torch_pruning_vision(name: str, dense: nn.Module, data: dict, ratio: float) 
             block.attn.num_heads = pruner.num_heads[block.attn.qkv]
             block.attn.attn_dim = block.attn.qkv.out_features // 3
     return model.eval()
-
-
-def torch_pruning_at(name: str, dense, data, inputs, speed: float, rounds: int, grid) -> dict:
-    """Torch-Pruning (no latency target of its own) at the ratio that gives ``speed``."""
-    text = name == "minilm"
-
-    def build(ratio: float) -> nn.Module:
-        if text:
-            return torch_pruning_minilm(dense, data, ratio, "activation")
-        return torch_pruning_vision(name, dense, data, ratio)
-
-    ratio, points = ratio_at_speed(build, dense, inputs, speed, rounds, grid)
-    return {"ratio": ratio, "grid": points, "model": build(ratio)}
 
 
 def onnx_point(path: Path, dense: nn.Module, data: dict, inputs, text: bool, rounds: int, reference) -> dict:
@@ -311,20 +297,28 @@ def int8_points(model: nn.Module, dense: nn.Module, data: dict, inputs, text, ro
 
 
 def torch_pruning_row(name: str, dense, data, inputs, speed: float, rounds: int, grid, reference) -> dict:
-    """Torch-Pruning at the speed slimkit's target reached, measured like the other rows; a
-    failure of the peer's tool on this model is recorded, not hidden."""
+    """Torch-Pruning (no latency target of its own) at the ratio that gives the speed slimkit's
+    target reached, measured like the other rows; a failure of the peer's tool on this model is
+    recorded, not hidden."""
     text = name == "minilm"
+
+    def build(ratio: float) -> nn.Module:
+        if text:
+            return torch_pruning_minilm(dense, data, ratio, "activation")
+        return torch_pruning_vision(name, dense, data, ratio)
+
     try:
-        tp = torch_pruning_at(name, dense, data, inputs, speed, rounds, grid)
+        ratio, points = ratio_at_speed(build, dense, inputs, speed, rounds, grid)
+        model = build(ratio)
     except Exception as exc:  # noqa: BLE001 -- the peer's own error, kept in the report
         print(f"{name}: Torch-Pruning failed: {exc!r}")
         return {"failed": repr(exc)}
     return {
-        "ratio": tp["ratio"],
-        "grid_speedups": tp["grid"],
-        "measured_speedup": round(speedup(dense, tp["model"], inputs, rounds), 3),
-        "size_mb": size_mb(tp["model"]),
-        **quality_of(outputs(tp["model"], data, text), reference, text),
+        "ratio": ratio,
+        "grid_speedups": points,
+        "measured_speedup": round(speedup(dense, model, inputs, rounds), 3),
+        "size_mb": size_mb(model),
+        **quality_of(outputs(model, data, text), reference, text),
     }
 
 

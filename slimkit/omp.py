@@ -71,7 +71,8 @@ def warn_once() -> None:
         return
     _warned = True
     warnings.warn(
-        "slimkit: this machine is busy (load average above 1.5x its core count) and OpenMP threads spin while waiting "
+        f"slimkit: this machine is busy (load average above {BUSY_LOAD_PER_CORE:g}x its core count) and OpenMP "
+        "threads spin while waiting "
         "(OMP_WAIT_POLICY is unset), which can make each training step and inference several times slower while "
         "other processes share the cores. Start Python with "
         "OMP_WAIT_POLICY=PASSIVE (export OMP_WAIT_POLICY=PASSIVE), or set SLIMKIT_OMP_WAIT_POLICY=off to "
