@@ -112,6 +112,10 @@ class Method:
     def remove(self, model: nn.Module) -> None:
         """Detach hooks; called after convert."""
 
+    def detach_copy(self, copy: nn.Module) -> None:
+        """Undo, on a ``copy.deepcopy`` of the prepared model, what ``prepare`` changed in its
+        modules besides hooks (swapped classes, added children); see :meth:`Controller.strip_copy`."""
+
 
 class Controller:
     """The recipe, the methods and the hooks of one prepared model."""
@@ -297,6 +301,52 @@ class Controller:
             del model.__dict__[CONTROLLER_ATTR]
         previous = model_info(model) or ModelInfo()  # where it was loaded from; what methods noted
         set_model_info(model, ModelInfo(self.recipe, folder=previous.folder, method_notes=previous.method_notes))
+
+    def strip_copy(self, copy: nn.Module) -> nn.Module:
+        """A ``copy.deepcopy`` of this controller's prepared model made plain again, in place: no
+        ``slimkit`` child, no controller, no hook whose function is slimkit's, every method's
+        changes undone (:meth:`Method.detach_copy`). The copy computes as the model would
+        without slimkit (its weights as they are now, pruned units only zeroed), e.g. to be
+        prepared with another recipe; this controller and its model are untouched."""
+        for method in in_order(self.methods):
+            method.detach_copy(copy)
+        copy._modules.pop(SLIMKIT_ATTR, None)
+        copy.__dict__.pop(CONTROLLER_ATTR, None)
+        for module in copy.modules():
+            _drop_slimkit_hooks(module)
+        return copy
+
+
+# torch's per-hook flags, keyed by the same handle ids as the hooks
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _drop_slimkit_hooks(module: nn.Module) -> None:
+    for name in (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    ):
+        hooks = module.__dict__.get(name)
+        if not hooks:
+            continue
+        for key in [k for k, fn in hooks.items() if _is_slimkit_function(fn)]:
+            del hooks[key]
+            for extra in _HOOK_FLAGS:
+                module.__dict__.get(extra, {}).pop(key, None)
+
+
+def _is_slimkit_function(fn: Any) -> bool:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    fn = getattr(fn, "hook", fn)  # torch's wrappers of load_state_dict hooks keep the function as .hook
+    home = getattr(fn, "__module__", None) or ""
+    return home == "slimkit" or home.startswith("slimkit.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -22,6 +22,8 @@ swaps in); it is pinned by tests/test_fsdp.py.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,10 +34,27 @@ from torch import nn
 # ----------------------------------------------------------------------------------------
 
 
+_ALONE = [0]  # > 0 while this process works alone (alone()): slimkit's collectives are skipped
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """This process works by itself for a while (rank 0 deciding for all, e.g. quantizing the
+    copies a target times, while the others wait at a broadcast): inside, slimkit behaves as in a
+    single process, so a method that would agree with its peers (``broadcast_``) does not start a
+    collective the others never join."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
+
+
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
+    """True inside an initialised process group of more than one process (and not :func:`alone`)."""
     return (
-        torch.distributed.is_available()
+        not _ALONE[0]
+        and torch.distributed.is_available()
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )

@@ -31,6 +31,12 @@ class TargetConfig(Config):
     rounds: int = help_field(
         3, "measurements of the pruned copy (timed or counted); after each miss the budget is rescaled and re-solved"
     )
+    int8: bool = help_field(
+        False,
+        "speedup / latency_ms: time each pruned copy as the INT8 model the recipe's quant section converts it to "
+        "(calibrated on the calibration batches), against the dense FP32 model: the target is the shipped INT8 "
+        "model's speed",
+    )
     tolerance: float = help_field(0.1, "relative miss accepted after the rounds (measured against the target)")
     compare: bool = help_field(
         True,
@@ -62,6 +68,10 @@ class TargetConfig(Config):
             self.fail(path, "batch", f"must be >= 1, got {self.batch}")
         if self.threads is not None and self.threads < 1:
             self.fail(path, "threads", f"must be >= 1, got {self.threads}")
+        if self.int8 and not self.timed:
+            self.fail(
+                path, "int8", f"times INT8 models; a {self.kind} target is counted on the float architecture, drop int8"
+            )
         if self.widths < 2:
             self.fail(path, "widths", f"must be >= 2, got {self.widths}")
         if self.rounds < 1:

@@ -46,6 +46,7 @@ from .selection import choose
 from .slicing import remove_units
 from .target_compare import PLANS, pick, uniform_plan
 from .target_costs import CostModel, layers_of
+from .target_int8 import Int8Copies
 from .target_solver import candidates, greedy, next_aim
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class TargetOutcome:
     compared: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> its measured cosine (and reduction)
     layers_measured: int = 0
     layers_cached: int = 0
+    int8: bool = False  # prune.target.int8: measured = the pruned INT8 model against the dense FP32 one
+    int8_dense: float | None = None  # int8: the dense model's INT8 copy against its FP32 self
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +91,8 @@ class TargetOutcome:
         unit = {"speedup": "x", "latency_ms": " ms", "macs": " of MACs", "params": " of parameters"}[self.kind]
         got = "not measured" if self.measured is None else _figure(self.kind, self.measured, self.dense)
         return (
-            f"target {self.asked:g}{unit}: measured {got} (predicted {_figure(self.kind, self.predicted, self.dense)}"
+            f"target {self.asked:g}{unit}{' (INT8 vs the dense FP32 model)' if self.int8 else ''}: "
+            f"measured {got} (predicted {_figure(self.kind, self.predicted, self.dense)}"
             + (f", batch {self.batch}, {self.threads} threads" if self.kind in ("speedup", "latency_ms") else "")
             + f"; {'within' if self.met else 'outside'} tolerance)"
         )
@@ -99,7 +103,7 @@ def restored_outcome(pruner: Pruner) -> TargetOutcome:
     (the figures measured then are not part of the checkpoint)."""
     target = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
-    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads)
+    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads, int8=target.int8)
     counts = pruner.state.target_counts.tolist()
     outcome.widths = {g.root: [g.size, g.size - int(c)] for g, c in zip(groups, counts)}
     return outcome
@@ -199,18 +203,32 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
 
 
 class _Measure:
-    """The physically pruned copy's reduction: timed against the dense model, or counted."""
+    """The physically pruned copy's reduction: timed against the dense model, or counted.
 
-    def __init__(self, pruner: Pruner, model: nn.Module, inputs: Any, kind: str, scores, pruned) -> None:
+    With ``int8`` (:mod:`.target_int8`) the copies timed are INT8 and the dense model is a plain
+    FP32 copy; ``factor`` is then the dense INT8 copy's speed-up over it, from the last timing."""
+
+    def __init__(
+        self, pruner: Pruner, model: nn.Module, inputs: Any, kind: str, scores, pruned, int8: Int8Copies | None = None
+    ) -> None:
         self.pruner, self.model, self.inputs, self.kind = pruner, model, inputs, kind
-        self.scores, self.pruned = scores, pruned
+        self.scores, self.pruned, self.int8 = scores, pruned, int8
         self.memo = {id(pruner.controller): pruner.controller}
         recorder = pruner.data.recorder if pruner.data is not None else None
         if recorder is not None:  # copies share it (its hooks skip them): its Gram matrices are not copied
             self.memo[id(recorder)] = recorder
-        self.dense_copy = copy.deepcopy(model, dict(self.memo)).eval() if kind == "latency" else None
+        self.dense_copy = self.int8_dense = None
+        self.factor = 1.0
+        if kind == "latency":
+            self.dense_copy = self._copy().eval()
+            if int8 is not None:
+                self.dense_copy = pruner.controller.strip_copy(self.dense_copy)
+                self.int8_dense = int8.convert(self._copy())
         self.dense = self._value(model if kind != "latency" else self.dense_copy)
         self.last_dense = self.dense
+
+    def _copy(self) -> nn.Module:
+        return copy.deepcopy(self.model, dict(self.memo))
 
     def _value(self, net: nn.Module, against: nn.Module | None = None) -> float:
         if self.kind == "macs":
@@ -218,8 +236,12 @@ class _Measure:
         if self.kind == "params":
             return float(count_parameters(net))
         models = {"dense": self.dense_copy} if against is None else {"dense": against, "pruned": net}
+        if against is not None and self.int8_dense is not None and net is not against:
+            models["dense INT8"] = self.int8_dense
         times = interleaved_ms(models, self.inputs)
         self.last_dense = times["dense"]
+        if "dense INT8" in times:
+            self.factor = times["dense"] / max(times["dense INT8"], 1e-12)
         return times.get("pruned", times["dense"])
 
     def masks(self, counts: dict[int, int]) -> list[torch.Tensor]:
@@ -233,16 +255,19 @@ class _Measure:
         pruner = self.pruner
         groups = pruner.channels.groups + pruner.heads.groups
         masks = self.masks(counts)
-        net = copy.deepcopy(self.model, dict(self.memo))
+        net = self._copy()
         if refit:
             reconstruct_point(pruner, pruner._pruned(), masks, into=net)
         remove_units(net, groups, masks, pruner.transposed)
         set_head_counts(net, pruner.controller.adapter, groups, masks)
         return net.eval()
 
-    def reduction(self, counts: dict[int, int]) -> tuple[float, float]:
-        """(dense / pruned, pruned) for these counts."""
+    def reduction(self, counts: dict[int, int], int8: bool = True) -> tuple[float, float]:
+        """(dense / pruned, pruned) for these counts; with ``prune.target.int8`` the pruned copy
+        is timed as INT8 unless ``int8`` is False (then as the plain float copy)."""
         net = self.probe(counts)
+        if self.int8 is not None:
+            net = self.int8.convert(net) if int8 else self.pruner.controller.strip_copy(net)
         value = self._value(net, self.dense_copy)
         dense = self.last_dense if self.kind == "latency" else self.dense
         return dense / max(value, 1e-12), value
@@ -252,7 +277,8 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
     """Removal counts per group (channels, then heads) for ``prune.target``, on rank 0, broadcast."""
     target: TargetConfig = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
-    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads or torch.get_num_threads())
+    threads = target.threads or torch.get_num_threads()
+    outcome = TargetOutcome(target.kind, target.value, target.batch, threads, int8=target.int8)
     # [refused, met, goal, predicted, measured, dense, pruned, picked, counts...]: every process
     # reports rank 0's (what compare measured of each plan stays in rank 0's summary)
     status = torch.zeros(8 + len(groups), dtype=torch.float64)
@@ -298,7 +324,9 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
                 candidates(g, int(p.sum()), k.round_to, cfg.max_layer_ratio, per_group)
                 for g, p, k in zip(groups, pruned, kinds)
             ]
-            measure = _Measure(pruner, model, inputs, kind, scores, pruned)
+            samples = pruner.data.samples if pruner.data is not None else []
+            int8 = Int8Copies(pruner, samples) if target.int8 else None
+            measure = _Measure(pruner, model, inputs, kind, scores, pruned, int8)
             errors, local = _error_curves(pruner, model, measure, scores, pruned, cands, outcome)
             table = None
             if kind == "latency":
@@ -310,7 +338,6 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
                 table.save()
                 outcome.layers_measured, outcome.layers_cached = table.measured, table.reused
             counts = _rounds(target, cost, cands, errors, measure, outcome, pruner)
-            samples = pruner.data.samples if pruner.data is not None else []
             if target.compare and local is not None and samples:
                 counts = _compare(pruner, model, measure, cost, cands, local, counts, samples, outcome)
             return counts
@@ -355,7 +382,7 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
     if name != "solver":
         chosen = plans[name]
         dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
-        outcome.predicted = dense_pred / max(cost.total(chosen), 1e-12)
+        outcome.predicted = dense_pred / max(cost.total(chosen), 1e-12) * measure.factor
         outcome.measured, outcome.pruned = measured[id(chosen)]
         outcome.met = abs(outcome.measured / outcome.goal - 1.0) <= pruner.config.target.tolerance
         return chosen
@@ -373,31 +400,40 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
     most = {g: c[-1] for g, c in enumerate(cands)}
     reached = None
     if measure.kind == "latency":  # the smallest model, timed: the best reachable, and the fixed overhead
-        reached, _ = measure.reduction(most)
-        cost.calibrate(most, measure.dense / reached)
+        reached, _ = measure.reduction(most, int8=False)
+        cost.calibrate(most, measure.dense / reached)  # the cost model is float: calibrated in float
         dense_pred = cost.total({g: c[0] for g, c in enumerate(cands)})
+        if measure.int8 is not None:
+            reached, _ = measure.reduction(most)
+            outcome.int8_dense = measure.factor
     best_pred = dense_pred / max(cost.total(most), 1e-12)
-    if best_pred < goal:
+    # int8: the float prediction says little about INT8 (per-op overhead weighs more there); the
+    # smallest INT8 copy was timed, so it decides
+    if best_pred < goal or measure.int8 is not None:
         if reached is None:
             reached, _ = measure.reduction(most)
         if reached < goal * (1.0 - target.tolerance):
             cfg = pruner.config
             raise IncompatibleError(
                 f"prune.target.{target.kind} {target.value:g} cannot be met: the best reachable is about "
-                f"{_figure(target.kind, reached, measure.dense)} (every prunable layer at its smallest width: "
+                f"{_figure(target.kind, reached, measure.dense)}{' as INT8' if measure.int8 is not None else ''} "
+                "(every prunable layer at its smallest width: "
                 f"prune.max_layer_ratio {cfg.max_layer_ratio}, round_to {pruner.channels.round_to}"
                 + (f", batch {target.batch}, {torch.get_num_threads()} threads" if target.timed else "")
                 + "). Ask for less, or raise prune.max_layer_ratio"
             )
-    aim = goal
-    history: list[tuple[float, dict[int, int], float, float, float]] = []
+    # int8: the solver aims in units of the dense INT8 model (measured / factor), see .target_int8
+    aim = goal / measure.factor
+    history: list[tuple[float, dict[int, int], float, float, float, float]] = []
     counts = greedy(cands, errors, cost, dense_pred / aim)
     for r in range(max(target.rounds, 1)):
         predicted = dense_pred / max(cost.total(counts), 1e-12)
         reached, value = measure.reduction(counts)
         miss = abs(reached / goal - 1.0)
-        history.append((miss, counts, predicted, reached, value))
+        history.append((miss, counts, predicted, reached, value, measure.factor))
         outcome.rounds.append({"aim": aim, "predicted": predicted, "measured": reached})
+        if measure.int8 is not None:
+            outcome.rounds[-1]["int8_dense"] = measure.factor
         logger.info(
             "prune.target round %d: aimed at %.3g, predicted %.3g, measured %.3g (goal %.3g)",
             r + 1, aim, predicted, reached, goal,
@@ -406,13 +442,13 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
         # by 10-15%, so a copy measured near the band's edge is solved again (the closest is kept)
         if miss <= target.tolerance / 2 or r + 1 >= target.rounds:
             break
-        aim = next_aim([(h[2], h[3]) for h in history], goal, best_pred)
+        aim = next_aim([(h[2], h[3] / h[5]) for h in history], goal / measure.factor, best_pred)
         new = greedy(cands, errors, cost, dense_pred / aim)
         if new == counts:
             break
         counts = new
-    miss, counts, predicted, reached, value = min(history, key=lambda h: h[0])
-    outcome.predicted, outcome.measured, outcome.pruned = predicted, reached, value
+    miss, counts, predicted, reached, value, factor = min(history, key=lambda h: h[0])
+    outcome.predicted, outcome.measured, outcome.pruned = predicted * factor, reached, value
     outcome.met = miss <= target.tolerance
     if not outcome.met:
         logger.warning("prune.target: %s", outcome.describe())

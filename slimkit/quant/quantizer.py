@@ -48,7 +48,7 @@ from .int8 import require_int8_engine
 from .lifecycle import Phase, QuantTarget, calibrating, phase_at
 from .selection import exclude_hint, select_layers
 from .state import WeightSpec
-from .targets import EmbeddingTarget, LayerTarget, SiteTarget
+from .targets import EmbeddingTarget, LayerTarget, SiteTarget, detach_copy
 
 logger = logging.getLogger("slimkit")
 
@@ -379,6 +379,9 @@ class Quantizer(Method):
         self.targets = []
         self.quantizers = {}
         self.plan = sites.Plan()
+
+    def detach_copy(self, copy: nn.Module) -> None:
+        detach_copy(copy)
 
     def remove(self, model: nn.Module) -> None:
         for target in self.targets:

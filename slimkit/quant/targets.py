@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import FormatError
+from ..errors import FormatError, IncompatibleError
 from ..recipe import ActivationQuantConfig
 from . import bias_correction, fold, qat, sites
 from . import embeddings as qemb
@@ -24,7 +24,7 @@ from .hub_checks import saved_module
 from .int8 import empty_int8_like, int8_state, make_int8
 from .layers import OUT_AXIS, layer_kind
 from .lifecycle import Phase
-from .state import WeightSpec
+from .state import WeightSpec, state_of
 
 
 class LayerTarget:
@@ -232,4 +232,29 @@ def _set_quantizer_phase(quantizer: nn.Module, phase: Phase) -> None:
 
 TARGET_KINDS = (LayerTarget, SiteTarget, EmbeddingTarget)
 
-__all__ = ["TARGET_KINDS", "EmbeddingTarget", "LayerTarget", "SiteTarget"]
+
+def detach_copy(model: nn.Module) -> None:
+    """Every fake-quant role removed from ``model``'s modules, found by their states rather than
+    by a quantizer's targets: for a ``copy.deepcopy`` of a prepared model, which copies the states
+    and swapped classes while the quantizer's targets still hold the original's modules. The
+    copy computes in float again, as :meth:`Quantizer.remove` leaves the original."""
+    for module in list(model.modules()):
+        state = state_of(module)
+        if state is None:
+            continue
+        if state.int8 is not None or (state.embedding is not None and state.embedding.int8):
+            raise IncompatibleError(
+                f"{type(module).__name__} is already converted to INT8; only a prepared model's copy detaches"
+            )
+        if state.layer is not None:
+            qat.detach_layer(module)  # its folded BatchNorm too
+        if state.embedding is not None:
+            qemb.detach(module)
+        if state.site is not None:
+            sites.detach(module)
+        state = state_of(module)
+        if state is not None and state.batchnorm is not None:
+            fold.detach(module)
+
+
+__all__ = ["TARGET_KINDS", "EmbeddingTarget", "LayerTarget", "SiteTarget", "detach_copy"]

@@ -3,6 +3,9 @@
 Each process prepares the same tiny CNN with a speed-up target, calibrates it on its *own*
 batches and times its own layers (timings differ per process), then writes the widths it chose
 and the converted widths to ``<out>/rank<k>.json``; the test checks both processes agree.
+With a second argument ``int8`` the target times INT8 copies on rank 0 (``prune.target.int8``,
+with ``quant.keep_fp32``, which agrees across processes by a broadcast: rank 0 must not start
+it while the others wait for the widths).
 """
 
 import json
@@ -15,19 +18,18 @@ import slimkit
 from tests.families import settle_batchnorm, timm_model
 
 
-def main(out: Path) -> None:
+def main(out: Path, int8: bool) -> None:
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     torch.set_flush_denormal(True)
     model = settle_batchnorm(timm_model("resnet-wide"), torch.randn(8, 3, 32, 32)).eval()
     g = torch.Generator().manual_seed(100 + rank)  # every process sees other images
     batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
-    recipe = {
-        "prune": {
-            "target": {"speedup": 1.1, "batch": 4, "threads": 1, "rounds": 1, "cache": str(out / f"cache{rank}")},
-            "importance": "activation",
-        }
-    }
+    target = {"speedup": 1.1, "batch": 4, "threads": 1, "rounds": 1, "cache": str(out / f"cache{rank}")}
+    recipe = {"prune": {"target": target, "importance": "activation"}}
+    if int8:
+        target["int8"] = True
+        recipe["quant"] = {"mode": "ptq", "compile": "never", "keep_fp32": 1}
     slimkit.prepare(model, recipe, example_inputs=batches[0])
     slimkit.calibrate(model, batches)
     chosen = slimkit.prune.summary(model)["target"]["widths"]
@@ -39,4 +41,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2:] == ["int8"])

@@ -195,18 +195,19 @@ def test_gradual_schedule_ramps_each_group_towards_its_chosen_width():
 
 # -- DDP ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ddp_processes_keep_rank_zeros_widths(tmp_path):
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_ddp_processes_keep_rank_zeros_widths(tmp_path, int8):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, str(HERE / "ddp_target.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
+    script = [str(HERE / "ddp_target.py"), str(tmp_path), *(["int8"] if int8 else [])]
+    done = subprocess.run([*cmd, *script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["chosen"] == ranks[1]["chosen"]
     assert ranks[0]["widths"] == ranks[1]["widths"]
-    assert any(size != kept for size, kept in ranks[0]["chosen"].values())
+    if not int8:  # INT8 alone may already reach 1.1x on this CNN: then nothing is pruned
+        assert any(size != kept for size, kept in ranks[0]["chosen"].values())
     # only rank 0 timed layers (and wrote a cache): the others took its decision
     assert list((tmp_path / "cache0").glob("latency-*.json")) and not (tmp_path / "cache1").exists()
 
@@ -243,6 +244,8 @@ class _Biased:
     on a real machine misses (batch-1 timings of the same widths differ by 10-15%)."""
 
     kind = "macs"
+    int8 = None  # timed in float: the dense model is the unit (no INT8 factor)
+    factor = 1.0
 
     def __init__(self, cost: _UnitsKept, bias: list[float]) -> None:
         self.cost, self.bias, self.calls = cost, bias, 0
