@@ -131,6 +131,11 @@ def quality_of(out: torch.Tensor, reference: torch.Tensor, text: bool) -> dict:
     return {"cosine": round(float(F.cosine_similarity(out.flatten(1), reference.flatten(1)).mean()), 5)}
 
 
+def quality_text(q: dict, text: bool) -> str:
+    """'cosine 0.9xxx' (and the Spearman for MiniLM) of one measured point, for the printout."""
+    return f"cosine {q['cosine']:.4f}" + (f" spearman {q['spearman']:.4f}" if text else "")
+
+
 def speedups(dense: nn.Module, model, inputs, rounds: int) -> dict[str, float]:
     """dense / candidate latency, interleaved (``model``: a module or a callable): the ratio of
     medians, and of the fastest rounds (what the solver itself compares)."""
@@ -331,13 +336,16 @@ def size_mb(model: nn.Module) -> float:
 # ----------------------------------------------------------------------------------------
 # one model
 # ----------------------------------------------------------------------------------------
-def run_model(name: str, args) -> dict:
-    text = name == "minilm"
-    if text:
+def model_and_data(name: str, args) -> tuple[bool, nn.Module, dict, bool]:
+    """(is MiniLM, the dense model, its calibration / held-out batches, whether heads are pruned)."""
+    if name == "minilm":
         tokenizer, dense = common.minilm()
-        data, heads = text_data(args, tokenizer), True
-    else:
-        dense, data, heads = vision_model(name, args.size), vision_data(args), VISION[name]["heads"]
+        return True, dense, text_data(args, tokenizer), True
+    return False, vision_model(name, args.size), vision_data(args), VISION[name]["heads"]
+
+
+def run_model(name: str, args) -> dict:
+    text, dense, data, heads = model_and_data(name, args)
     reference = outputs(dense, data, text)
     out: dict = {}
     for batch in args.batches:
@@ -404,20 +412,18 @@ def run_model(name: str, args) -> dict:
             s, u = row["slimkit"], row["uniform"]
             print(
                 f"{name:>22} b{batch:<3} target {goal:.1f}x  measured {s['measured_speedup']:.2f}x "
-                f"(solver {s['solver_measured']:.2f}x)  cosine {s['cosine']:.4f}"
-                + (f" spearman {s['spearman']:.4f}" if text else "")
-                + f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
+                f"(solver {s['solver_measured']:.2f}x)  {quality_text(s, text)}"
+                f"  | uniform r={u['ratio']:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
             )
             t = row.get("torch_pruning", {})
             if "measured_speedup" in t:
                 print(
                     f"{name:>22} b{batch:<3} target {goal:.1f}x  Torch-Pruning r={t['ratio']:.2f} "
-                    f"{t['measured_speedup']:.2f}x cosine {t['cosine']:.4f}"
-                    + (f" spearman {t['spearman']:.4f}" if text else "")
+                    f"{t['measured_speedup']:.2f}x {quality_text(t, text)}"
                 )
             for tool, q in row.get("pruned_int8", {}).items():
                 line = f"{name:>22} b{batch:<3} target {goal:.1f}x + INT8 ({tool}) {q['speedup']:.2f}x"
-                print(line + f" cosine {q['cosine']:.4f}" + (f" spearman {q['spearman']:.4f}" if text else ""))
+                print(f"{line} {quality_text(q, text)}")
         for key in ("ort_dynamic", "ort_static"):
             if key in entry:
                 o = entry[key]

@@ -40,16 +40,15 @@ import int8_common as common  # noqa: E402
 from targets import (  # noqa: E402
     RESULTS,
     example,
+    model_and_data,
     ort_int8,
     outputs,
     quality_of,
+    quality_text,
     ratio_at_speed,
     size_mb,
     speedups,
-    text_data,
     uniform_section,
-    vision_data,
-    vision_model,
 )
 
 QUANT = {
@@ -79,12 +78,7 @@ def point(model: nn.Module, dense: nn.Module, data: dict, inputs, rounds: int, r
 
 
 def run_model(name: str, args) -> dict:
-    text = name == "minilm"
-    if text:
-        tokenizer, dense = common.minilm()
-        data, heads = text_data(args, tokenizer), True
-    else:
-        dense, data, heads = vision_model(name, args.size), vision_data(args), False
+    text, dense, data, heads = model_and_data(name, args)
     quant = {**QUANT[name], **({"compile": "always"} if args.compile else {})}
     reference = outputs(dense, data, text)
     out: dict = {"quant": quant}
@@ -139,10 +133,8 @@ def run_model(name: str, args) -> dict:
             s, u = row["slimkit"], row["uniform_int8"]
             print(
                 f"{name:>10} b{batch:<3} INT8 target {goal:.1f}x: measured {s['measured_speedup']:.2f}x "
-                f"(solver {s['solver_measured']:.2f}x) cosine {s['cosine']:.4f}"
-                + (f" spearman {s['spearman']:.4f}" if text else "")
-                + f" | uniform+INT8 r={ratio:.2f} {u['measured_speedup']:.2f}x cosine {u['cosine']:.4f}"
-                + (f" spearman {u['spearman']:.4f}" if text else "")
+                f"(solver {s['solver_measured']:.2f}x) {quality_text(s, text)}"
+                f" | uniform+INT8 r={ratio:.2f} {u['measured_speedup']:.2f}x {quality_text(u, text)}"
             )
         for key in ("int8_alone", "ort_dynamic", "ort_static"):
             if key in entry:
