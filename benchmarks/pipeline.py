@@ -98,19 +98,13 @@ class _OnnxModel(torch.nn.Module):
 
 
 def _teacher_ptq(teacher, tokenizer) -> torch.nn.Module:
-    """The teacher made INT8 by static PTQ on 16 batches of 32 stdlib-docs training sentences
-    (as ``targets_int8.py``), compiled: what slimkit gives with no training at all."""
-    from slimkit.plugins.data import stdlib_docs
+    """The teacher made INT8 by static PTQ on the 512 calibration sentences of ``targets_int8.py``
+    (its own helper), compiled: what slimkit gives with no training at all."""
+    from prune_quality import minilm_data
+    from targets_int8 import int8_model
 
-    texts = list(stdlib_docs().train.inputs)[:512]
-    batches = [
-        dict(tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-        for i in range(0, len(texts), 32)
-    ]
-    model = copy.deepcopy(teacher)
-    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": "always"}}, example_inputs=batches[0])
-    slimkit.calibrate(model, batches)
-    return slimkit.convert_(model).eval()
+    calibration = {"calibration": minilm_data(tokenizer, 512)["calibration"]}
+    return int8_model(teacher, None, {"mode": "ptq", "compile": "always"}, calibration)[0]
 
 
 def _embeddings(model, batches) -> torch.Tensor:

@@ -236,7 +236,7 @@ class _Measure:
         if self.kind == "params":
             return float(count_parameters(net))
         models = {"dense": self.dense_copy} if against is None else {"dense": against, "pruned": net}
-        if against is not None and self.int8_dense is not None and net is not against:
+        if against is not None and self.int8_dense is not None:
             models["dense INT8"] = self.int8_dense
         times = interleaved_ms(models, self.inputs)
         self.last_dense = times["dense"]
