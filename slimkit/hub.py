@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import adapter_for_library, get_adapter
@@ -31,6 +31,7 @@ from .folder_checks import check_slimkit_block, check_tree, library_of
 from .methods import hub_blocks
 from .model_info import ModelInfo, model_info, set_model_info
 from .modules import SLIMKIT_ATTR
+from .packing import pack
 from .safe_build import (
     Header,
     NeedsCpuBuild,
@@ -38,11 +39,15 @@ from .safe_build import (
     check_against_header,
     check_cpu_build,
     check_plain_folder,
+    load_state,
     materialize,
     read_header,
+    unpack_header,
 )
 
-FORMAT_VERSION = 1
+# 2: the small tensors of INT8 folders are packed (slimkit.packing); other folders are still
+# written as format 1, which every slimkit reads.
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
@@ -95,13 +100,18 @@ def _write_folder(
 
     adapter = get_adapter(model)
     config = adapter.config_dict(model)
-    state = student_state_dict(model)
+    described = {method.name: method.call("describe", model) for method in hub_blocks()}
+    described = {name: value for name, value in described.items() if value}
+    state, metadata = student_state_dict(model), {}
+    if "quantization" in described:  # only slimkit loads these folders: pack their small tensors
+        state, metadata = pack(state)
+    version = 2 if metadata else 1
     weights = folder / WEIGHTS_NAME
-    save_file(state, str(weights), metadata={"format": "pt", "slimkit_format": str(FORMAT_VERSION)})
+    save_file(state, str(weights), metadata={"format": "pt", "slimkit_format": str(version), **metadata})
     _fsync(weights)
 
     block: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "version": __version__,
         "library": adapter.library,
         "class": type(model).__name__,
@@ -111,10 +121,7 @@ def _write_folder(
         recipe = getattr(model_info(model), "recipe", None)
     if recipe is not None:
         block["recipe"] = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
-    for method in hub_blocks():
-        described = method.call("describe", model)
-        if described:
-            block[method.name] = described
+    block.update(described)
     # Whether transformers / timm alone can load the folder: said first by the card and `slimkit info`.
     block["native_load"] = "quantization" not in block and _builds_natively(adapter, model, config)
     report = dict(getattr(model_info(model), "report", None) or {})
@@ -280,13 +287,14 @@ def _build_checked(adapter: Any, config: dict[str, Any], block: dict[str, Any], 
         raise FormatError(
             f"{file}{message[len(CONFIG_NAME) :]}" if message.startswith(CONFIG_NAME) else message
         ) from None
+    header = unpack_header(header, model)
     check_against_header(model, header)
     try:
         model = materialize(model, header, adapter.init_non_persistent_buffers)
     except NeedsCpuBuild:  # tensors outside the state_dict: build for real, when that is small enough
         check_cpu_build(base_bytes, header)
         model = _replay(block)(adapter.build(config))
-        model.load_state_dict(load_file(str(header.file)), strict=False)
+        model.load_state_dict(load_state(header), strict=False)
     _check_loaded(model, block, header.file)
     return model
 
@@ -301,8 +309,9 @@ def _load_into_instance(model: nn.Module, block: dict[str, Any], header: Header)
     """A user's fresh instance (``from_pretrained(path, model=...)``): the recorded changes
     replayed on it, its shapes checked against the weights file's header before loading."""
     model = _replay(block)(model)
+    header = unpack_header(header, model)
     check_against_header(model, header)
-    model.load_state_dict(load_file(str(header.file)), strict=False)
+    model.load_state_dict(load_state(header), strict=False)
     _check_loaded(model, block, header.file)
     return model
 
@@ -324,6 +333,43 @@ def _check_instance(model: nn.Module, block: dict[str, Any], config: dict[str, A
         )
 
 
+def _open(path: str | os.PathLike) -> tuple[Path, dict[str, Any], Path, Any, dict[str, Any] | None]:
+    """A folder's path, its config (checked by its library's adapter, the slimkit block taken
+    out), the config file, the adapter and the slimkit block (None for a plain folder)."""
+    folder = Path(path)
+    config = read_config(folder)
+    file = folder / CONFIG_NAME
+    adapter = adapter_for_library(library_of(config, file))
+    block = config.pop("slimkit", None)
+    adapter.check_config(config, file)
+    return folder, config, file, adapter, block
+
+
+def _checked_block(block: dict[str, Any], folder: Path, file: Path) -> tuple[dict[str, Any], Header]:
+    block = check_slimkit_block(block, file)
+    _check_version(block, file)
+    _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))
+    return block, read_header(folder / WEIGHTS_NAME)
+
+
+def folder_state_dict(path: str | os.PathLike, *, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a folder's weights file under the model's own keys, packed ones split
+    (INT8 folders, :mod:`slimkit.packing`), without loading the model: what to read instead of
+    ``safetensors.torch.load_file`` to inspect a slimkit folder. The layout comes from the model
+    rebuilt on the meta device; a plain ``nn.Module`` folder needs ``model=`` (a fresh instance,
+    which the recorded pruning / INT8 is replayed on, as in ``from_pretrained``)."""
+    folder, config, file, adapter, block = _open(path)
+    if block is None:
+        return load_state(read_header(folder / WEIGHTS_NAME))
+    block, header = _checked_block(block, folder, file)
+    if model is not None:
+        _check_instance(model, block, config, file)
+        layout_model = _replay(block)(model)
+    else:
+        layout_model, _ = build_on_meta(lambda: adapter.build(config), _replay(block), header, file)
+    return load_state(unpack_header(header, layout_model))
+
+
 def from_pretrained(
     path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -337,12 +383,7 @@ def from_pretrained(
 
     Nothing in the folder can run code, nothing is unpickled, and no tensor is allocated before
     the declared architecture was checked against the weights file's header (docs/security.md)."""
-    folder = Path(path)
-    config = read_config(folder)
-    file = folder / CONFIG_NAME
-    adapter = adapter_for_library(library_of(config, file))
-    block = config.pop("slimkit", None)
-    adapter.check_config(config, file)
+    folder, config, file, adapter, block = _open(path)
     if block is None:  # a plain folder written by transformers or timm: their own loaders, sizes checked first
         if model is not None:
             raise FormatError(f"{file} was not written by slimkit; model= is only for slimkit folders")
@@ -353,10 +394,7 @@ def from_pretrained(
         model = adapter.load_plain(folder)
         set_model_info(model, ModelInfo(folder=str(folder)))
         return model.to(device).eval()
-    block = check_slimkit_block(block, file)
-    _check_version(block, file)
-    _check_checksum(folder / WEIGHTS_NAME, block.get("weights_sha256"))
-    header = read_header(folder / WEIGHTS_NAME)
+    block, header = _checked_block(block, folder, file)
     if model is not None:
         _check_instance(model, block, config, file)
         model = _load_into_instance(model, block, header)
@@ -369,10 +407,6 @@ def from_pretrained(
 def build_architecture(path: str | os.PathLike, blocks: tuple[str, ...] = ("pruning",)) -> nn.Module:
     """The architecture of a saved folder with only the given blocks replayed and *random*
     weights, e.g. the float pruned model of an INT8 folder, to measure its speed or size."""
-    folder = Path(path)
-    config = read_config(folder)
-    file = folder / CONFIG_NAME
-    adapter = adapter_for_library(library_of(config, file))
-    block = check_slimkit_block(config.pop("slimkit", None) or {"format_version": FORMAT_VERSION}, file)
-    adapter.check_config(config, file)
+    _, config, file, adapter, block = _open(path)
+    block = check_slimkit_block(block or {"format_version": FORMAT_VERSION}, file)
     return _replay(block, blocks)(adapter.build(config)).eval()

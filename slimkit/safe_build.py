@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import FormatError, SlimkitError
+from .packing import is_packed, unpack, unpacked_layout
 from .recipe_io import short_repr
 
 NON_PERSISTENT_FLOOR = 64 << 20
@@ -57,10 +58,17 @@ _DTYPES = {
 
 
 class Header(dict):
-    """``name -> (shape, safetensors dtype string)`` of a weights file, and its size."""
+    """``name -> (shape, safetensors dtype string)`` of a weights file, its size and metadata;
+    ``layout`` says how its packed tensors split (:mod:`slimkit.packing`, set by ``unpack_header``)."""
 
     file: Path
     file_bytes: int
+    metadata: dict[str, str]
+    layout: dict[str, list[tuple[str, tuple[int, ...]]]]
+
+    def tensor_count(self) -> int:
+        """Tensors stored, each value of a packed tensor counted as one."""
+        return sum(shape[0] if is_packed(key) and len(shape) == 1 else 1 for key, (shape, _) in self.items())
 
     def tensor_bytes(self) -> int:
         sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
@@ -77,10 +85,37 @@ def read_header(file: Path) -> Header:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 piece = f.get_slice(key)
                 header[key] = (tuple(piece.get_shape()), piece.get_dtype())
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise FormatError(f"{file} is not a readable safetensors file ({exc}); save the model again") from None
-    header.file, header.file_bytes = file, file.stat().st_size
+    header.file, header.file_bytes, header.metadata, header.layout = file, file.stat().st_size, metadata, {}
     return header
+
+
+def unpack_header(header: Header, model: nn.Module) -> Header:
+    """``header`` as if its packed tensors were stored one by one, their split checked against
+    the (meta) model first (:mod:`slimkit.packing`); a header without packed tensors as it is."""
+    if not any(is_packed(key) for key in header):
+        return header
+    layout = unpacked_layout(header, header.metadata, model, header.file)
+    out = Header({key: value for key, value in header.items() if not is_packed(key)})
+    for key, pieces in layout.items():
+        for name, shape in pieces:
+            if name in out:
+                raise FormatError(f"{header.file}: {name} is stored twice, on its own and packed in {key}")
+            out[name] = (shape, header[key][1])
+    out.file, out.file_bytes, out.metadata, out.layout = header.file, header.file_bytes, header.metadata, layout
+    return out
+
+
+def load_state(header: Header) -> dict[str, torch.Tensor]:
+    """The file's tensors, packed ones split into their keys (``header`` from ``unpack_header``)."""
+    try:
+        state = load_file(str(header.file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{header.file} is not a readable safetensors file ({exc}); save the model again") from None
+    unpack(state, header.layout)
+    return state
 
 
 class _TooManyTensors(Exception):
@@ -121,7 +156,7 @@ def build_on_meta(
     build: Callable[[], nn.Module], rebuild: Callable[[nn.Module], nn.Module], header: Header, config_file: Path
 ) -> tuple[nn.Module, int]:
     """``rebuild(build())`` on the meta device, and the unpruned model's bytes."""
-    limit = REGISTRATION_FACTOR * len(header) + REGISTRATION_SLACK
+    limit = REGISTRATION_FACTOR * header.tensor_count() + REGISTRATION_SLACK
     try:
         with torch.device("meta"), _bounded_registrations(limit):
             model = build()
@@ -130,7 +165,7 @@ def build_on_meta(
     except _TooManyTensors:
         raise FormatError(
             f"{config_file} declares a model of more than {limit:,} tensors but {header.file.name} holds "
-            f"{len(header):,}; the config and the weights do not belong together"
+            f"{header.tensor_count():,}; the config and the weights do not belong together"
         ) from None
     except SlimkitError:
         raise
@@ -202,10 +237,7 @@ def materialize(model: nn.Module, header: Header, init_buffers: Callable[[nn.Mod
     """Load the file's tensors into the checked meta model (assigned, not copied)."""
     tensors = model.state_dict(keep_vars=True)
     groups = _alias_groups(model)
-    try:
-        state = load_file(str(header.file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{header.file} is not a readable safetensors file ({exc}); save the model again") from None
+    state = load_state(header)
     for key, value in state.items():
         if value.dtype != tensors[key].dtype:  # float <-> float only (checked against the header)
             state[key] = value.to(tensors[key].dtype)

@@ -36,7 +36,8 @@ def test_timm_round_trip_is_bit_exact_and_loads_with_timm(kind, tmp_path):
         assert torch.equal(model(IMAGES), plain(IMAGES))
     config = json.loads((tmp_path / kind / "config.json").read_text())
     assert config["architecture"] == model.default_cfg["architecture"] and "model_args" in config
-    assert config["slimkit"]["format_version"] == FORMAT_VERSION and config["slimkit"]["library"] == "timm"
+    # format 1: a float folder packs nothing (slimkit.packing), so any slimkit and timm read it
+    assert config["slimkit"]["format_version"] == 1 and config["slimkit"]["library"] == "timm"
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,8 @@ def variant(folders, tmp_path, key, edit=None, weights=None, text=None) -> Path:
     folder = tmp_path / key
     shutil.copytree(folders[key], folder)
     config = json.loads((folder / "config.json").read_text())
-    if weights is not None:
-        state = load_file(folder / "model.safetensors")
+    if weights is not None:  # written unpacked (as format 1): the checks under test are per tensor
+        state = slimkit.hub.folder_state_dict(folders[key])
         weights(state)
         save_file(state, folder / "model.safetensors")
         config.get("slimkit", {}).pop("weights_sha256", None)
@@ -291,7 +291,7 @@ def test_int8_folders_with_bad_scales_zero_points_or_dtypes_are_refused(folders,
 
 
 def test_int8_site_scales_are_checked_too(folders, tmp_path):
-    state = load_file(folders["int8"] / "model.safetensors")
+    state = slimkit.hub.folder_state_dict(folders["int8"])
     site = next(k for k in state if k.endswith("output_scale") or (k.endswith("input_scale") and "conv" not in k))
     refused(variant(folders, tmp_path, "int8", weights=_set(site, float("nan"))), f"{site} holds non-finite")
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from quant_helpers import logits_of
-from safetensors import safe_open
 
 import slimkit
 from slimkit.errors import FormatError
+from slimkit.hub import folder_state_dict
 from slimkit.quant import is_int8_layer
 from tests.families import hf_model, token_batch
 
@@ -21,9 +21,8 @@ def _ptq_int8(model, inputs, compile_mode: str = "never"):  # the folder is unde
     return slimkit.convert(model)
 
 
-def _tensor_dtypes(path) -> dict[str, torch.dtype]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+def _tensor_dtypes(folder) -> dict[str, torch.dtype]:
+    return {k: t.dtype for k, t in folder_state_dict(folder).items()}
 
 
 def _resnet18():
@@ -44,7 +43,7 @@ def test_timm_int8_folder_round_trip_and_size(tmp_path):
     assert block["backend"] == "onednn" and len(block["layers"]) == 21  # 20 convs + fc
     assert block["layers"]["fc"] == {"kind": "linear", "activations": "static"}
     assert block["folded_batchnorms"]["bn1"] == "identity"
-    dtypes = _tensor_dtypes(folder / "model.safetensors")
+    dtypes = _tensor_dtypes(folder)
     assert dtypes["layer1.0.conv1.weight"] == torch.int8 and dtypes["layer1.0.conv1.weight_scale"] == torch.float32
     assert dtypes["layer1.0.conv1.input_zero_point"] == torch.int32
     assert not any(k.startswith("bn1.") for k in dtypes), "folded BatchNorms are not saved"
@@ -68,7 +67,7 @@ def test_hf_int8_folder_round_trip(factory, tmp_path):
     again = slimkit.from_pretrained(folder)
     assert type(again) is type(int8)
     assert torch.equal(logits_of(again, inputs), expected)
-    dtypes = _tensor_dtypes(folder / "model.safetensors")
+    dtypes = _tensor_dtypes(folder)
     int8_weights = [k for k, v in dtypes.items() if v == torch.int8]
     assert int8_weights and all(k.endswith(".weight") for k in int8_weights)
 
