@@ -25,6 +25,11 @@ class TargetConfig(Config):
     params: float | None = help_field(None, "fraction in (0, 1) of the dense model's parameters kept")
     batch: int = help_field(1, "speedup / latency_ms: batch size the latency is measured at")
     threads: int | None = help_field(None, "speedup / latency_ms: torch threads while timing (default: current)")
+    tokens: int | None = help_field(
+        None,
+        "speedup / latency_ms: sequence length the latency is measured at, for token inputs (the 2-D integer "
+        "tensors, input_ids and attention_mask, tiled or cut along the sequence); default: the example inputs' own",
+    )
     widths: int = help_field(
         6, "candidate widths timed per group (multiples of round_to, default 8 with a target; macs / params: >= 32)"
     )
@@ -68,6 +73,12 @@ class TargetConfig(Config):
             self.fail(path, "batch", f"must be >= 1, got {self.batch}")
         if self.threads is not None and self.threads < 1:
             self.fail(path, "threads", f"must be >= 1, got {self.threads}")
+        if self.tokens is not None and self.tokens < 1:
+            self.fail(path, "tokens", f"must be >= 1, got {self.tokens}")
+        if self.tokens is not None and not self.timed:
+            self.fail(
+                path, "tokens", f"sets the length latency is timed at; a {self.kind} target is counted, drop tokens"
+            )
         if self.int8 and not self.timed:
             self.fail(
                 path, "int8", f"times INT8 models; a {self.kind} target is counted on the float architecture, drop int8"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..distributed import broadcast_, is_distributed, rank
-from ..errors import IncompatibleError
+from ..errors import ConfigError, IncompatibleError
 from ..recipe import TargetConfig
 from .allocation import error_curve, group_readers, removal_order
 from .heads import set_head_counts
@@ -68,6 +68,7 @@ class TargetOutcome:
     asked: float
     batch: int
     threads: int | None
+    tokens: int | None = None  # prune.target.tokens: the sequence length timed (None: the inputs' own)
     goal: float = 0.0  # the asked reduction (latency_ms: dense latency / asked latency)
     predicted: float = 0.0
     measured: float | None = None
@@ -93,7 +94,11 @@ class TargetOutcome:
         return (
             f"target {self.asked:g}{unit}{' (INT8 vs the dense FP32 model)' if self.int8 else ''}: "
             f"measured {got} (predicted {_figure(self.kind, self.predicted, self.dense)}"
-            + (f", batch {self.batch}, {self.threads} threads" if self.kind in ("speedup", "latency_ms") else "")
+            + (
+                f", batch {self.batch}{f' x {self.tokens} tokens' if self.tokens else ''}, {self.threads} threads"
+                if self.kind in ("speedup", "latency_ms")
+                else ""
+            )
             + f"; {'within' if self.met else 'outside'} tolerance)"
         )
 
@@ -103,7 +108,7 @@ def restored_outcome(pruner: Pruner) -> TargetOutcome:
     (the figures measured then are not part of the checkpoint)."""
     target = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
-    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads, int8=target.int8)
+    outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads, target.tokens, int8=target.int8)
     counts = pruner.state.target_counts.tolist()
     outcome.widths = {g.root: [g.size, g.size - int(c)] for g, c in zip(groups, counts)}
     return outcome
@@ -129,6 +134,33 @@ def rebatched(inputs: Any, batch: int) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(rebatched(v, batch) for v in inputs)
     return inputs
+
+
+def with_tokens(inputs: Any, tokens: int | None) -> Any:
+    """``inputs`` with every 2-D integer tensor (token ids, attention masks) tiled or cut to
+    ``tokens`` along dim 1 (``prune.target.tokens``: time at the length that will be served)."""
+    if tokens is None:
+        return inputs
+    found = []
+
+    def resize(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
+            found.append(value)
+            reps = -(-tokens // value.shape[1])
+            return value.repeat(1, reps)[:, :tokens]
+        if isinstance(value, dict):
+            return {k: resize(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(resize(v) for v in value)
+        return value
+
+    out = resize(inputs)
+    if not found:
+        raise ConfigError(
+            f"prune.target.tokens {tokens}: the example inputs hold no token tensor (a 2-D integer tensor such as "
+            "input_ids) to set the length of; drop tokens for this model"
+        )
+    return out
 
 
 def _error_curves(
@@ -278,7 +310,7 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
     target: TargetConfig = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
     threads = target.threads or torch.get_num_threads()
-    outcome = TargetOutcome(target.kind, target.value, target.batch, threads, int8=target.int8)
+    outcome = TargetOutcome(target.kind, target.value, target.batch, threads, target.tokens, int8=target.int8)
     # [refused, met, goal, predicted, measured, dense, pruned, picked, counts...]: every process
     # reports rank 0's (what compare measured of each plan stays in rank 0's summary)
     status = torch.zeros(8 + len(groups), dtype=torch.float64)
@@ -308,7 +340,7 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
     cfg, target = pruner.config, pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
     kinds = [pruner.channels] * len(pruner.channels.groups) + [pruner.heads] * len(pruner.heads.groups)
-    inputs = rebatched(pruner._inputs(model), target.batch)
+    inputs = with_tokens(rebatched(pruner._inputs(model), target.batch), target.tokens)
     kind = "latency" if target.timed else target.kind
     was_training = model.training
     recorder = pruner.data.recorder if pruner.data is not None else None
@@ -419,7 +451,12 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
                 f"{_figure(target.kind, reached, measure.dense)}{' as INT8' if measure.int8 is not None else ''} "
                 "(every prunable layer at its smallest width: "
                 f"prune.max_layer_ratio {cfg.max_layer_ratio}, round_to {pruner.channels.round_to}"
-                + (f", batch {target.batch}, {torch.get_num_threads()} threads" if target.timed else "")
+                + (
+                    f", batch {target.batch}{f' x {target.tokens} tokens' if target.tokens else ''}, "
+                    f"{torch.get_num_threads()} threads"
+                    if target.timed
+                    else ""
+                )
                 + "). Ask for less, or raise prune.max_layer_ratio"
             )
     # int8: the solver aims in units of the dense INT8 model (measured / factor), see .target_int8

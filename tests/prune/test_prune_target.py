@@ -314,6 +314,41 @@ def test_counted_target_on_an_encoder_spreads_heads_and_ffn_neurons():
     assert abs(count_macs(small, batches[0]) / dense_macs - 0.6) <= 0.1 * 0.6
 
 
+def test_a_timed_target_on_token_inputs_is_timed_at_the_asked_sequence_length(tmp_path):
+    """``tokens``: the example inputs are 12 tokens long, the target is timed at 40 (tiled), and
+    the model card says so; an image model has no tokens to set, a counted target no timing."""
+    from slimkit.prune.target import with_tokens
+    from tests.families import hf_model, token_batch
+
+    batch = token_batch(4, 12, seed=1)
+    longer = with_tokens(batch, 40)
+    assert {k: tuple(v.shape) for k, v in longer.items()} == {k: (4, 40) for k in batch}
+    assert torch.equal(longer["input_ids"][:, 12:24], batch["input_ids"]) and torch.equal(
+        with_tokens(batch, 5)["input_ids"], batch["input_ids"][:, :5]
+    )
+    with pytest.raises(ConfigError, match=r"prune\.target\.tokens 40: the example inputs hold no token tensor"):
+        with_tokens(torch.randn(2, 3, 8, 8), 40)
+    with pytest.raises(ConfigError, match=r"prune\.target\.tokens: sets the length latency is timed at; a macs"):
+        slimkit.Recipe.from_dict({"prune": {"target": {"macs": 0.5, "tokens": 64}}})
+
+    model = hf_model("bert-base").eval()
+    lengths = set()
+    model.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.add(
+            tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape)
+        ),
+        with_kwargs=True,
+    )
+    target = {"speedup": 1.1, "batch": 2, "tokens": 40, "threads": 1, "rounds": 1, "compare": False}
+    recipe = {"prune": {"target": {**target, "cache": str(tmp_path)}, "importance": "activation"}}
+    slimkit.prepare(model, recipe, example_inputs=batch)
+    slimkit.calibrate(model, [batch, token_batch(4, 12, seed=2)])
+    assert (2, 40) in lengths and (4, 12) in lengths  # timed at batch 2 x 40; calibrated on the batches as given
+    assert slimkit.prune.summary(model)["target"]["tokens"] == 40
+    report = slimkit.model_info(slimkit.convert(model)).report["methods"]["target"]
+    assert "batch 2 x 40 tokens, 1 threads" in report
+
+
 def test_groups_whose_error_hardly_reaches_the_output_are_cut_first():
     """Layer 0's FFN of an encoder writes a fiftieth of its usual output into the residual
     stream: its own relative error curve is unchanged, but its cuts hardly reach the model's
