@@ -30,18 +30,23 @@ def setup_machine() -> None:
 def machine_info() -> dict:
     import onnxruntime
 
-    cpu = "unknown"
+    # "model name" alone says "AMD EPYC" for several generations: family / model and the int8
+    # instruction sets tell the machines of different sessions apart
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(fields.get("flags", "").split())
     return {
-        "cpu": cpu,
+        "cpu": fields.get("model name", "unknown"),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
         "avx512_vnni": "avx512_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
         "cores": os.cpu_count(),
         "threads": THREADS,
         "torch": torch.__version__,

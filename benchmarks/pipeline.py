@@ -270,7 +270,9 @@ def main() -> None:
         results["minilm"] = minilm(
             args.minilm_steps, args.rounds, args.minilm_recipe, args.minilm_lr, args.save_student, args.minilm_texts
         )
-    results.update(benchmark="pipeline", torch=torch.__version__, threads=args.threads)
+    from int8_common import machine_info
+
+    results.update(benchmark="pipeline", torch=torch.__version__, threads=args.threads, machine=machine_info())
     RESULTS.mkdir(exist_ok=True)
     out_file.write_text(json.dumps(results, indent=2) + "\n")
     for name in ("digits", "minilm"):
