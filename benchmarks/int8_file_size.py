@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,8 +36,6 @@ def _sizes(file: Path) -> dict:
     """Total bytes, header bytes (the 8-byte length and the JSON) and tensor entries."""
     with open(file, "rb") as f:
         header = struct.unpack("<Q", f.read(8))[0]
-    from safetensors import safe_open
-
     with safe_open(str(file), framework="pt") as f:
         entries = len(list(f.keys()))  # noqa: SIM118 (safe_open is not a mapping)
     return {"bytes": file.stat().st_size, "header_bytes": 8 + header, "entries": entries}

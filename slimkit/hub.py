@@ -30,7 +30,7 @@ from .errors import FormatError, SlimkitError
 from .folder_checks import check_slimkit_block, check_tree, library_of
 from .methods import hub_blocks
 from .model_info import ModelInfo, model_info, set_model_info
-from .modules import SLIMKIT_ATTR
+from .modules import SLIMKIT_ATTR, attached_by_slimkit
 from .packing import pack
 from .safe_build import (
     Header,
@@ -72,7 +72,7 @@ def student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
-        if key == SLIMKIT_ATTR or key.startswith(SLIMKIT_ATTR + "."):
+        if attached_by_slimkit(key):
             continue
         if tensor.device.type != "meta" and tensor.numel():
             ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -105,7 +105,7 @@ def _write_folder(
     state, metadata = student_state_dict(model), {}
     if "quantization" in described:  # only slimkit loads these folders: pack their small tensors
         state, metadata = pack(state)
-    version = 2 if metadata else 1
+    version = FORMAT_VERSION if metadata else 1
     weights = folder / WEIGHTS_NAME
     save_file(state, str(weights), metadata={"format": "pt", "slimkit_format": str(version), **metadata})
     _fsync(weights)

@@ -18,12 +18,16 @@ from .errors import ModuleNameError, close_matches
 SLIMKIT_ATTR = "slimkit"  # the child module that holds projectors and training state
 
 
+def attached_by_slimkit(name: str) -> bool:
+    """A module, parameter or state_dict name inside the :data:`SLIMKIT_ATTR` child."""
+    return name == SLIMKIT_ATTR or name.startswith(SLIMKIT_ATTR + ".")
+
+
 def user_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` without what slimkit attached."""
     for name, module in model.named_modules():
-        if name == SLIMKIT_ATTR or name.startswith(SLIMKIT_ATTR + "."):
-            continue
-        yield name, module
+        if not attached_by_slimkit(name):
+            yield name, module
 
 
 def module_names(model: nn.Module) -> list[str]:

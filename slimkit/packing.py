@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import FormatError
-from .modules import SLIMKIT_ATTR
+from .modules import attached_by_slimkit
 
 PACKED_PREFIX = "slimkit.packed."
 MAX_PACKED_NUMEL = 4096
@@ -77,9 +77,7 @@ def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if key == SLIMKIT_ATTR or key.startswith(SLIMKIT_ATTR + "."):
-            continue
-        if id(tensor) not in seen:
+        if not attached_by_slimkit(key) and id(tensor) not in seen:
             seen.add(id(tensor))
             out[key] = tensor
     return out
@@ -93,9 +91,9 @@ def unpacked_layout(
     Checked against the (meta) model before anything is loaded: its small tensors of that dtype
     must be exactly the ones the folder packed (the names' digest), and their sizes must add up
     to the packed tensor's length."""
-    wanted = small_tensors(expected_tensors(model))
+    tensors = expected_tensors(model)
+    wanted = small_tensors(tensors)
     layout: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-    tensors = model.state_dict(keep_vars=True)
     for key, (shape, dtype) in header.items():
         if not is_packed(key):
             continue
@@ -113,10 +111,11 @@ def unpacked_layout(
                 "model again."
             )
         pieces = [(k, tuple(tensors[k].shape)) for k in keys]
-        if sum(math.prod(s) for _, s in pieces) != shape[0]:
+        values = sum(math.prod(s) for _, s in pieces)
+        if values != shape[0]:
             raise FormatError(
                 f"{file}: {key} holds {shape[0]:,} values but the rebuilt model's small {dtype} tensors take "
-                f"{sum(math.prod(s) for _, s in pieces):,}; config.json and the weights do not belong together"
+                f"{values:,}; config.json and the weights do not belong together"
             )
         layout[key] = pieces
     return layout

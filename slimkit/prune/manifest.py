@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import FormatError
 from ..model_info import model_info, model_info_of
-from ..modules import SLIMKIT_ATTR
+from ..modules import attached_by_slimkit
 from . import manifest_checks
 
 MANIFEST_FORMAT = 1
@@ -40,7 +40,7 @@ def _attributes(module: nn.Module) -> dict[str, Any]:
 
 
 def _own(name: str) -> bool:
-    return not (name == SLIMKIT_ATTR or name.startswith(SLIMKIT_ATTR + "."))
+    return not attached_by_slimkit(name)
 
 
 def snapshot(model: nn.Module) -> dict[str, dict]:

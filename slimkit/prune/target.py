@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,16 +125,27 @@ def _figure(kind: str, reduction: float, dense: float) -> str:
     return f"{1.0 / reduction:.3f}"
 
 
+def _map_tensors(inputs: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of ``inputs`` (a tensor, or dicts / tuples / lists of them)."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, dict):
+        return {k: _map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_map_tensors(v, fn) for v in inputs)
+    return inputs
+
+
+def _tiled(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` repeated along ``dim`` and cut to ``size`` there."""
+    reps = [1] * tensor.dim()
+    reps[dim] = -(-size // tensor.shape[dim])
+    return tensor.repeat(*reps).narrow(dim, 0, size)
+
+
 def rebatched(inputs: Any, batch: int) -> Any:
     """``inputs`` (a tensor, a tuple or a dict of tensors) with ``batch`` rows (tiled / cut)."""
-    if isinstance(inputs, torch.Tensor) and inputs.dim() > 0:
-        reps = -(-batch // inputs.shape[0])
-        return inputs.repeat(reps, *[1] * (inputs.dim() - 1))[:batch]
-    if isinstance(inputs, dict):
-        return {k: rebatched(v, batch) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(rebatched(v, batch) for v in inputs)
-    return inputs
+    return _map_tensors(inputs, lambda t: _tiled(t, 0, batch) if t.dim() > 0 else t)
 
 
 def with_tokens(inputs: Any, tokens: int | None) -> Any:
@@ -143,18 +155,13 @@ def with_tokens(inputs: Any, tokens: int | None) -> Any:
         return inputs
     found = []
 
-    def resize(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
-            found.append(value)
-            reps = -(-tokens // value.shape[1])
-            return value.repeat(1, reps)[:, :tokens]
-        if isinstance(value, dict):
-            return {k: resize(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(resize(v) for v in value)
-        return value
+    def resize(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() != 2 or tensor.is_floating_point():
+            return tensor
+        found.append(tensor)
+        return _tiled(tensor, 1, tokens)
 
-    out = resize(inputs)
+    out = _map_tensors(inputs, resize)
     if not found:
         raise ConfigError(
             f"prune.target.tokens {tokens}: the example inputs hold no token tensor (a 2-D integer tensor such as "
