@@ -301,16 +301,19 @@ def int8_points(model: nn.Module, dense: nn.Module, data: dict, inputs, text, ro
     }
 
 
-def torch_pruning_row(name: str, dense, data, inputs, speed: float, rounds: int, grid, reference) -> dict:
+def torch_pruning_row(name: str, dense, data, inputs, speed: float, rounds: int, grid, reference, finish=None) -> dict:
     """Torch-Pruning (no latency target of its own) at the ratio that gives the speed slimkit's
     target reached, measured like the other rows; a failure of the peer's tool on this model is
-    recorded, not hidden."""
+    recorded, not hidden. ``finish``: what is done to each pruned model before it is timed (e.g.
+    made INT8; Torch-Pruning has no INT8 path of its own)."""
     text = name == "minilm"
 
     def build(ratio: float) -> nn.Module:
         if text:
-            return torch_pruning_minilm(dense, data, ratio, "activation")
-        return torch_pruning_vision(name, dense, data, ratio)
+            model = torch_pruning_minilm(dense, data, ratio, "activation")
+        else:
+            model = torch_pruning_vision(name, dense, data, ratio)
+        return model if finish is None else finish(model)
 
     try:
         ratio, points = ratio_at_speed(build, dense, inputs, speed, rounds, grid)
@@ -359,6 +362,8 @@ def run_model(name: str, args) -> dict:
         for goal in args.speedups:
             target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
             section = {"target": target, "importance": "activation", "reconstruct": True}
+            if args.layers:  # whole blocks may go too (the solver chooses how many)
+                section["layers"] = args.layers
             start = time.perf_counter()
             try:
                 model, summary = pruned(dense, section, data, data["calibration"][0])
@@ -386,6 +391,8 @@ def run_model(name: str, args) -> dict:
                     "size_mb": size_mb(model),
                     "picked": solver["picked"],
                     "compared": solver["compared"],
+                    "layers_removed": solver["layers"],
+                    "depth_options": solver["depth"],
                     **quality_of(outputs(model, data, text), reference, text),
                 },
             }
@@ -490,6 +497,9 @@ def main() -> None:
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip INT8 of the pruned models")
     parser.add_argument(
         "--no-torch-pruning", dest="torch_pruning", action="store_false", help="skip the Torch-Pruning rows"
+    )
+    parser.add_argument(
+        "--layers", type=float, default=0, help="prune.layers of the target: the most blocks it may remove (0: none)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")

@@ -10,6 +10,9 @@ smooth images), at each batch and target it runs, with no training (``slimkit.ca
   check): is it within +-10% of s?
 * **uniform + INT8**: every layer pruned at the one ratio whose INT8 model reaches the speed
   slimkit's reached (a few ratios timed, interpolated), same importance, reconstruction and quant;
+* **Torch-Pruning + INT8**: Torch-Pruning 1.6's own pruner (its activation importance, widths
+  rounded to 8, no refit: it has none) at the ratio whose INT8 model reaches the speed slimkit's
+  reached, then the same quant section (Torch-Pruning has no INT8 path of its own);
 * **INT8 alone**: the dense model with the same quant section (the speed INT8 gives by itself);
 * **onnxruntime** ``quantize_dynamic`` of the dense model (and ``quantize_static`` for resnet50):
   the zero-effort baseline.
@@ -48,6 +51,7 @@ from targets import (  # noqa: E402
     ratio_at_speed,
     size_mb,
     speedups,
+    torch_pruning_row,
     uniform_section,
 )
 
@@ -129,6 +133,14 @@ def run_model(name: str, args) -> dict:
             del uniform
             key = "spearman" if text else "cosine"
             row["quality_minus_uniform"] = round(row["slimkit"][key] - row["uniform_int8"][key], 5)
+            if args.torch_pruning:
+                row["torch_pruning_int8"] = torch_pruning_row(
+                    name, dense, data, inputs, measured, rounds, GRID, reference,
+                    finish=lambda m: int8_model(m, None, quant, data)[0],
+                )  # fmt: skip
+                if key in row["torch_pruning_int8"]:
+                    theirs = row["torch_pruning_int8"][key]
+                    row["quality_minus_torch_pruning"] = round(row["slimkit"][key] - theirs, 5)
             entry["targets"].append(row)
             s, u = row["slimkit"], row["uniform_int8"]
             print(
@@ -136,6 +148,10 @@ def run_model(name: str, args) -> dict:
                 f"(solver {s['solver_measured']:.2f}x) {quality_text(s, text)}"
                 f" | uniform+INT8 r={ratio:.2f} {u['measured_speedup']:.2f}x {quality_text(u, text)}"
             )
+            t = row.get("torch_pruning_int8", {})
+            if "measured_speedup" in t:
+                speed = f"r={t['ratio']:.2f} {t['measured_speedup']:.2f}x"
+                print(f"{'':>10} Torch-Pruning+INT8 {speed} {quality_text(t, text)}")
         for key in ("int8_alone", "ort_dynamic", "ort_static"):
             if key in entry:
                 o = entry[key]
@@ -154,6 +170,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (a quarter at larger batches)")
     parser.add_argument(
         "--compile", action="store_true", help="quant.compile: always (every INT8 copy compiled, as it then ships)"
+    )
+    parser.add_argument(
+        "--no-torch-pruning", dest="torch_pruning", action="store_false", help="skip the Torch-Pruning + INT8 rows"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batches and rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets_int8.json")

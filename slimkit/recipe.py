@@ -209,7 +209,8 @@ class PruneConfig(Config):
     )
     layers: float = help_field(
         0.0,
-        "depth pruning: a whole number >= 1 of blocks (transformer layers, residual blocks) or a fraction in (0, 1)",
+        "depth pruning: a whole number >= 1 of blocks (transformer layers, residual blocks) or a fraction in "
+        "(0, 1); with a target, the most blocks the solver may remove (it chooses how many, from 0)",
     )
     layer_importance: Literal["block_influence", "output_cosine"] = help_field(
         "output_cosine",
@@ -255,13 +256,13 @@ class PruneConfig(Config):
         if self.sparsity and self.nm:
             self.fail(path, "nm", "use either sparsity (unstructured) or nm (N:M), not both")
         if self.target is not None:
-            for name in ("channels", "heads", "layers"):
+            for name in ("channels", "heads"):
                 if getattr(self, name):
                     self.fail(
                         path,
                         name,
-                        f"prune.target chooses the widths itself; remove {name} (or the target), "
-                        "depth pruning does not take a target yet",
+                        f"prune.target chooses the widths itself; remove {name} (or the target); "
+                        "prune.layers stays allowed: the most blocks the target may remove",
                     )
 
     def phase_start(self) -> int | None:

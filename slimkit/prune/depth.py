@@ -32,28 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import ModelAdapter, batch_inputs, call_model, get_adapter
+from ..distributed import all_reduce_
 from ..errors import ConfigError, SlimkitError, UnsupportedModelError
 from ..recipe import PruneConfig
 from .blocks import Block, block_module, check_removal, find_blocks, hidden_input, hidden_output, skipped
 from .schedule import due_point, pruning_points, target_at_point
 
 logger = logging.getLogger("slimkit")
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        if torch.distributed.get_backend() == "nccl" and not tensor.is_cuda:
-            moved = tensor.cuda()
-            torch.distributed.all_reduce(moved)
-            tensor.copy_(moved.cpu())
-        else:
-            torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 def _first_output(outputs: Any) -> torch.Tensor:
@@ -126,7 +111,7 @@ class BlockHooks:
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sums and counts since the last call (summed over processes), then zeroed."""
-        sums, counts = _all_reduce(self.sums.clone()), _all_reduce(self.counts.clone())
+        sums, counts = all_reduce_(self.sums.clone()), all_reduce_(self.counts.clone())
         self.sums.zero_()
         self.counts.zero_()
         return sums, counts
@@ -149,6 +134,43 @@ def _forward_batches(model: nn.Module, batches: list, forward: Callable) -> list
 EXHAUSTIVE_SETS = 64  # up to this many candidate sets of blocks, every set is scored; greedy beyond
 
 
+def _set_cost(model: nn.Module, hooks: BlockHooks, batches: list, forward: Callable) -> Callable[[tuple], float]:
+    """``cost(blocks)``: the output's mean ``1 - cos`` to its present value on ``batches`` when
+    ``blocks`` are skipped as well as those already gated (summed over processes: every process
+    scores the same sets in the same order)."""
+    base = set(hooks.gated)
+    references = _forward_batches(model, batches, forward)
+
+    def cost(chosen: tuple[int, ...]) -> float:
+        hooks.gated = base | set(chosen)
+        try:
+            total = torch.zeros(2, dtype=torch.float64)
+            for reference, inputs in references:
+                out = _first_output(forward(model, inputs))
+                value, n = _distance(out, reference, 1 if out.dim() == 4 else -1, _mask_of(inputs))
+                total += torch.tensor([float(value), float(n)], dtype=torch.float64)
+            total = all_reduce_(total)
+            return float(total[0] / total[1].clamp_min(1))
+        finally:
+            hooks.gated = base
+
+    return cost
+
+
+def _cheapest_set(cost: Callable[[tuple], float], candidates: list[int], count: int, alone: dict[int, float]):
+    """The ``count`` candidates whose skipping together costs least: every set when there are at
+    most ``EXHAUSTIVE_SETS``, else greedily (each next block the cheapest with those chosen)."""
+    if count == 1:
+        return [min(candidates, key=alone.get)]
+    if math.comb(len(candidates), count) <= EXHAUSTIVE_SETS:
+        return list(min(itertools.combinations(candidates, count), key=cost))
+    chosen = [min(candidates, key=alone.get)]
+    while len(chosen) < count:
+        left = [c for c in candidates if c not in chosen]
+        chosen.append(min(left, key=lambda c: cost((*chosen, c))))
+    return chosen
+
+
 @torch.no_grad()
 def choose_output_cosine(
     model: nn.Module, hooks: BlockHooks, candidates: list[int], count: int, batches: list, forward: Callable
@@ -159,41 +181,34 @@ def choose_output_cosine(
     (MiniLM: 15 pairs of its 6 layers); beyond, blocks are chosen greedily, each next one the
     cheapest to skip together with those chosen so far. Returns the blocks (cheapest alone
     first) and each candidate's cost when skipped alone."""
-    base = set(hooks.gated)
-    references = _forward_batches(model, batches, forward)
+    cost = _set_cost(model, hooks, batches, forward)
+    alone = {c: cost((c,)) for c in candidates}
+    return sorted(_cheapest_set(cost, candidates, count, alone), key=alone.get), alone
 
-    def cost(chosen: tuple[int, ...]) -> float:
-        hooks.gated = base | set(chosen)
-        total = torch.zeros(2, dtype=torch.float64)
-        for reference, inputs in references:
-            out = _first_output(forward(model, inputs))
-            value, n = _distance(out, reference, 1 if out.dim() == 4 else -1, _mask_of(inputs))
-            total += torch.tensor([float(value), float(n)], dtype=torch.float64)
-        total = _all_reduce(total)  # every process scores the same sets in the same order
-        return float(total[0] / total[1].clamp_min(1))
 
-    try:
-        alone = {c: cost((c,)) for c in candidates}
-        if count == 1:
-            chosen = [min(candidates, key=alone.get)]
-        elif math.comb(len(candidates), count) <= EXHAUSTIVE_SETS:
-            chosen = list(min(itertools.combinations(candidates, count), key=cost))
-        else:
-            chosen = [min(candidates, key=alone.get)]
-            while len(chosen) < count:
-                left = [c for c in candidates if c not in chosen]
-                chosen.append(min(left, key=lambda c: cost((*chosen, c))))
-    finally:
-        hooks.gated = base
-    return sorted(chosen, key=alone.get), alone
+@torch.no_grad()
+def removal_sets(
+    model: nn.Module, hooks: BlockHooks, candidates: list[int], most: int, batches: list, forward: Callable
+) -> list[tuple[list[int], float]]:
+    """For 1 to ``most`` blocks, the set :func:`choose_output_cosine` would remove and what
+    removing it costs (the output's ``1 - cos``): the depth options ``prune.target`` weighs."""
+    cost = _set_cost(model, hooks, batches, forward)
+    alone = {c: cost((c,)) for c in candidates}
+    options = []
+    for count in range(1, min(most, len(candidates) - 1) + 1):
+        chosen = sorted(_cheapest_set(cost, candidates, count, alone), key=alone.get)
+        options.append((chosen, alone[chosen[0]] if count == 1 else cost(tuple(chosen))))
+    return options
 
 
 class DepthState(nn.Module):
     """The checkpointed depth-pruning state (a child of the pruning state)."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    def __init__(self, n: int, device: torch.device, planned: bool = False) -> None:
         super().__init__()
         self.register_buffer("removed", torch.zeros(n, dtype=torch.bool, device=device))
+        if planned:  # prune.target: the blocks its solver chose, 1, 2, ... in removal order (0: kept)
+            self.register_buffer("planned", torch.zeros(n, dtype=torch.long, device=device))
         self.register_buffer("influence", torch.zeros(n, dtype=torch.float64, device=device))
         self.register_buffer("positions", torch.zeros(n, dtype=torch.float64, device=device))
         self.register_buffer("last_point", torch.tensor(-1, dtype=torch.long, device=device))
@@ -225,9 +240,12 @@ class DepthPruning:
         self.config = config
         self.adapter = adapter
         self.blocks, self.stacks = blocks, stacks
-        self.count = final_count(config.layers, len(blocks), type(model).__name__)
+        self.most = final_count(config.layers, len(blocks), type(model).__name__)
+        # with a target the solver chooses how many (0 to `most`) and which: see plan()
+        self.targeted = config.target is not None
+        self.count = 0 if self.targeted else self.most
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.state = DepthState(len(blocks), device)
+        self.state = DepthState(len(blocks), device, planned=self.targeted)
         self.state.register_load_state_dict_post_hook(lambda module, keys: self.refresh())
         self.hooks = BlockHooks(model, blocks)
         self.hooks.measure = True
@@ -235,8 +253,25 @@ class DepthPruning:
         self._warned = False
 
     # -- decisions ---------------------------------------------------------------------------
+    def plan(self, order: list[int]) -> None:
+        """``prune.target``: remove these blocks (indices, in this order) over the schedule."""
+        planned = torch.zeros_like(self.state.planned)
+        for position, index in enumerate(order, start=1):
+            planned[index] = position
+        self.state.planned.copy_(planned)
+        self.count = len(order)
+
+    def planned_order(self) -> list[int]:
+        """The blocks the target's solver chose, in removal order (empty without a target)."""
+        if not self.targeted:
+            return []
+        positions = self.state.planned.tolist()
+        return sorted((i for i, p in enumerate(positions) if p > 0), key=lambda i: positions[i])
+
     def refresh(self) -> None:
         """Gate exactly the blocks the state says are removed (after a checkpoint is loaded)."""
+        if self.targeted:
+            self.count = len(self.planned_order())
         self.hooks.gated = {i for i, r in enumerate(self.state.removed.tolist()) if r}
         if int(self.state.last_point) >= pruning_points(self.config.schedule)[-1]:
             self.hooks.measure = False
@@ -273,6 +308,8 @@ class DepthPruning:
 
     def _choose(self, model: nn.Module, new: int, forward: Callable) -> list[int] | None:
         candidates = [i for i, r in enumerate(self.state.removed.tolist()) if not r]
+        if self.targeted:  # the solver's choice, ranked when it chose (prune.target)
+            return [i for i in self.planned_order() if i in candidates][:new]
         seen = bool((self.state.positions[candidates] > 0).all())
         if self.config.layer_importance == "output_cosine" and self.batches:
             return self._with_model_state(

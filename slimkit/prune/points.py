@@ -118,8 +118,10 @@ def prune_to_target(pruner: Pruner, model: nn.Module, point: int) -> list[torch.
 
         all_scores = [s for part in parts for s in part[4]]
         all_pruned = [p for part in parts for p in part[3]]
-        chosen, pruner.target_outcome = solve_target(pruner, model, all_scores, all_pruned)
+        chosen, blocks, pruner.target_outcome = solve_target(pruner, model, all_scores, all_pruned)
         state.target_counts.copy_(torch.tensor(chosen, dtype=torch.long))
+        if pruner.depth is not None:  # the blocks go with the depth schedule (Pruner._advance_depth)
+            pruner.depth.plan(blocks)
         state.target_solved.fill_(True)
         logger.info("prune: %s", pruner.target_outcome.describe())
     changed, offset = [], 0

@@ -191,6 +191,8 @@ class Pruner(Method):
         self.apply_masks(model)
 
     def _advance_depth(self, model: nn.Module, step: int) -> None:
+        if self.config.target is not None and not bool(self.state.target_solved):
+            return  # with a target its solver chooses the blocks, at the first pruning point
         with self.controller.suspended():
             changed = self.depth.advance(model, step)
         if changed:

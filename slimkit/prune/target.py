@@ -19,8 +19,18 @@ At the first pruning point of a recipe with a target, :func:`solve_target`
    (rescaled by goal / measured, or interpolated between earlier tries that bracket the goal)
    and solves again (``rounds`` measurements in all), keeping the closest.
 
-A budget that even every group at its smallest candidate cannot meet is refused, naming the best
-reachable figure. Under DDP rank 0 decides alone (its timings) and broadcasts the counts.
+With ``prune.layers`` the solver may also remove whole blocks, up to that many: for each count
+``d`` from 0 it takes the ``d`` blocks whose removal moves the output least on the calibration
+batches (:func:`~.depth.removal_sets`), solves the widths of the remaining groups for what is
+left of the budget (the cost model then covers the layers that stay; the copies it times and
+scores have the blocks physically removed), and keeps the plan whose outputs stay closest to the
+dense model's (the output cosine the ``compare`` step measures) among those within tolerance.
+Blocks remove what widths cannot: per-op overhead, norms, activations and attention products,
+which dominate compiled INT8 transformers and small CNNs at batch 1.
+
+A budget that even every group at its smallest candidate (and the most blocks allowed) cannot
+meet is refused, naming the best reachable figure. Under DDP rank 0 decides alone (its timings)
+and broadcasts the counts and blocks.
 """
 
 from __future__ import annotations
@@ -34,10 +44,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..distributed import broadcast_, is_distributed, rank
+from ..adapters import call_model
+from ..distributed import alone, broadcast_, is_distributed, rank
 from ..errors import ConfigError, IncompatibleError
+from ..outputs import flat_outputs, mean_cosine
 from ..recipe import TargetConfig
 from .allocation import error_curve, group_readers, removal_order
+from .blocks import Block, remove_blocks
+from .depth import removal_sets
 from .heads import set_head_counts
 from .latency import LatencyTable, interleaved_ms, machine_key, torch_threads
 from .metrics import count_macs, count_parameters
@@ -58,6 +72,7 @@ logger = logging.getLogger("slimkit")
 DEFAULT_ROUND_TO = 8  # channel widths with a target, unless prune.round_to says otherwise
 _COUNTED_WIDTHS = 32  # candidate widths per group for macs / params targets
 _REACH_SAMPLES = 2  # calibration batches each group's output-reach probe runs on
+_DEPTH_SAMPLES = 4  # calibration batches the depth options are ranked on (every set: a forward each)
 
 
 @dataclass
@@ -85,6 +100,8 @@ class TargetOutcome:
     layers_cached: int = 0
     int8: bool = False  # prune.target.int8: measured = the pruned INT8 model against the dense FP32 one
     int8_dense: float | None = None  # int8: the dense model's INT8 copy against its FP32 self
+    layers: list[str] = field(default_factory=list)  # prune.layers: the blocks removed, in removal order
+    depth: list[dict[str, Any]] = field(default_factory=list)  # prune.layers: each block count tried
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +117,9 @@ class TargetOutcome:
                 if self.kind in ("speedup", "latency_ms")
                 else ""
             )
-            + f"; {'within' if self.met else 'outside'} tolerance)"
+            + f"; {'within' if self.met else 'outside'} tolerance"
+            + (f"; {len(self.layers)} block(s) removed: {', '.join(self.layers)}" if self.layers else "")
+            + ")"
         )
 
 
@@ -112,6 +131,8 @@ def restored_outcome(pruner: Pruner) -> TargetOutcome:
     outcome = TargetOutcome(target.kind, target.value, target.batch, target.threads, target.tokens, int8=target.int8)
     counts = pruner.state.target_counts.tolist()
     outcome.widths = {g.root: [g.size, g.size - int(c)] for g, c in zip(groups, counts)}
+    if pruner.depth is not None:
+        outcome.layers = [pruner.depth.blocks[i].name for i in pruner.depth.planned_order()]
     return outcome
 
 
@@ -180,16 +201,28 @@ def _error_curves(
     data = pruner.data
     groups = pruner.channels.groups + pruner.heads.groups
     if data is not None and data.recorder is not None and data.recorder.seen > 0:
-        consumers = list(data.consumers.values())
-        readers = group_readers(consumers, pruner.config.damping, pruner.config.reconstruct)
+        # the readers and their curves do not depend on the blocks a depth option removes: made once
+        memo = measure.curves
+        if "readers" not in memo:
+            consumers = list(data.consumers.values())
+            memo["readers"] = group_readers(consumers, pruner.config.damping, pruner.config.reconstruct)
+            memo["plain"] = group_readers(consumers, pruner.config.damping, False)
+            memo["orders"] = [removal_order(scores[g], pruned[g]) for g in range(len(groups))]
+        readers, plain, orders = memo["readers"], memo["plain"], memo["orders"]
         if all(g in readers for g in range(len(groups))):
             columns = removed_columns_of(pruner)
-            orders = [removal_order(scores[g], pruned[g]) for g in range(len(groups))]
-            curves = [error_curve(readers[g], g, orders[g], pruned[g], cands[g], columns) for g in range(len(groups))]
-            plain = group_readers(consumers, pruner.config.damping, False)
+
+            def curve(g: int) -> list[float]:
+                key = (g, tuple(cands[g]))
+                if key not in memo:
+                    memo[key] = error_curve(readers[g], g, orders[g], pruned[g], cands[g], columns)
+                return memo[key]
+
+            curves = [curve(g) for g in range(len(groups))]
             local = lambda g, count: error_curve(plain[g], g, orders[g], pruned[g], [count], columns)[0]  # noqa: E731
             probed = data.samples[:_REACH_SAMPLES] or [pruner.example_inputs]
-            reach = output_reach(model, measure, cands, local, probed)
+            base = measure.probe({g: c[0] for g, c in enumerate(cands)}) if measure.blocks else model
+            reach = output_reach(base, measure, cands, local, probed)
             outcome.output_reach = {g.root: round(r, 6) for g, r in zip(groups, reach)}
             return [[reach[g] * e for e in curve] for g, curve in enumerate(curves)], curves
     logger.warning(
@@ -208,7 +241,8 @@ def _error_curves(
 
 
 def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: list) -> list[float]:
-    """Per group, how much of its readers' output error reaches the model's output.
+    """Per group, how much of its readers' output error reaches the model's output (``model``: the
+    model the probes are compared with, the dense one or, with blocks removed, that model).
 
     The curves above are relative errors of each group's own readers: comparable along one
     group, not across groups. An FFN's error is diluted by the residual stream it is added to,
@@ -217,8 +251,6 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
     once, alone, at its middle candidate, physically cut without refit: the drop of the output
     cosine on a few calibration batches, divided by the readers' relative error at that count
     without refit (both about linear in the squared error there), rescales its curve."""
-    from ..outputs import flat_outputs, mean_cosine
-
     batches = [b for b in batches if b is not None]
     if not batches:
         return [1.0] * len(cands)
@@ -244,8 +276,13 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
 class _Measure:
     """The physically pruned copy's reduction: timed against the dense model, or counted.
 
-    With ``int8`` (:mod:`.target_int8`) the copies timed are INT8 and the dense model is a plain
-    FP32 copy; ``factor`` is then the dense INT8 copy's speed-up over it, from the last timing."""
+    Every copy has ``blocks`` removed too (:meth:`remove_blocks`: a depth option of the solver).
+    ``factor`` is the *base* model's reduction (dense / base), where the base is the dense model
+    with those blocks removed and, with ``int8`` (:mod:`.target_int8`), made INT8 (the copies
+    timed are then INT8 and the dense model a plain FP32 copy). Timed, the base copy runs
+    interleaved with every measurement and ``factor`` follows the last timing; the solver aims
+    in units of the base model (pruned / base is 1 with nothing pruned, as its correction assumes).
+    """
 
     def __init__(
         self, pruner: Pruner, model: nn.Module, inputs: Any, kind: str, scores, pruned, int8: Int8Copies | None = None
@@ -256,18 +293,42 @@ class _Measure:
         recorder = pruner.data.recorder if pruner.data is not None else None
         if recorder is not None:  # copies share it (its hooks skip them): its Gram matrices are not copied
             self.memo[id(recorder)] = recorder
-        self.dense_copy = self.int8_dense = None
+        self.blocks: list[Block] = []
+        self.curves: dict = {}  # _error_curves' readers and curves, reused across depth options
+        self.dense_copy = self.base_copy = None
         self.factor = 1.0
         if kind == "latency":
             self.dense_copy = self._copy().eval()
             if int8 is not None:
                 self.dense_copy = pruner.controller.strip_copy(self.dense_copy)
-                self.int8_dense = int8.convert(self._copy())
+                self.base_copy = self.dense_int8 = int8.convert(self._copy())
         self.dense = self._value(model if kind != "latency" else self.dense_copy)
         self.last_dense = self.dense
+        self.base = self.dense  # the base model's float latency / count (the cost model's dense figure)
 
     def _copy(self) -> nn.Module:
         return copy.deepcopy(self.model, dict(self.memo))
+
+    def remove_blocks(self, blocks: list[Block]) -> None:
+        """From now on every copy has ``blocks`` removed; measures the base model (see the class)."""
+        self.blocks = list(blocks)
+        base = {g: int(p.sum()) for g, p in enumerate(self.pruned)}
+        if self.kind != "latency":
+            self.base = self._value(self.probe(base))
+            self.factor = self.dense / max(self.base, 1e-12)
+            return
+        plain = self.probe(base)
+        if self.int8 is not None:
+            plain = self.pruner.controller.strip_copy(plain)
+            self.base_copy = self.int8.convert(self.probe(base)) if self.blocks else self.dense_int8
+        else:
+            self.base_copy = plain if self.blocks else None
+            self.factor = 1.0
+        if self.blocks:  # the float base, in units of the first dense timing (the cost model's)
+            value = self._value(plain, self.dense_copy)
+            self.base = value * self.dense / max(self.last_dense, 1e-12)
+        else:
+            self.base = self.dense
 
     def _value(self, net: nn.Module, against: nn.Module | None = None) -> float:
         if self.kind == "macs":
@@ -275,12 +336,14 @@ class _Measure:
         if self.kind == "params":
             return float(count_parameters(net))
         models = {"dense": self.dense_copy} if against is None else {"dense": against, "pruned": net}
-        if against is not None and self.int8_dense is not None:
-            models["dense INT8"] = self.int8_dense
+        if against is not None and self.base_copy is not None and self.base_copy is not net:
+            models["base"] = self.base_copy
         times = interleaved_ms(models, self.inputs)
         self.last_dense = times["dense"]
-        if "dense INT8" in times:
-            self.factor = times["dense"] / max(times["dense INT8"], 1e-12)
+        if "base" in times:
+            self.factor = times["dense"] / max(times["base"], 1e-12)
+        elif against is not None and net is self.base_copy:
+            self.factor = times["dense"] / max(times["pruned"], 1e-12)
         return times.get("pruned", times["dense"])
 
     def masks(self, counts: dict[int, int]) -> list[torch.Tensor]:
@@ -289,8 +352,8 @@ class _Measure:
         return [choose(g, s, p, counts[i]) for i, (g, s, p) in enumerate(zip(groups, self.scores, self.pruned))]
 
     def probe(self, counts: dict[int, int], refit: bool = False) -> nn.Module:
-        """A copy of the model physically pruned to ``counts``; ``refit``: its consumers refit
-        first, as the pruning point refits them (``prune.reconstruct``)."""
+        """A copy of the model physically pruned to ``counts`` (and without ``blocks``); ``refit``:
+        its consumers refit first, as the pruning point refits them (``prune.reconstruct``)."""
         pruner = self.pruner
         groups = pruner.channels.groups + pruner.heads.groups
         masks = self.masks(counts)
@@ -299,6 +362,8 @@ class _Measure:
             reconstruct_point(pruner, pruner._pruned(), masks, into=net)
         remove_units(net, groups, masks, pruner.transposed)
         set_head_counts(net, pruner.controller.adapter, groups, masks)
+        if self.blocks:
+            remove_blocks(net, pruner.depth.stacks, set(self.blocks), pruner.controller.adapter)
         return net.eval()
 
     def reduction(self, counts: dict[int, int], int8: bool = True) -> tuple[float, float]:
@@ -312,23 +377,29 @@ class _Measure:
         return dense / max(value, 1e-12), value
 
 
-def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -> tuple[list[int], TargetOutcome]:
-    """Removal counts per group (channels, then heads) for ``prune.target``, on rank 0, broadcast."""
+def solve_target(
+    pruner: Pruner, model: nn.Module, scores: list, pruned: list
+) -> tuple[list[int], list[int], TargetOutcome]:
+    """Removal counts per group (channels, then heads) for ``prune.target``, and the blocks to
+    remove (indices into ``pruner.depth.blocks``, in removal order), on rank 0, broadcast."""
     target: TargetConfig = pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
+    n_blocks = len(pruner.depth.blocks) if pruner.depth is not None else 0
     threads = target.threads or torch.get_num_threads()
     outcome = TargetOutcome(target.kind, target.value, target.batch, threads, target.tokens, int8=target.int8)
-    # [refused, met, goal, predicted, measured, dense, pruned, picked, counts...]: every process
-    # reports rank 0's (what compare measured of each plan stays in rank 0's summary)
-    status = torch.zeros(8 + len(groups), dtype=torch.float64)
+    # [refused, met, goal, predicted, measured, dense, pruned, picked, counts..., block positions...]:
+    # every process reports rank 0's (what compare measured of each plan stays in rank 0's summary)
+    status = torch.zeros(8 + len(groups) + n_blocks, dtype=torch.float64)
     error = None
     if not is_distributed() or rank() == 0:
         try:
-            counts = _solve(pruner, model, scores, pruned, outcome)
+            counts, blocks = _solve(pruner, model, scores, pruned, outcome)
             figures = [outcome.met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned]
             status[1:7] = torch.tensor([float(v) for v in figures], dtype=torch.float64)
             status[7] = PLANS.index(outcome.picked)
-            status[8:] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
+            status[8 : 8 + len(groups)] = torch.tensor([counts[g] for g in range(len(groups))], dtype=torch.float64)
+            for position, index in enumerate(blocks, start=1):
+                status[8 + len(groups) + index] = position
         except Exception as exc:  # the other processes wait on the broadcast: tell them, then raise
             error, status[0] = exc, 1.0
     broadcast_([status])
@@ -338,12 +409,17 @@ def solve_target(pruner: Pruner, model: nn.Module, scores: list, pruned: list) -
         raise IncompatibleError("prune.target: rank 0 refused the target or failed choosing widths (see its log)")
     met, outcome.goal, outcome.predicted, outcome.measured, outcome.dense, outcome.pruned = status[1:7].tolist()
     outcome.met, outcome.picked = bool(met), PLANS[int(status[7])]
-    chosen = [int(v) for v in status[8:].tolist()]
+    chosen = [int(v) for v in status[8 : 8 + len(groups)].tolist()]
     outcome.widths = {g.root: [g.size, g.size - c] for g, c in zip(groups, chosen)}
-    return chosen, outcome
+    positions = status[8 + len(groups) :].tolist()
+    blocks = sorted((i for i, p in enumerate(positions) if p > 0), key=lambda i: positions[i])
+    outcome.layers = [pruner.depth.blocks[i].name for i in blocks]
+    return chosen, blocks, outcome
 
 
-def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome: TargetOutcome) -> dict[int, int]:
+def _solve(
+    pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome: TargetOutcome
+) -> tuple[dict[int, int], list[int]]:
     cfg, target = pruner.config, pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
     kinds = [pruner.channels] * len(pruner.channels.groups) + [pruner.heads] * len(pruner.heads.groups)
@@ -364,33 +440,130 @@ def _solve(pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome
                 for g, p, k in zip(groups, pruned, kinds)
             ]
             samples = pruner.data.samples if pruner.data is not None else []
+            options = _depth_options(pruner, model, samples)  # before any copy: they would carry the gates
             int8 = Int8Copies(pruner, samples) if target.int8 else None
             measure = _Measure(pruner, model, inputs, kind, scores, pruned, int8)
-            errors, local = _error_curves(pruner, model, measure, scores, pruned, cands, outcome)
             table = None
             if kind == "latency":
                 table = LatencyTable(machine_key(torch.get_num_threads(), target.batch), target.cache)
             layers = layers_of(model, groups, inputs, pruner.transposed)
-            cost = CostModel(kind, layers, measure.dense, table)
-            cost.prime(cands)
-            if table is not None:
-                table.save()
-                outcome.layers_measured, outcome.layers_cached = table.measured, table.reused
-            counts = _rounds(target, cost, cands, errors, measure, outcome, pruner)
-            if target.compare and local is not None and samples:
-                counts = _compare(pruner, model, measure, cost, cands, local, counts, samples, outcome)
-            return counts
+            if not options:
+                return _solve_widths(pruner, model, measure, cands, layers, table, samples, outcome), []
+            return _solve_depth(pruner, model, measure, cands, layers, table, samples, options, outcome)
     finally:
         model.train(was_training)
         if recording:
             recorder.active = True
 
 
+def _solve_widths(pruner: Pruner, model, measure: _Measure, cands, layers, table, samples, outcome) -> dict[int, int]:
+    """The widths for the target, with ``measure.blocks`` removed (none: the plain solve)."""
+    target = pruner.config.target
+    errors, local = _error_curves(pruner, model, measure, measure.scores, measure.pruned, cands, outcome)
+    cost = CostModel(measure.kind, layers, measure.base, table)
+    cost.prime(cands)
+    if table is not None:
+        table.save()
+        outcome.layers_measured, outcome.layers_cached = table.measured, table.reused
+    counts = _rounds(target, cost, cands, errors, measure, outcome, pruner)
+    if target.compare and local is not None and samples:
+        counts = _compare(pruner, model, measure, cost, cands, local, counts, samples, outcome)
+    return counts
+
+
+def _depth_options(pruner: Pruner, model: nn.Module, samples: list) -> list[tuple[list[int], float]]:
+    """``prune.layers`` with a target: for 1 to ``layers`` blocks, the blocks whose removal costs
+    the output least on the calibration batches, and that cost; [] without depth pruning."""
+    depth = pruner.depth
+    if depth is None:
+        return []
+    if not samples:
+        raise IncompatibleError(
+            "prune.layers with prune.target ranks blocks on calibration batches and weighs each choice on "
+            "them, and none were given: call slimkit.calibrate(model, batches) after prepare (with a "
+            "schedule starting at step 0), or drop prune.layers"
+        )
+    candidates = [i for i, r in enumerate(depth.state.removed.tolist()) if not r]
+    with alone():  # rank 0 decides alone: no collective the other processes would have to join
+        return removal_sets(model, depth.hooks, candidates, depth.most, samples[:_DEPTH_SAMPLES], call_model)
+
+
+def _inside(name: str, blocks: list[Block]) -> bool:
+    return any(name == b.name or name.startswith(b.name + ".") for b in blocks)
+
+
+def _solve_depth(
+    pruner: Pruner, model, measure: _Measure, cands, layers, table, samples, options, outcome: TargetOutcome
+) -> tuple[dict[int, int], list[int]]:
+    """Solve the widths once per depth option (0 blocks first) and keep the best plan: the
+    highest output cosine on the calibration batches among those within tolerance, else the
+    closest to the goal. Updates ``outcome`` with the chosen option's figures."""
+    groups = pruner.channels.groups + pruner.heads.groups
+    depth = pruner.depth
+    reference = flat_outputs(model, samples, "prune.target")
+    tried = []  # (miss, -cosine, counts, blocks, sub-outcome)
+    refusals = []
+    for order, depth_cost in [([], 0.0), *options]:
+        blocks = [depth.blocks[i] for i in order]
+        names = [b.name for b in blocks]
+        sub = TargetOutcome(outcome.kind, outcome.asked, outcome.batch, outcome.threads, outcome.tokens)
+        sub.int8, sub.layers = outcome.int8, names
+        measure.remove_blocks(blocks)
+        # a group whose layers all go with the blocks is not pruned; nor are removed layers costed
+        inside = {g for g, group in enumerate(groups) if all(_inside(m.module, blocks) for m in group.members)}
+        options_d = [[c[0]] if g in inside else c for g, c in enumerate(cands)]
+        layers_d = [layer for layer in layers if not _inside(layer.name, blocks)]
+        entry: dict[str, Any] = {"layers": names, "depth_cost": round(depth_cost, 6)}
+        try:
+            counts = _solve_widths(pruner, model, measure, options_d, layers_d, table, samples, sub)
+        except IncompatibleError as exc:
+            refusals.append((getattr(exc, "reached", 0.0), exc))
+            outcome.depth.append({**entry, "refused": str(exc)})
+            logger.info("prune.target: with %d block(s) removed: refused (%s)", len(blocks), exc)
+            continue
+        cosine = _picked_cosine(sub)
+        if cosine is None:
+            cosine = _plan_cosine(pruner, measure, counts, samples, reference)
+        entry.update(measured=round(float(sub.measured or 0.0), 4), met=sub.met, cosine=round(cosine, 6))
+        entry["widths"] = {g.root: [g.size, g.size - counts[i]] for i, g in enumerate(groups) if counts[i]}
+        outcome.depth.append(entry)
+        logger.info("prune.target: with %d block(s) removed: %s", len(blocks), entry)
+        miss = abs((sub.measured or 0.0) / sub.goal - 1.0) if sub.goal else 1.0
+        tried.append((0.0 if sub.met else miss, -cosine, counts, order, sub))
+    if not tried:
+        reached, exc = max(refusals, key=lambda r: r[0])
+        raise exc
+    _, _, counts, order, best = min(tried, key=lambda t: (t[0], t[1]))
+    for name in (
+        "goal", "predicted", "measured", "dense", "pruned", "met", "rounds", "output_reach",
+        "picked", "compared", "layers_measured", "layers_cached", "int8_dense", "layers",
+    ):  # fmt: skip
+        setattr(outcome, name, getattr(best, name))
+    return counts, order
+
+
+def _picked_cosine(outcome: TargetOutcome) -> float | None:
+    """The output cosine ``compare`` measured of the plan it kept (None: compare did not run)."""
+    entry = outcome.compared.get(outcome.picked)
+    while entry is not None and "same_as" in entry:
+        entry = outcome.compared.get(entry["same_as"])
+    return None if entry is None else entry.get("cosine")
+
+
+def _plan_cosine(pruner: Pruner, measure: _Measure, plan: dict[int, int], samples: list, reference) -> float:
+    """Output cosine to the dense model of a copy pruned as the point prunes (refit, removal,
+    BatchNorm statistics), on ``samples``."""
+    refitting = pruner.config.reconstruct and pruner.data is not None
+    net = measure.probe(plan, refit=refitting)
+    with torch.no_grad():
+        if refitting:  # rank 0 alone: the statistics are not reduced across processes here
+            recalibrate_batchnorms(net, samples, call_on_batch, reduce=False)
+        return mean_cosine(flat_outputs(net, samples, "prune.target"), reference)
+
+
 def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, counts, samples, outcome) -> dict[int, int]:
     """``prune.target.compare`` (see :mod:`.target_compare`): the solver's plan against uniform
     widths and the unweighted curves' plan at its predicted cost; updates ``outcome``."""
-    from ..outputs import flat_outputs, mean_cosine
-
     groups = pruner.channels.groups + pruner.heads.groups
     budget = cost.total(counts)
     plans = {
@@ -400,15 +573,9 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
     }
     reference = flat_outputs(model, samples, "prune.target")
     measured: dict[int, tuple[float, float]] = {}  # id(plan) -> (reduction, pruned value)
-    refitting = pruner.config.reconstruct and pruner.data is not None
 
     def quality(plan: dict[int, int]) -> float:
-        """Output cosine of a copy pruned as the point prunes (refit, removal, BatchNorms)."""
-        net = measure.probe(plan, refit=refitting)
-        with torch.no_grad():
-            if refitting:  # rank 0 alone: the statistics are not reduced across processes here
-                recalibrate_batchnorms(net, samples, call_on_batch, reduce=False)
-            return mean_cosine(flat_outputs(net, samples, "prune.target"), reference)
+        return _plan_cosine(pruner, measure, plan, samples, reference)
 
     def reduction(plan: dict[int, int]) -> float:
         measured[id(plan)] = measure.reduction(plan)
@@ -426,6 +593,28 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
         outcome.met = abs(outcome.measured / outcome.goal - 1.0) <= pruner.config.target.tolerance
         return chosen
     return counts
+
+
+def _unreachable(pruner: Pruner, target: TargetConfig, reached: float, measure: _Measure) -> IncompatibleError:
+    """The refusal of a target every group at its smallest width misses; ``reached`` attached."""
+    cfg = pruner.config
+    blocks = f", {len(measure.blocks)} block(s) removed" if measure.blocks else ""
+    more = " or prune.layers (let whole blocks go too)" if pruner.depth is None else ""
+    exc = IncompatibleError(
+        f"prune.target.{target.kind} {target.value:g} cannot be met: the best reachable is about "
+        f"{_figure(target.kind, reached, measure.dense)}{' as INT8' if measure.int8 is not None else ''} "
+        f"(every prunable layer at its smallest width{blocks}: "
+        f"prune.max_layer_ratio {cfg.max_layer_ratio}, round_to {pruner.channels.round_to}"
+        + (
+            f", batch {target.batch}{f' x {target.tokens} tokens' if target.tokens else ''}, "
+            f"{torch.get_num_threads()} threads"
+            if target.timed
+            else ""
+        )
+        + f"). Ask for less, or raise prune.max_layer_ratio{more}"
+    )
+    exc.reached = reached
+    return exc
 
 
 def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutcome, pruner: Pruner) -> dict[int, int]:
@@ -446,27 +635,19 @@ def _rounds(target, cost, cands, errors, measure: _Measure, outcome: TargetOutco
             reached, _ = measure.reduction(most)
             outcome.int8_dense = measure.factor
     best_pred = dense_pred / max(cost.total(most), 1e-12)
+    if reached is not None:  # timed: the smallest copy's measured figure bounds what can be aimed at
+        # (layers timed alone on a busy machine once predicted the smallest widths slower than the
+        # dense model, and the correction then aimed below 1x)
+        best_pred = max(best_pred, reached / measure.factor)
     # int8: the float prediction says little about INT8 (per-op overhead weighs more there); the
-    # smallest INT8 copy was timed, so it decides
-    if best_pred < goal or measure.int8 is not None:
+    # smallest INT8 copy was timed, so it decides. best_pred is in units of the base model
+    if best_pred * measure.factor < goal or measure.int8 is not None:
         if reached is None:
             reached, _ = measure.reduction(most)
         if reached < goal * (1.0 - target.tolerance):
-            cfg = pruner.config
-            raise IncompatibleError(
-                f"prune.target.{target.kind} {target.value:g} cannot be met: the best reachable is about "
-                f"{_figure(target.kind, reached, measure.dense)}{' as INT8' if measure.int8 is not None else ''} "
-                "(every prunable layer at its smallest width: "
-                f"prune.max_layer_ratio {cfg.max_layer_ratio}, round_to {pruner.channels.round_to}"
-                + (
-                    f", batch {target.batch}{f' x {target.tokens} tokens' if target.tokens else ''}, "
-                    f"{torch.get_num_threads()} threads"
-                    if target.timed
-                    else ""
-                )
-                + "). Ask for less, or raise prune.max_layer_ratio"
-            )
-    # int8: the solver aims in units of the dense INT8 model (measured / factor), see .target_int8
+            raise _unreachable(pruner, target, reached, measure)
+    # the solver aims in units of the base model (measured / factor): the dense INT8 model with
+    # int8 (see .target_int8), the model without the blocks of a depth option
     aim = goal / measure.factor
     history: list[tuple[float, dict[int, int], float, float, float, float]] = []
     counts = greedy(cands, errors, cost, dense_pred / aim)

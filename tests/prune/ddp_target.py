@@ -5,7 +5,9 @@ batches and times its own layers (timings differ per process), then writes the w
 and the converted widths to ``<out>/rank<k>.json``; the test checks both processes agree.
 With a second argument ``int8`` the target times INT8 copies on rank 0 (``prune.target.int8``,
 with ``quant.keep_fp32``, which agrees across processes by a broadcast: rank 0 must not start
-it while the others wait for the widths).
+it while the others wait for the widths). With ``depth`` the target may remove blocks too
+(``prune.layers``): rank 0 ranks them on its own batches, alone, and every process removes the
+blocks it chose.
 """
 
 import json
@@ -18,7 +20,7 @@ import slimkit
 from tests.families import settle_batchnorm, timm_model
 
 
-def main(out: Path, int8: bool) -> None:
+def main(out: Path, mode: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     torch.set_flush_denormal(True)
@@ -27,18 +29,25 @@ def main(out: Path, int8: bool) -> None:
     batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
     target = {"speedup": 1.1, "batch": 4, "threads": 1, "rounds": 1, "cache": str(out / f"cache{rank}")}
     recipe = {"prune": {"target": target, "importance": "activation"}}
-    if int8:
+    if mode == "depth":  # resnet18's residual branches all working: their removal costs something
+        model = settle_batchnorm(timm_model("resnet-wide", zero_init_last=False), torch.randn(8, 3, 32, 32)).eval()
+        recipe["prune"].update(layers=3, max_layer_ratio=0.5)
+        target.clear()
+        target.update(macs=0.55, compare=False)
+    if mode == "int8":
         target["int8"] = True
         recipe["quant"] = {"mode": "ptq", "compile": "never", "keep_fp32": 1}
     slimkit.prepare(model, recipe, example_inputs=batches[0])
     slimkit.calibrate(model, batches)
-    chosen = slimkit.prune.summary(model)["target"]["widths"]
+    summary = slimkit.prune.summary(model)
+    chosen, blocks = summary["target"]["widths"], summary.get("layers", {}).get("removed", [])
     small = slimkit.convert(model)
     widths = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, torch.nn.Conv2d)}
     record = {"rank": rank, "world_size": torch.distributed.get_world_size(), "chosen": chosen, "widths": widths}
+    record["blocks"] = blocks
     (out / f"rank{rank}.json").write_text(json.dumps(record, sort_keys=True))
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] == ["int8"])
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "float")

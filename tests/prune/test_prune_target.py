@@ -195,19 +195,22 @@ def test_gradual_schedule_ramps_each_group_towards_its_chosen_width():
 
 # -- DDP ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_ddp_processes_keep_rank_zeros_widths(tmp_path, int8):
+@pytest.mark.parametrize("mode", ["float", "int8", "depth"])
+def test_ddp_processes_keep_rank_zeros_widths(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    script = [str(HERE / "ddp_target.py"), str(tmp_path), *(["int8"] if int8 else [])]
+    script = [str(HERE / "ddp_target.py"), str(tmp_path), mode]
     done = subprocess.run([*cmd, *script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["chosen"] == ranks[1]["chosen"]
-    assert ranks[0]["widths"] == ranks[1]["widths"]
-    if not int8:  # INT8 alone may already reach 1.1x on this CNN: then nothing is pruned
+    assert ranks[0]["widths"] == ranks[1]["widths"] and ranks[0]["blocks"] == ranks[1]["blocks"]
+    if mode != "int8":  # INT8 alone may already reach 1.1x on this CNN: then nothing is pruned
         assert any(size != kept for size, kept in ranks[0]["chosen"].values())
+    if mode == "depth":  # out of reach without blocks (test_prune_target_depth.py): some went
+        assert ranks[0]["blocks"]
+        return
     # only rank 0 timed layers (and wrote a cache): the others took its decision
     assert list((tmp_path / "cache0").glob("latency-*.json")) and not (tmp_path / "cache1").exists()
 
