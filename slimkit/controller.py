@@ -116,6 +116,12 @@ class Method:
         """Undo, on a ``copy.deepcopy`` of the prepared model, what ``prepare`` changed in its
         modules besides hooks (swapped classes, added children); see :meth:`Controller.strip_copy`."""
 
+    def skipped_modules(self) -> list[str]:
+        """Modules whose output the model no longer uses (blocks depth pruning removed and skips
+        until ``convert``): other methods leave them out (a KD pair on one would train nothing
+        that remains)."""
+        return []
+
 
 class Controller:
     """The recipe, the methods and the hooks of one prepared model."""
@@ -301,6 +307,10 @@ class Controller:
             del model.__dict__[CONTROLLER_ATTR]
         previous = model_info(model) or ModelInfo()  # where it was loaded from; what methods noted
         set_model_info(model, ModelInfo(self.recipe, folder=previous.folder, method_notes=previous.method_notes))
+
+    def skipped_modules(self) -> list[str]:
+        """What every method says the model no longer uses (:meth:`Method.skipped_modules`)."""
+        return [name for method in self.methods.values() for name in method.skipped_modules()]
 
     def strip_copy(self, copy: nn.Module) -> nn.Module:
         """A ``copy.deepcopy`` of this controller's prepared model made plain again, in place: no

@@ -25,6 +25,7 @@ from ..adapters import call_model, get_adapter, get_logits, get_loss
 from ..controller import Controller, Method
 from ..distributed import reshard_
 from ..errors import IncompatibleError, SlimkitError
+from ..modules import matches_any
 from ..recipe import DistillConfig
 from .capture import FeatureCapture
 from .losses import attention_kd, feature_loss, logit_kd_and_ce, row_masks
@@ -218,11 +219,18 @@ class Distiller(Method):
         self._teacher_attn.clear()
         mask = kwargs.get("attention_mask")
         terms: dict[str, torch.Tensor] = {}
+        # a block depth pruning removed passes its input on: KD on it would pull the block before
+        # it towards two teacher layers at once, and its own attention no longer reaches anything
+        skipped = self.controller.skipped_modules()
         for s, t, pair in self.feature_pairs:
+            if matches_any(s, skipped):
+                continue
             projected = align(self.projectors[_projector_key(s, t)](s_feats[s]), t_feats[t])
             total, count = feature_loss(projected, t_feats[t], pair.loss, mask)
             terms[f"distill/feature.{s}"] = pair.weight * total / count.clamp_min(1)
         for s, t, pair in self.attention_pairs:
+            if matches_any(s, skipped):
+                continue
             total, count = attention_kd(s_attn[s], t_attn[t], pair.heads, mask, names=(s, t))
             terms[f"distill/attention.{s}"] = pair.weight * total / count.clamp_min(1)
         self._pending = terms

@@ -356,6 +356,11 @@ class Pruner(Method):
             self._removed = sum(int(m.sum()) for m in removed.values()) / max(total, 1)
         return self._removed
 
+    def skipped_modules(self) -> list[str]:
+        if self.depth is None or self._converted:
+            return []
+        return [self.depth.blocks[i].name for i in sorted(self.depth.hooks.gated)]
+
     def log_values(self) -> dict[str, float]:
         if self.state is None or self._converted:
             return {}

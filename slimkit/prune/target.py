@@ -47,6 +47,7 @@ from torch import nn
 from ..adapters import call_model
 from ..distributed import alone, broadcast_, is_distributed, rank
 from ..errors import ConfigError, IncompatibleError
+from ..modules import matches_any
 from ..outputs import flat_outputs, mean_cosine
 from ..recipe import TargetConfig
 from .allocation import error_curve, group_readers, removal_order
@@ -488,10 +489,6 @@ def _depth_options(pruner: Pruner, model: nn.Module, samples: list) -> list[tupl
         return removal_sets(model, depth.hooks, candidates, depth.most, samples[:_DEPTH_SAMPLES], call_model)
 
 
-def _inside(name: str, blocks: list[Block]) -> bool:
-    return any(name == b.name or name.startswith(b.name + ".") for b in blocks)
-
-
 def _solve_depth(
     pruner: Pruner, model, measure: _Measure, cands, layers, table, samples, options, outcome: TargetOutcome
 ) -> tuple[dict[int, int], list[int]]:
@@ -510,9 +507,9 @@ def _solve_depth(
         sub.int8, sub.layers = outcome.int8, names
         measure.remove_blocks(blocks)
         # a group whose layers all go with the blocks is not pruned; nor are removed layers costed
-        inside = {g for g, group in enumerate(groups) if all(_inside(m.module, blocks) for m in group.members)}
+        inside = {g for g, group in enumerate(groups) if all(matches_any(m.module, names) for m in group.members)}
         options_d = [[c[0]] if g in inside else c for g, c in enumerate(cands)]
-        layers_d = [layer for layer in layers if not _inside(layer.name, blocks)]
+        layers_d = [layer for layer in layers if not matches_any(layer.name, names)]
         entry: dict[str, Any] = {"layers": names, "depth_cost": round(depth_cost, 6)}
         try:
             counts = _solve_widths(pruner, model, measure, options_d, layers_d, table, samples, sub)

@@ -1,6 +1,7 @@
 """Depth pruning (prune.layers): blocks ranked on data, skipped while training, removed at
 convert, configs rewritten so that plain transformers loads a depth-pruned folder."""
 
+import copy
 import json
 
 import pytest
@@ -90,6 +91,32 @@ def test_depth_and_width_together_round_trip_through_slimkit(tmp_path):
 
     info = format_info(folder_info(tmp_path / "bert"))
     assert "bert.encoder.layer: 2 of 3 blocks kept" in info and "heads per layer 2/2" in info
+
+
+def test_kd_leaves_out_the_blocks_depth_pruning_removed():
+    """A removed block passes its input on until convert: a feature or attention KD pair on it
+    would pull the block before it towards two teacher layers at once, so it is left out."""
+    teacher = hf_model("bert-base", num_hidden_layers=4)
+    _identity_layer(teacher, 2)
+    student = copy.deepcopy(teacher)
+    batches = _batches()
+    recipe = {
+        "prune": {"layers": 1},
+        "distill": {
+            "alpha": 0.0,
+            "features": [{"student": "encoder.layer.*", "teacher": "encoder.layer.*", "loss": "mse"}],
+            "attention": [{"student": "encoder.layer.*.attention", "teacher": "encoder.layer.*.attention"}],
+        },
+    }
+    slimkit.prepare(student, recipe, teacher=teacher, example_inputs=batches[0])
+    slimkit.calibrate(student, batches, num_batches=2)
+    assert slimkit.prune.summary(student)["layers"]["removed"] == ["encoder.layer.2"]
+    student.train()
+    slimkit.compute_loss(student, student(**batches[2]), attention_mask=batches[2]["attention_mask"]).backward()
+    terms = slimkit.log_values(student)
+    kept = {f"encoder.layer.{i}" for i in (0, 1, 3)}
+    assert {k.split(".", 1)[1] for k in terms if k.startswith("distill/feature.")} == kept
+    assert {k.split(".", 1)[1].removesuffix(".attention") for k in terms if k.startswith("distill/attention.")} == kept
 
 
 def test_per_layer_config_fields_follow_the_kept_layers(tmp_path):
