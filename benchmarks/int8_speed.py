@@ -11,7 +11,11 @@ Per model and batch size, timed interleaved in one process (2 threads, denormals
 * ``slimkit_int8_compiled``: the same model compiled (Inductor, fused), which is what
   ``slimkit.convert`` returns for models with INT8 convolutions (``quant.compile: auto``;
   ``convert_returns`` in the JSON says which path the default takes);
-* ``slimkit_onnx_ort``: ``slimkit.export_onnx`` of that model (QDQ) on onnxruntime;
+* ``slimkit_int8_onnxruntime``: the same model with ``quant.compile: onnxruntime``, called as a
+  torch module (tensors in and out): an onnxruntime session of slimkit's QDQ export per input
+  shape, built on its first call (``compile_s``);
+* ``slimkit_onnx_ort``: ``slimkit.export_onnx`` of that model (QDQ) on onnxruntime, called
+  directly (numpy in and out);
 * peers on the same weights: ``ort_fp32``, ``ort_static_int8`` (``quantize_static``: QDQ,
   per-channel), ``ort_dynamic_int8`` (``quantize_dynamic``), ``torch_dynamic_int8``
   (``torch.ao.quantization.quantize_dynamic`` of the Linear layers).
@@ -121,6 +125,9 @@ class Candidates:
             # what convert returns runs compiled (models with INT8 convs) or eager: time both paths
             self.info[f"convert_returns{tag}"] = "compiled" if int8.forward.compiles else "eager"
             self.models[f"slimkit_int8{tag}_compiled"] = slimkit.quant.compile_int8(copy.deepcopy(int8))
+            self.models[f"slimkit_int8{tag}_onnxruntime"] = slimkit.quant.set_compile(
+                copy.deepcopy(int8), "onnxruntime"
+            )
             self.models[f"slimkit_int8{tag}_eager"] = slimkit.quant.set_compile(int8, "never")
             onnx_path = slimkit.export_onnx(int8, tmp / f"slimkit{tag}.onnx", example)
             self.sessions[f"slimkit{tag}_onnx_ort"] = ort_session(onnx_path)
@@ -161,16 +168,16 @@ class Candidates:
         variants.update({name: ort_runner(s, inputs) for name, s in self.sessions.items()})
         compile_s = {}
         with torch.inference_mode():
-            for name in [n for n in variants if n.endswith("_compiled")]:
+            for name in [n for n in variants if n.endswith(("_compiled", "_onnxruntime"))]:
                 start = time.perf_counter()
-                variants[name]()  # compiles for this batch size
+                variants[name]()  # compiles, or exports and opens a session, for this batch size
                 compile_s[name] = round(time.perf_counter() - start, 1)
             outputs = {name: fn() for name, fn in variants.items()}
             parity = {}
             for mode, fake in self.fake_quant.items():
                 tag = "" if mode == "ptq" else "_dynamic"
                 reference = _call(fake.eval(), inputs)()
-                for path in ("eager", "compiled"):
+                for path in ("eager", "compiled", "onnxruntime"):
                     parity[f"slimkit_int8{tag}_{path}_vs_fake_quant"] = _agreement(
                         reference, outputs[f"slimkit_int8{tag}_{path}"]
                     )
@@ -183,7 +190,7 @@ class Candidates:
         kernels = {
             name: slimkit.quant.runtime_report(model)["signatures"]
             for name, model in self.models.items()
-            if name.endswith("_compiled")
+            if name.endswith(("_compiled", "_onnxruntime"))
         }
         return {
             "compile_s": compile_s,

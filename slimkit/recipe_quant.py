@@ -18,15 +18,20 @@ Observer = Literal["minmax", "moving_average_minmax", "histogram", "percentile"]
 class WeightQuantConfig(Config):
     """How weights are fake-quantized: int8, per output channel, symmetric by default."""
 
-    bits: int = help_field(8, "bit width; only 8 is supported")
+    bits: int | Literal["auto"] = help_field(
+        "auto",
+        "weights: 8 (levels -127..127), 7 (-63..63), or auto: 7 on an x86 CPU without VNNI, whose u8 x s8 "
+        "int8 kernels saturate with 8-bit weights, else 8 (decided where the model is prepared; see "
+        "slimkit.quant.int8_hardware); activations: 8",
+    )
     granularity: Literal["per_channel", "per_tensor"] = help_field("per_channel", "per_channel | per_tensor")
     symmetric: bool = help_field(True, "symmetric (zero-point 0) or affine")
     observer: Observer = help_field("minmax", "how the range is estimated")
     percentile: float = help_field(99.99, "percentile / histogram observers: the kept quantile in percent")
 
     def validate(self, path: str) -> None:
-        if self.bits != 8:
-            self.fail(path, "bits", f"only 8-bit quantization is supported, got {self.bits}")
+        if self.bits not in (7, 8, "auto"):
+            self.fail(path, "bits", f"must be 8, 7 (exact on CPUs without VNNI) or auto; got {self.bits}")
         if not 50.0 < self.percentile <= 100.0:
             self.fail(path, "percentile", f"must be in (50, 100], got {self.percentile}")
 
@@ -35,12 +40,19 @@ class WeightQuantConfig(Config):
 class ActivationQuantConfig(WeightQuantConfig):
     """How activations are fake-quantized: 8-bit, per tensor, affine by default."""
 
+    bits: int = help_field(8, "activations are 8-bit (uint8)")
     granularity: Literal["per_tensor"] = help_field("per_tensor", "activations are quantized per tensor")
     symmetric: bool = help_field(False, "symmetric or affine (default)")
     observer: Observer = help_field("moving_average_minmax", "how the range is estimated")
     averaging_constant: float = help_field(0.01, "moving_average_minmax: the EMA factor")
 
     def validate(self, path: str) -> None:
+        if self.bits != 8:
+            self.fail(
+                path,
+                "bits",
+                f"activations are 8-bit (uint8); for CPUs without VNNI use weights.bits: 7, got {self.bits}",
+            )
         super().validate(path)
         if not 0.0 < self.averaging_constant <= 1.0:
             self.fail(path, "averaging_constant", f"must be in (0, 1], got {self.averaging_constant}")
@@ -83,11 +95,13 @@ class QuantConfig(Config):
         "during slimkit.calibrate, measure each layer's mean output shift caused by weight rounding and "
         "subtract it from the bias (PTQ, or calibrate before QAT)",
     )
-    compile: Literal["auto", "always", "never"] = help_field(
+    compile: Literal["auto", "always", "never", "onnxruntime"] = help_field(
         "auto",
         "how the converted model runs: auto compiles models with INT8 convolutions on their first inference "
-        "call (torch.compile, one graph per input shape; others run eagerly), always, or never (eager oneDNN "
-        "kernels only); slimkit.quant.set_compile changes it later",
+        "call (torch.compile, one graph per input shape; others run eagerly), always, never (eager oneDNN "
+        "kernels only), or onnxruntime (inference calls run on an onnxruntime CPU session of slimkit's QDQ "
+        "export, one per input shape, built and checked against the eager kernels on its first call; needs "
+        "pip install 'slimkit[quant]'); slimkit.quant.set_compile changes it later",
     )
     keep_fp32: float | Literal["auto"] | None = help_field(
         None,

@@ -147,6 +147,20 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _paths_that_ran(model: nn.Module) -> str:
+    """What the INT8 runtime did on the input shapes seen before saving ("" if none): the path
+    and, where it ran eagerly, why (slimkit.quant.runtime_report)."""
+    from .quant.runtime import runtime_report
+
+    signatures = (runtime_report(model) or {}).get("signatures", [])
+    if not signatures:
+        return ""
+    ran = "; ".join(
+        s["path"] + (f" ({s['reason'][:120].replace('|', '/')})" if s.get("reason") else "") for s in signatures
+    )
+    return f"; ran on {len(signatures)} input shape(s) before saving: {ran}"
+
+
 def model_card(model: nn.Module, config: dict[str, Any]) -> str:
     """README.md for a saved folder: base model, recipe, before -> after, metrics."""
     block = config.get("slimkit", {})
@@ -186,10 +200,11 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
             else "eager oneDNN kernels",
             "always": "compiled on first inference call",
             "never": "eager oneDNN kernels",
+            "onnxruntime": "onnxruntime session of slimkit's QDQ export, built on first inference call",
         }
         lines.append(
             f"| int8 path | {path.get(quant.get('compile', 'never'), 'eager oneDNN kernels')} "
-            f"(quant.compile: {quant.get('compile', 'never')}) |"
+            f"(quant.compile: {quant.get('compile', 'never')}){_paths_that_ran(model)} |"
         )
     if report.get("kept", {}).get("channels") or report.get("kept", {}).get("heads"):
         lines += ["", "Channels and heads kept per layer:", "", "![kept per layer](kept.png)"]

@@ -69,7 +69,7 @@ def test_sections_are_optional_and_to_dict_drops_missing():
         ({"prune": {"schedule": {"kind": "quadratic"}}}, "prune.schedule.kind: 'quadratic' is not one of"),
         ({"prune": {"schedule": {"kind": "cubic"}}}, "prune.schedule.end_step: is required for kind='cubic'"),
         ({"prune": {"nm": "4:2"}}, "prune.nm: expected 'N:M' with 0 < N < M"),
-        ({"quant": {"weights": {"bits": 4}}}, "quant.weights.bits: only 8-bit quantization is supported, got 4"),
+        ({"quant": {"weights": {"bits": 4}}}, "quant.weights.bits: must be 8, 7 (exact on CPUs without VNNI) or auto"),
         ({"quant": {"activations": {"granularity": "per_channel"}}}, "quant.activations.granularity"),
         ({"quant": {"start_step": 10, "freeze_bn_step": 5}}, "quant.freeze_bn_step: must be >= start_step"),
     ],

@@ -5,12 +5,14 @@
     ...                                                                  # QAT: train as usual
     int8 = slimkit.convert(model)         # oneDNN int8 kernels, same model class
     slimkit.quant.compile_int8(int8)           # optional: fused int8 graph via torch.compile
+    slimkit.quant.set_compile(int8, "onnxruntime")  # or: inference calls on onnxruntime sessions
     slimkit.save_pretrained(int8, "out")  # int8 weights + scales in safetensors
     slimkit.export_onnx(int8, "out/model.onnx", x)                       # QDQ INT8 for onnxruntime
 
 This package imports torch only; torchao, onnx and onnxruntime are imported when compiling,
-exporting or running ONNX. The ``quantization`` block of saved folders is
-registered in slimkit/methods.py (by reference: this package never imports ``slimkit.hub``).
+exporting or running ONNX (quant.compile onnxruntime: :mod:`slimkit.quant.ort_runtime`). The
+``quantization`` block of saved folders is registered in slimkit/methods.py (by reference: this
+package never imports ``slimkit.hub``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleError
+from . import int8_hardware
 from .numerics import ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, dynamic_activation_qparams, quantize_activation
 from .sites import prepare_sites_for_tracing
 from .state import Int8LayerState, QuantMixin, attach_state, state_of, subclass
@@ -90,27 +91,65 @@ class Int8Layer(QuantMixin):
         key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
         cached = state.cache.packed
         if cached is None or cached[0] != key:
-            if state.kind == "conv2d":
-                packed = torch.ops.onednn.qconv_prepack(
-                    w,
-                    self.weight_scale,
-                    x_scale,
-                    x_zero_point,
-                    list(self.stride),
-                    list(self.padding),
-                    list(self.dilation),
-                    self.groups,
-                    x_shape,
-                )
-            else:
-                packed = torch.ops.onednn.qlinear_prepack(w, None)
-            cached = state.cache.packed = (key, packed)
+            cached = state.cache.packed = (key, self._prepack(w, self.weight_scale, x_scale, x_zero_point, x_shape))
         return cached[1]
+
+    def _prepack(self, w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero_point: int, x_shape):
+        if int8_state(self).kind == "conv2d":
+            return torch.ops.onednn.qconv_prepack(
+                w,
+                w_scale,
+                x_scale,
+                x_zero_point,
+                self._kernel_stride(),
+                list(self.padding),
+                list(self.dilation),
+                self.groups,
+                x_shape,
+            )
+        return torch.ops.onednn.qlinear_prepack(w, None)
+
+    def _split(self, x_scale: float, x_zero_point: int) -> tuple | None:
+        """On a CPU whose int8 kernels saturate (:mod:`.int8_hardware`), weights beyond 7 bits as
+        two exact halves: ``w = 2 * high + low`` with ``high = floor(w / 2)`` in [-64, 63] and
+        ``low`` in {0, 1}, so ``W x = high (2 s) x + low s x``; (packed high, packed low, 2 s),
+        or None where one kernel call is exact (costs a second call per such layer)."""
+        state = int8_state(self)
+        w = self.weight
+        key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
+        if state.cache.split is None or state.cache.split[0] != key:
+            parts = None
+            if int8_hardware.saturating_cpu() and w.numel() and int(w.abs().amax()) > int8_hardware.EXACT_QMAX:
+                high = torch.div(w, 2, rounding_mode="floor")
+                low = w - 2 * high
+                double = self.weight_scale * 2
+                parts = (
+                    self._prepack(high, double, x_scale, x_zero_point, None),
+                    self._prepack(low, self.weight_scale, x_scale, x_zero_point, None),
+                    double,
+                )
+            state.cache.split = (key, parts)
+        return state.cache.split[1]
 
     def extra_repr(self) -> str:
         state = int8_state(self)
         mode = "dynamic" if state.dynamic else "static"
         return f"{super().extra_repr()}, int8={state.kind}, activations={mode}"
+
+    def _subsamples(self) -> bool:
+        """A strided 1x1 convolution without padding, run as its stride-1 convolution on the
+        subsampled input (the same values) where oneDNN's strided int8 1x1 kernel races
+        (:func:`.int8_hardware.strided_1x1_races`)."""
+        if int8_state(self).kind != "conv2d" or tuple(self.stride) == (1, 1):
+            return False
+        plain = tuple(self.kernel_size) == (1, 1) and tuple(self.padding) == (0, 0) and self.groups == 1
+        return plain and int8_hardware.strided_1x1_races()
+
+    def _kernel_stride(self) -> list[int]:
+        return [1, 1] if self._subsamples() else list(self.stride)
+
+    def _subsampled(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride[0], :: self.stride[1]].contiguous(memory_format=torch.channels_last)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -124,50 +163,41 @@ class Int8Layer(QuantMixin):
         if state.kind == "conv2d":
             x_scale, x_zp = self._input_qparams()
             qx = quantize_activation(x, x_scale, x_zp)
-            return torch.ops.onednn.qconv2d_pointwise(
-                qx,
-                x_scale,
-                x_zp,
-                self._packed(x_scale, x_zp, None),
-                self.weight_scale,
-                self.weight_zero_point,
-                self.bias,
-                list(self.stride),
-                list(self.padding),
-                list(self.dilation),
-                self.groups,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
+            if self._subsamples():
+                qx = self._subsampled(qx)
+
+            def conv(packed, w_scale, bias):
+                return torch.ops.onednn.qconv2d_pointwise(
+                    qx, x_scale, x_zp, packed, w_scale, self.weight_zero_point, bias, self._kernel_stride(),
+                    list(self.padding), list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [], "",
+                )  # fmt: skip
+
+            split = self._split(x_scale, x_zp)
+            if split is not None:
+                return conv(split[0], split[2], self.bias) + conv(split[1], self.weight_scale, None)
+            return conv(self._packed(x_scale, x_zp, None), self.weight_scale, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if state.dynamic:  # this batch's own range, as tensors (the .tensor overload)
             x_scale, x_zp = dynamic_activation_qparams(x2)
             qx = quantize_activation(x2, x_scale, x_zp)
             linear, packed = torch.ops.onednn.qlinear_pointwise.tensor, self._packed(0.0, 0, None)
+            split = self._split(0.0, 0)
         else:
             x_scale, x_zp = self._input_qparams()
             qx = quantize_activation(x2, x_scale, x_zp)
             linear, packed = torch.ops.onednn.qlinear_pointwise, self._packed(x_scale, x_zp, None)
-        out = linear(
-            qx,
-            x_scale,
-            x_zp,
-            packed,
-            self.weight_scale,
-            self.weight_zero_point,
-            self.bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
+            split = self._split(x_scale, x_zp)
+
+        def run(packed, w_scale, bias):
+            return linear(
+                qx, x_scale, x_zp, packed, w_scale, self.weight_zero_point, bias, 1.0, 0, torch.float32, "none", [], ""
+            )
+
+        if split is not None:  # see _split
+            out = run(split[0], split[2], self.bias) + run(split[1], self.weight_scale, None)
+        else:
+            out = run(packed, self.weight_scale, self.bias)
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +205,11 @@ class Int8Layer(QuantMixin):
         lowers to oneDNN int8 kernels and the ONNX exporter writes as QDQ."""
         qd = load_decomposed_ops()
         state = int8_state(self)
+        # compiled, the same kernel would race: a stride-1 conv whose output is subsampled (the
+        # input subsampled instead breaks Inductor's dequantize -> conv pattern where a site feeds
+        # it: 17 of resnet18's 20 convs lowered; this way all 20 are, at 4x the work of its three
+        # 1x1 downsample convs)
+        subsample = state.trace_subsample and not torch.compiler.is_exporting()
         if state.dynamic:
             if torch.compiler.is_exporting():  # one op, written to ONNX as DynamicQuantizeLinear
                 x = torch.ops.slimkit.dynamic_qdq_uint8(x)
@@ -196,6 +231,8 @@ class Int8Layer(QuantMixin):
             torch.int8,
         )
         if state.kind == "conv2d":
+            if subsample:
+                return F.conv2d(x, w, self.bias, 1, 0, self.dilation, 1)[:, :, :: self.stride[0], :: self.stride[1]]
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         bias = self.bias
         if state.trace_bias is not None and x.dim() == 2 and torch.compiler.is_exporting():
@@ -228,6 +265,8 @@ def prepare_for_tracing(model: nn.Module) -> None:
     same for the sites between layers."""
     for module in model.modules():
         state = int8_state(module)
+        if state is not None:  # a function call while tracing would break the graph
+            state.trace_subsample = module._subsamples()
         if state is not None and not state.dynamic:
             state.trace_qparams = module._input_qparams()
             state.trace_bias = _int32_bias(module, state.trace_qparams[0]) if state.kind != "conv2d" else None

@@ -245,8 +245,11 @@ def _rows(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return weight.detach().float().abs().movedim(axis, 0).reshape(weight.shape[axis], -1)
 
 
-def weight_scale(weight: torch.Tensor, axis: int, per_channel: bool, observer: str, percentile: float):
-    """Symmetric int8 weight scale(s): shape [channels] per channel, 0-dim per tensor."""
+def weight_scale(
+    weight: torch.Tensor, axis: int, per_channel: bool, observer: str, percentile: float, qmax: int = WEIGHT_QMAX
+):
+    """Symmetric weight scale(s) for levels ``[-qmax, qmax]``: shape [channels] per channel,
+    0-dim per tensor."""
     rows = _rows(weight, axis)
     if not per_channel:
         rows = rows.reshape(1, -1)
@@ -254,22 +257,22 @@ def weight_scale(weight: torch.Tensor, axis: int, per_channel: bool, observer: s
         k = max(1, min(rows.shape[1], round(rows.shape[1] * percentile / 100.0)))
         amax = rows.kthvalue(k, dim=1).values
     elif observer == "histogram":
-        amax = _mse_weight_amax(rows)
+        amax = _mse_weight_amax(rows, qmax)
     else:
         amax = rows.amax(dim=1)
-    scale = weight_scale_from_amax(amax)
+    scale = weight_scale_from_amax(amax, qmax)
     return scale if per_channel else scale.reshape(())
 
 
-def _mse_weight_amax(rows: torch.Tensor) -> torch.Tensor:
+def _mse_weight_amax(rows: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """Per row, the clipping threshold (a fraction of the max) with the least squared error."""
     amax = rows.amax(dim=1, keepdim=True)
     best_err = torch.full_like(amax, float("inf"))
     best = amax.clone()
     for ratio in _WEIGHT_MSE_RATIOS.tolist():
         clip = amax * ratio
-        scale = (clip / WEIGHT_QMAX).clamp_min(1e-12)
-        q = torch.clamp(torch.round(rows / scale), 0, WEIGHT_QMAX) * scale
+        scale = (clip / qmax).clamp_min(1e-12)
+        q = torch.clamp(torch.round(rows / scale), 0, qmax) * scale
         err = ((q - rows) ** 2).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

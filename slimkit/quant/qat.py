@@ -37,8 +37,6 @@ from .fold import bn_factor, channel_shape, folded_bias, folds_now
 from .layers import OUT_AXIS
 from .numerics import (
     EPS,
-    WEIGHT_QMAX,
-    WEIGHT_QMIN,
     fake_quantize_weight,
     lsq_fake_quantize,
     quantize_bias,
@@ -62,11 +60,11 @@ def _observed_scale(layer: nn.Module, state: LayerState, weight: torch.Tensor, s
     spec = state.spec
     axis = OUT_AXIS[state.kind]
     if not spec.per_channel or spec.observer == "minmax" or managed_by_fsdp(layer):  # see managed_by_fsdp
-        return weight_scale(weight.detach(), axis, spec.per_channel, spec.observer, spec.percentile)
+        return weight_scale(weight.detach(), axis, spec.per_channel, spec.observer, spec.percentile, spec.qmax)
     raw = layer.weight
     key = (raw._version, raw.data_ptr(), tuple(raw.shape))
     if state.weight_cache is None or state.weight_cache[0] != key:
-        state.weight_cache = (key, weight_scale(raw.detach(), axis, True, spec.observer, spec.percentile))
+        state.weight_cache = (key, weight_scale(raw.detach(), axis, True, spec.observer, spec.percentile, spec.qmax))
     scale = state.weight_cache[1]
     return scale if s is None else torch.clamp(scale * s.detach().abs(), min=EPS)
 
@@ -102,7 +100,7 @@ def int8_parameters(
     weight, s, scale = quantization_inputs(layer)
     if scale.dim() == 0:
         scale = scale.expand(weight.shape[OUT_AXIS[state.kind]])
-    weight_int8 = quantize_weight(weight, scale, OUT_AXIS[state.kind])
+    weight_int8 = quantize_weight(weight, scale, OUT_AXIS[state.kind], state.spec.qmax)
     bias = layer.bias
     if state.bn is not None:
         bias = folded_bias(bias, state.bn, s)
@@ -118,8 +116,8 @@ def _fake_quant_folded_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Ten
     weight, s, scale = quantization_inputs(layer)
     if state.spec.learn:
         axis = OUT_AXIS[state.kind] if scale.dim() > 0 else None
-        return lsq_fake_quantize(weight, scale, None, WEIGHT_QMIN, WEIGHT_QMAX, axis), s, scale
-    return fake_quantize_weight(weight, scale, OUT_AXIS[state.kind]), s, scale
+        return lsq_fake_quantize(weight, scale, None, -state.spec.qmax, state.spec.qmax, axis), s, scale
+    return fake_quantize_weight(weight, scale, OUT_AXIS[state.kind], state.spec.qmax), s, scale
 
 
 def fake_quant_weight(layer: nn.Module) -> torch.Tensor:
@@ -207,7 +205,7 @@ def attach(
         weight = layer.weight.detach()
         if bn is not None and not spec.per_channel:
             weight = weight * bn_factor(bn).detach().reshape(channel_shape(weight, OUT_AXIS[kind]))
-        init = weight_scale(weight, OUT_AXIS[kind], spec.per_channel, spec.observer, spec.percentile)
+        init = weight_scale(weight, OUT_AXIS[kind], spec.per_channel, spec.observer, spec.percentile, spec.qmax)
         layer.weight_scale = nn.Parameter(init.to(device))
     swap_class(layer, QATLayer, "QAT")
     attach_state(layer).layer = state

@@ -45,7 +45,9 @@ from .calibration import InputSpread, batch_size, check_calibration
 from .dataflow import Recording, record
 from .fold import batchnorms_with_statistics, fold_pairs
 from .int8 import require_int8_engine
+from .int8_hardware import resolve_weight_bits
 from .lifecycle import Phase, QuantTarget, calibrating, phase_at
+from .numerics import weight_qmax
 from .selection import exclude_hint, select_layers
 from .state import WeightSpec
 from .targets import EmbeddingTarget, LayerTarget, SiteTarget, detach_copy
@@ -117,6 +119,8 @@ class Quantizer(Method):
         return self.config.conv_outputs and self.config.mode != "dynamic"
 
     def prepare(self, model: nn.Module) -> None:
+        # before any training: quant.compile onnxruntime without its packages would fail only at convert
+        runtime.check_mode(self.config.compile, "prepare")
         cfg = self._planned()
         selection = select_layers(model, cfg, self.controller.adapter)
         self.skipped_tied = selection.skipped_tied
@@ -139,6 +143,7 @@ class Quantizer(Method):
             observer=cfg.weights.observer,
             percentile=cfg.weights.percentile,
             learn=cfg.learn_scales,
+            qmax=weight_qmax(resolve_weight_bits(cfg.weights.bits)),
         )
         layers = {
             name: LayerTarget(

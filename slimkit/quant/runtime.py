@@ -7,8 +7,11 @@ instance attribute, so the model keeps its class). Each call:
    quantization would turn NaN / inf into plausible finite numbers;
 2. picks the path. ``compile="auto"`` (the default, ``quant.compile``) compiles models with
    INT8 convolutions and runs Linear-only models (transformers) eagerly; ``"always"`` compiles
-   every model; ``"never"`` runs eagerly. Only inference calls compile (no gradients, eval
-   mode, outside another trace); anything else runs the eager INT8 kernels.
+   every model; ``"never"`` runs eagerly; ``"onnxruntime"`` runs inference calls on an
+   onnxruntime session of slimkit's own QDQ export (:mod:`slimkit.quant.ort_runtime`: one per
+   input signature, checked against the eager forward on its first call). Only inference calls
+   compile or leave for onnxruntime (no gradients, eval mode, outside another trace); anything
+   else runs the eager INT8 kernels.
 
 Compiling: one ``torch.compile(dynamic=False)`` graph per input signature (shapes, dtypes),
 each from its *own copy* of the model class's ``forward`` code object. Dynamo keys its cache
@@ -43,18 +46,19 @@ from ..errors import NonFiniteError, SlimkitError
 
 logger = logging.getLogger("slimkit")
 
-CompileMode = Literal["auto", "always", "never"]
-COMPILE_MODES = ("auto", "always", "never")
+CompileMode = Literal["auto", "always", "never", "onnxruntime"]
+COMPILE_MODES = ("auto", "always", "never", "onnxruntime")
 MAX_SIGNATURES = 8
 _COUNTERS = {"conv2d": "qconv_weight_prepack_matcher_count", "linear": "qlinear_weight_prepack_matcher_count"}
 
 
 @dataclasses.dataclass
 class SignatureState:
-    """One input signature: its compiled callable (None: eager) and what compiling it gave."""
+    """One input signature: its compiled callable or onnxruntime session (None: eager) and what
+    building it gave."""
 
     compiled: Any = None
-    path: str = "pending"  # pending | compiled | eager
+    path: str = "pending"  # pending | compiled | onnxruntime | eager
     reason: str | None = None  # why eager
     int8_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
     wrapper: str | None = None  # Inductor's "cpp" or "python" wrapper, once compiled
@@ -113,6 +117,8 @@ class Int8Runtime:
         self.compile_kwargs = dict(compile_kwargs or {})
         self.signatures: dict[tuple, SignatureState] = {}
         self._warned_full = False
+        self._checked_cpu = False  # int8_hardware: whether this CPU's kernels compute these weights exactly
+        self.exact_eager: str | None = None  # why every call runs eagerly (int8_hardware), if so
         # computed on first use: copy.deepcopy builds this object before the model copy is filled
         self._has_int8_convs: bool | None = None
 
@@ -135,7 +141,8 @@ class Int8Runtime:
 
     @property
     def compiles(self) -> bool:
-        if self.mode == "never":
+        """Whether inference calls run a torch.compile graph."""
+        if self.mode in ("never", "onnxruntime"):
             return False
         if self._has_int8_convs is None:
             self._has_int8_convs = int8_layer_kinds(self.model)["conv2d"] > 0  # once, not per call
@@ -147,6 +154,17 @@ class Int8Runtime:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return self.eager(*args, **kwargs)  # traced from outside: the reference pattern
+        if not self._checked_cpu:  # on the first call, after a load has filled the weights
+            from .int8_hardware import warn_if_saturating
+
+            self._checked_cpu = True
+            if warn_if_saturating(self.model):  # exact only as the eager split kernels (int8_hardware)
+                self.exact_eager = (
+                    "8-bit weights on a CPU without VNNI: exact only as the eager two-call kernels "
+                    "(slimkit.quant.int8_hardware)"
+                )
+        if self.exact_eager is not None:
+            return self.eager(*args, **kwargs)
         single = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
         if single and args[0].is_floating_point():  # the common case, without pytree walks
             # a sum is NaN / inf when any element is (5x cheaper than isfinite().all() on small
@@ -155,7 +173,7 @@ class Int8Runtime:
                 check_finite_inputs(self.model, args, kwargs)
         elif not single:
             check_finite_inputs(self.model, args, kwargs)
-        if not self.compiles or torch.is_grad_enabled() or self.model.training:
+        if torch.is_grad_enabled() or self.model.training or not (self.mode == "onnxruntime" or self.compiles):
             return self.eager(*args, **kwargs)
         key = (tuple(args[0].shape), args[0].dtype, args[0].device.type) if single else _signature(args, kwargs)
         state = self.signatures.get(key)
@@ -164,18 +182,35 @@ class Int8Runtime:
                 if not self._warned_full:
                     self._warned_full = True
                     logger.warning(
-                        "slimkit: %s has compiled INT8 graphs for %d input shapes; new shapes run eagerly "
-                        "(pad or bucket the inputs to a few shapes for compiled speed)",
+                        "slimkit: %s has %s for %d input shapes; new shapes run eagerly "
+                        "(pad or bucket the inputs to a few shapes for their speed)",
                         type(self.model).__name__,
+                        "onnxruntime sessions" if self.mode == "onnxruntime" else "compiled INT8 graphs",
                         MAX_SIGNATURES,
                     )
                 return self.eager(*args, **kwargs)
-            state = self.signatures[key] = SignatureState(compiled=self._compile())
+            compiled = None if self.mode == "onnxruntime" else self._compile()
+            state = self.signatures[key] = SignatureState(compiled=compiled)
         if state.path == "eager":
             return self.eager(*args, **kwargs)
-        if state.path == "compiled":
+        if state.path != "pending":  # compiled, or onnxruntime
             return state.compiled(*args, **kwargs)
+        if self.mode == "onnxruntime":
+            return self._first_session(state, args, kwargs)
         return self._first_call(state, args, kwargs)
+
+    def _first_session(self, state: SignatureState, args: tuple, kwargs: dict):
+        """Export and open this signature's session (slimkit.quant.ort_runtime); eager if that fails."""
+        from .ort_runtime import SessionFailed, build
+
+        try:
+            state.compiled, out = build(self.model, self.eager, args, kwargs)
+        except SessionFailed as exc:
+            state.path, state.reason = "eager", f"onnxruntime: {exc}"
+            logger.warning("slimkit: %s runs its INT8 layers eagerly: %s", type(self.model).__name__, state.reason)
+            return exc.output[0] if exc.output else self.eager(*args, **kwargs)
+        state.path = "onnxruntime"
+        return out
 
     @property
     def _picks_wrapper(self) -> bool:
@@ -253,6 +288,7 @@ class Int8Runtime:
         return {
             "compile": self.mode,
             "compiles": self.compiles,
+            **({"eager": self.exact_eager} if self.exact_eager else {}),
             "signatures": [
                 {
                     "inputs": repr(key)[:200],
@@ -280,21 +316,35 @@ def install(model: nn.Module, mode: CompileMode = "auto", compile_kwargs: dict |
 
 def set_compile(model: nn.Module, mode: CompileMode) -> nn.Module:
     """Choose how a converted INT8 model runs: ``"auto"`` (compile models with INT8 convolutions
-    on first inference call), ``"always"`` or ``"never"`` (eager oneDNN kernels). Returns the model."""
+    on first inference call), ``"always"``, ``"never"`` (eager oneDNN kernels) or ``"onnxruntime"``
+    (an onnxruntime session of the QDQ export per input shape). Compiled graphs and sessions hold
+    the weights they were built with: call it again after changing weights. Returns the model."""
     runtime = runtime_of(model)
     if runtime is None:
         raise SlimkitError(
             f"set_compile: {type(model).__name__} is not a converted INT8 model; call slimkit.convert(model) first"
         )
+    check_mode(mode, "set_compile")
     install(model, mode, runtime.compile_kwargs)
     return model
 
 
+def check_mode(mode: str, what: str) -> None:
+    """Refuse an unknown mode, or ``"onnxruntime"`` without its packages (where a user chooses one;
+    a saved folder still loads without them, and its calls run eagerly with the reason reported)."""
+    if mode not in COMPILE_MODES:
+        raise SlimkitError(f"{what}: quant.compile expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "onnxruntime":
+        from .ort_runtime import require_onnxruntime
+
+        require_onnxruntime(what)
+
+
 def runtime_report(model: nn.Module) -> dict | None:
     """How a converted model runs: the compile mode, and per input signature seen so far the path
-    (compiled / eager), the INT8 layers Inductor lowered to oneDNN int8 kernels, and why not."""
+    (compiled / onnxruntime / eager), the INT8 layers Inductor lowered to oneDNN int8 kernels, and why not."""
     runtime = runtime_of(model)
     return None if runtime is None else runtime.report()
 
 
-__all__ = ["COMPILE_MODES", "Int8Runtime", "install", "runtime_of", "runtime_report", "set_compile"]
+__all__ = ["COMPILE_MODES", "Int8Runtime", "check_mode", "install", "runtime_of", "runtime_report", "set_compile"]

@@ -42,6 +42,7 @@ class WeightSpec:
     observer: str
     percentile: float
     learn: bool
+    qmax: int = 127  # symmetric levels [-qmax, qmax] (quant.weights.bits 8: 127, 7: 63)
 
 
 @dataclasses.dataclass
@@ -67,6 +68,8 @@ class KernelCache:
     def __init__(self) -> None:
         self.qparams: tuple | None = None  # (key, (scale, zero_point))
         self.packed: tuple | None = None  # (key, prepacked weight)
+        # int8_hardware: 8-bit weights on a CPU whose kernels saturate, run as two exact halves
+        self.split: tuple | None = None  # (key, None or (packed high, packed low, high scale))
 
     def __deepcopy__(self, memo: dict) -> KernelCache:
         return KernelCache()
@@ -87,6 +90,7 @@ class Int8LayerState:
     trace_qparams: tuple[float, int] | None = None  # input qparams as constants for tracing
     # the bias as int32 at scale input_scale * weight_scale, for ONNX export (see Int8Layer)
     trace_bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    trace_subsample: bool = False  # Int8Layer._subsamples() as a constant for tracing
     cache: KernelCache = dataclasses.field(default_factory=KernelCache)
 
 

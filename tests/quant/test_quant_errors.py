@@ -84,11 +84,13 @@ def test_converting_before_the_observers_saw_data_says_so():
 
 
 @pytest.mark.parametrize("bits", [4, 16])
-def test_bit_widths_other_than_8_are_rejected_by_the_recipe(bits):
-    with pytest.raises(ConfigError, match=rf"quant.weights.bits: only 8-bit quantization is supported, got {bits}"):
+def test_bit_widths_other_than_8_and_7_are_rejected_by_the_recipe(bits):
+    with pytest.raises(ConfigError, match=rf"quant.weights.bits: must be 8, 7 .* or auto; got {bits}"):
         slimkit.Recipe.from_dict({"quant": {"weights": {"bits": bits}}})
-    with pytest.raises(ConfigError, match="quant.activations.bits"):
+    with pytest.raises(ConfigError, match="quant.activations.bits: activations are 8-bit"):
         slimkit.Recipe.from_dict({"quant": {"activations": {"bits": bits}}})
+    with pytest.raises(ConfigError, match="quant.activations.bits: activations are 8-bit .*weights.bits: 7"):
+        slimkit.Recipe.from_dict({"quant": {"activations": {"bits": 7}}})
 
 
 def test_weight_settings_the_int8_kernels_cannot_run_are_rejected():

@@ -69,7 +69,7 @@ def test_a_nan_learned_scale_is_refused_at_convert(cnn_data):
         slimkit.convert(model)
 
 
-@pytest.mark.parametrize("compile_mode", ["never", "always"])
+@pytest.mark.parametrize("compile_mode", ["never", "always", "onnxruntime"])
 def test_int8_refuses_nan_and_inf_inputs_eager_and_compiled(compile_mode, cnn_data):
     batches, held_out = cnn_data
     model = SmallCNN().eval()

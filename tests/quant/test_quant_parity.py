@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import slimkit
-from slimkit.quant import is_int8_layer, onnx_session, run_onnx
+from slimkit.quant import int8_hardware, is_int8_layer, onnx_session, run_onnx
 from slimkit.quant.state import state_of
 from tests.families import hf_model, token_batch, train_steps
 
@@ -32,12 +32,22 @@ def _check(name: str, reference: torch.Tensor, candidate, bound: float | None = 
     # onnxruntime requantizes with one fused multiplier, so a value within float error of a
     # rounding boundary can land one uint8 step away and carry that step to the logits of its
     # sample: rare, one step large. So: a few percent of the logit range at most, and on
-    # average (every other logit exact) far less.
+    # average (every other logit exact) far less. With 7-bit weights (quant.weights.bits: auto on
+    # a CPU without VNNI) twice that: each weight step is twice as large, and deep nets amplify a
+    # flip (PTQ MobileNetV2-0.5 on an AVX2 EPYC: bit-equal through the first four convs, then
+    # 5e-5 growing about 1.3x per layer, to 8% of the largest logit on one sample and 0.12% on
+    # average). A broken kernel is far outside either: 8-bit weights saturating that CPU's
+    # kernels gave 65% of the largest logit.
     reference, candidate = torch.as_tensor(reference), torch.as_tensor(candidate)
     top = reference.abs().max().item()
     mean = (reference - candidate).abs().mean().item()
-    assert diff < 0.05 * top, f"{name}: largest logit difference {diff:.3g} >= 5% of the largest logit {top:.3g}"
-    assert mean < 1e-3 * top, f"{name}: mean logit difference {mean:.3g} >= 0.1% of the largest logit {top:.3g}"
+    wide = 2.0 if int8_hardware.auto_weight_bits() == 7 else 1.0
+    assert diff < 0.05 * wide * top, (
+        f"{name}: largest logit difference {diff:.3g} >= {5 * wide:g}% of the largest logit {top:.3g}"
+    )
+    assert mean < 1e-3 * wide * top, (
+        f"{name}: mean logit difference {mean:.3g} >= {0.1 * wide:g}% of the largest logit {top:.3g}"
+    )
 
 
 def _onnx_logits(model, inputs, tmp_path):
