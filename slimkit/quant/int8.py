@@ -139,11 +139,13 @@ class Int8Layer(QuantMixin):
     def _subsamples(self) -> bool:
         """A strided 1x1 convolution without padding, run as its stride-1 convolution on the
         subsampled input (the same values) where oneDNN's strided int8 1x1 kernel races
-        (:func:`.int8_hardware.strided_1x1_races`)."""
-        if int8_state(self).kind != "conv2d" or tuple(self.stride) == (1, 1):
-            return False
-        plain = tuple(self.kernel_size) == (1, 1) and tuple(self.padding) == (0, 0) and self.groups == 1
-        return plain and int8_hardware.strided_1x1_races()
+        (:func:`.int8_hardware.strided_1x1_races`). Decided once per layer (every call asks)."""
+        cache = int8_state(self).cache
+        if cache.subsample is None:
+            strided = int8_state(self).kind == "conv2d" and tuple(self.stride) != (1, 1)
+            plain = strided and tuple(self.kernel_size) == (1, 1) and tuple(self.padding) == (0, 0)
+            cache.subsample = plain and self.groups == 1 and int8_hardware.strided_1x1_races()
+        return cache.subsample
 
     def _kernel_stride(self) -> list[int]:
         return [1, 1] if self._subsamples() else list(self.stride)

@@ -70,6 +70,7 @@ class KernelCache:
         self.packed: tuple | None = None  # (key, prepacked weight)
         # int8_hardware: 8-bit weights on a CPU whose kernels saturate, run as two exact halves
         self.split: tuple | None = None  # (key, None or (packed high, packed low, high scale))
+        self.subsample: bool | None = None  # Int8Layer._subsamples(), decided on the first call
 
     def __deepcopy__(self, memo: dict) -> KernelCache:
         return KernelCache()

@@ -34,8 +34,8 @@ def main(out: Path, mode: str) -> None:
         recipe["prune"].update(layers=3, max_layer_ratio=0.5)
         target.clear()
         target.update(macs=0.55, compare=False)
-    if mode == "int8":
-        target["int8"] = True
+    if mode == "int8":  # a wide tolerance: eager INT8 of this tiny CNN is 0.93x FP32 without VNNI
+        target.update(int8=True, tolerance=0.5)
         recipe["quant"] = {"mode": "ptq", "compile": "never", "keep_fp32": 1}
     slimkit.prepare(model, recipe, example_inputs=batches[0])
     slimkit.calibrate(model, batches)

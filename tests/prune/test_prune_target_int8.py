@@ -50,7 +50,10 @@ def test_a_stripped_copy_is_the_float_model_and_the_prepared_one_stays_prepared(
 
 
 def test_int8_target_times_int8_copies_and_converts_to_int8():
+    # a wide tolerance: this test is about what is timed and reported, and the eager INT8 copies of
+    # this tiny CNN ran at 0.88x FP32 on an AVX2 EPYC (no VNNI): 1.05x must not be refused there
     target = {"speedup": 1.05, "batch": 4, "threads": 1, "int8": True, "rounds": 2, "compare": False}
+    target["tolerance"] = 0.5
     model = cnn()
     batches = images(2, 5)
     recipe = {"prune": {"target": target, "importance": "activation"}, "quant": QUANT}
