@@ -101,6 +101,8 @@ def run_model(name: str, args) -> dict:
             target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "int8": True}
             target["cache"] = str(args.cache)
             section = {"target": target, "importance": "activation", "reconstruct": True}
+            if args.layers:  # whole blocks may go too (the solver chooses how many)
+                section["layers"] = args.layers
             start = time.perf_counter()
             try:
                 model, summary = int8_model(dense, section, quant, data)
@@ -119,6 +121,8 @@ def run_model(name: str, args) -> dict:
                 solver_rounds=solver["rounds"],
                 picked=solver["picked"],
                 widths=solver["widths"],
+                layers_removed=solver["layers"],
+                depth_options=solver["depth"],
             )
             del model
 
@@ -173,6 +177,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-torch-pruning", dest="torch_pruning", action="store_false", help="skip the Torch-Pruning + INT8 rows"
+    )
+    parser.add_argument(
+        "--layers", type=float, default=0, help="prune.layers of the target: the most blocks it may remove (0: none)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batches and rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets_int8.json")
