@@ -371,6 +371,7 @@ def warm_up(models: dict[str, nn.Module], inputs: Any) -> None:
         call_model(model, inputs)
 
 
+@torch.inference_mode()  # inference, as served: an INT8 model runs its compiled / onnxruntime path only there
 def round_robin_ms(models: dict[str, nn.Module], inputs: Any, rounds: int) -> dict[str, list[float]]:
     """Each model's forward time (ms) in each of ``rounds`` rounds, one call per model per round,
     the order reversed every other round, so that drift (another process, CPU clocks) hits all

@@ -50,3 +50,19 @@ def cnn_loss(model, batch):
 
 def convert_copy(model: nn.Module) -> nn.Module:
     return slimkit.convert(model, inplace=False)
+
+
+def int8_small_cnn(seed: int, compile_mode: str = "auto", model: nn.Module | None = None) -> nn.Module:
+    """A PTQ-converted SmallCNN (or ``model``, taking 1x12x12 images) with ``quant.compile: compile_mode``."""
+    torch.manual_seed(seed)
+    model = (model or SmallCNN()).eval()
+    g = torch.Generator().manual_seed(seed)
+    calibration = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(2)]
+    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": compile_mode}}, example_inputs=calibration[0])
+    slimkit.calibrate(model, calibration)
+    return slimkit.convert(model).eval()
+
+
+def runtime_paths(model: nn.Module) -> list[str]:
+    """The path each input signature of a converted model took (slimkit.quant.runtime_report)."""
+    return [s["path"] for s in slimkit.quant.runtime_report(model)["signatures"]]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, agreement, logits_of
+from quant_helpers import SmallCNN, agreement, int8_small_cnn, logits_of, runtime_paths
 
 import slimkit
 import slimkit.quant.onnx_export as onnx_export
@@ -20,17 +20,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _int8_cnn(seed: int, compile_mode: str = "onnxruntime", model: torch.nn.Module | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = (model or SmallCNN()).eval()
-    g = torch.Generator().manual_seed(seed)
-    calibration = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(2)]
-    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": compile_mode}}, example_inputs=calibration[0])
-    slimkit.calibrate(model, calibration)
-    return slimkit.convert(model).eval()
-
-
-def _paths(model) -> list[str]:
-    return [s["path"] for s in runtime_report(model)["signatures"]]
+    return int8_small_cnn(seed, compile_mode, model)
 
 
 def _relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -58,7 +48,7 @@ def test_a_cnn_runs_one_session_per_shape_matching_the_eager_kernels(session_run
         eager = model.forward.eager(x)
     assert runtime_report(model)["compile"] == "onnxruntime" and not runtime_report(model)["compiles"]
     assert torch.equal(logits_of(model, x), eager)  # the first call returns the eager output it checked
-    assert _paths(model) == ["onnxruntime"] and len(session_runs) == 1
+    assert runtime_paths(model) == ["onnxruntime"] and len(session_runs) == 1
     with torch.inference_mode():
         out = model(x)
     assert len(session_runs) == 2 and isinstance(out, torch.Tensor) and out.device.type == "cpu"
@@ -71,7 +61,7 @@ def test_a_cnn_runs_one_session_per_shape_matching_the_eager_kernels(session_run
 
     logits_of(model, x[:2])  # another batch size: a session of its own
     logits_of(model, x[:2])
-    assert _paths(model) == ["onnxruntime", "onnxruntime"]
+    assert runtime_paths(model) == ["onnxruntime", "onnxruntime"]
     assert len({id(signature) for signature in session_runs}) == 2
 
     ran = len(session_runs)
@@ -95,7 +85,7 @@ def test_a_tiny_bert_returns_its_model_output_from_the_session(session_runs):
         out = int8(**batch)
         int8(batch["input_ids"], attention_mask=batch["attention_mask"])  # args and kwargs: exported by name
         mixed = int8(batch["input_ids"], attention_mask=batch["attention_mask"])
-    assert _paths(int8) == ["onnxruntime", "onnxruntime"] and len(session_runs) == 4
+    assert runtime_paths(int8) == ["onnxruntime", "onnxruntime"] and len(session_runs) == 4
     assert type(out) is type(eager) and list(out.keys()) == list(eager.keys())
     # measured: 1.2e-3 (last_hidden_state), 7e-3 (pooler_output) relative L2 error
     for output in (out, mixed):
@@ -124,7 +114,7 @@ def test_save_load_and_copy_keep_the_mode_and_the_outputs(tmp_path, session_runs
     assert twin.forward.model is twin and runtime_report(twin)["compile"] == "onnxruntime"
     assert not runtime_report(twin)["signatures"]  # sessions hold the original's weights: built afresh
     logits_of(twin, x)
-    assert torch.allclose(logits_of(twin, x), expected, atol=1e-6) and _paths(twin) == ["onnxruntime"]
+    assert torch.allclose(logits_of(twin, x), expected, atol=1e-6) and runtime_paths(twin) == ["onnxruntime"]
 
     # a folder saved in this mode still loads where onnxruntime is missing; its calls run eagerly
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

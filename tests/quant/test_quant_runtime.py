@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from quant_helpers import SmallCNN, logits_of
+from quant_helpers import int8_small_cnn, logits_of, runtime_paths
 
 import slimkit
 from slimkit.errors import NonFiniteError
@@ -16,17 +16,7 @@ from slimkit.quant import runtime_report, set_compile
 
 
 def _int8_cnn(seed: int, compile_mode: str = "auto") -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = SmallCNN().eval()
-    g = torch.Generator().manual_seed(seed)
-    calibration = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(2)]
-    slimkit.prepare(model, {"quant": {"mode": "ptq", "compile": compile_mode}}, example_inputs=calibration[0])
-    slimkit.calibrate(model, calibration)
-    return slimkit.convert(model).eval()
-
-
-def _paths(model) -> list[str]:
-    return [s["path"] for s in runtime_report(model)["signatures"]]
+    return int8_small_cnn(seed, compile_mode)
 
 
 def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
@@ -36,12 +26,12 @@ def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
         eager = model.forward.eager(x)
     assert runtime_report(model)["compiles"] and not runtime_report(model)["signatures"]
     out = logits_of(model, x)
-    assert _paths(model) == ["compiled"]
+    assert runtime_paths(model) == ["compiled"]
     assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}
     assert runtime_report(model)["signatures"][0]["wrapper"] == "cpp"  # no Python frame per kernel
     assert torch.allclose(out, eager, atol=1e-4)
     logits_of(model, x[:3])  # another shape: its own graph, no recompilation of the first
-    assert _paths(model) == ["compiled", "compiled"]
+    assert runtime_paths(model) == ["compiled", "compiled"]
     model.train()
     model(x)  # training mode: the eager kernels, nothing compiled
     assert len(runtime_report(model)["signatures"]) == 2
@@ -57,7 +47,7 @@ def test_many_compiled_models_of_one_class_stay_compiled_and_correct():
             with torch.no_grad():
                 eager = model.forward.eager(x)
             assert torch.allclose(logits_of(model, x), eager, atol=1e-4), seed
-            assert _paths(model) == ["compiled"], seed
+            assert runtime_paths(model) == ["compiled"], seed
             # a graph of its own, with its own weights lowered to int8 kernels (not dynamo's
             # silent eager fallback once the limit is spent)
             assert runtime_report(model)["signatures"][0]["int8_kernels"] == {"conv2d": 3, "linear": 1}, seed
