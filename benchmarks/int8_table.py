@@ -10,8 +10,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [
+    ("slimkit_int8_auto", "slimkit INT8 as converted (auto)"),
     ("slimkit_int8_eager", "slimkit INT8 eager"),
     ("slimkit_int8_compiled", "slimkit INT8 compiled"),
+    ("slimkit_int8_onnxruntime", "slimkit INT8 onnxruntime"),
     ("slimkit_onnx_ort", "slimkit ONNX (ORT)"),
     ("slimkit_int8_dynamic_compiled", "slimkit dynamic compiled"),
     ("slimkit_dynamic_onnx_ort", "slimkit dynamic ONNX (ORT)"),

@@ -98,7 +98,9 @@ class QuantConfig(Config):
     compile: Literal["auto", "always", "never", "onnxruntime"] = help_field(
         "auto",
         "how the converted model runs: auto compiles models with INT8 convolutions on their first inference "
-        "call (torch.compile, one graph per input shape; others run eagerly), always, never (eager oneDNN "
+        "call (torch.compile, one graph per input shape; others run eagerly) and, where onnxruntime is "
+        "installed, keeps that shape's onnxruntime session instead when it measures faster; always (compiled "
+        "only), never (eager oneDNN "
         "kernels only), or onnxruntime (inference calls run on an onnxruntime CPU session of slimkit's QDQ "
         "export, one per input shape, built and checked against the eager kernels on its first call; needs "
         "pip install 'slimkit[quant]'); slimkit.quant.set_compile changes it later",

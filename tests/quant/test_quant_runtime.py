@@ -1,9 +1,11 @@
 """The converted model's runtime: compiled on first inference call for CNNs (quant.compile),
-one graph per input shape and model, eager fallback, saved with the folder; non-finite inputs refused."""
+one graph per input shape and model, eager fallback, saved with the folder; non-finite inputs
+refused; ``auto`` keeps the faster of the compiled graph and the onnxruntime session."""
 
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import pytest
@@ -15,8 +17,8 @@ from slimkit.errors import NonFiniteError
 from slimkit.quant import runtime_report, set_compile
 
 
-def _int8_cnn(seed: int, compile_mode: str = "auto") -> torch.nn.Module:
-    return int8_small_cnn(seed, compile_mode)
+def _int8_cnn(seed: int, compile_mode: str = "always") -> torch.nn.Module:
+    return int8_small_cnn(seed, compile_mode)  # "always": compiled, without auto's onnxruntime race
 
 
 def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
@@ -35,6 +37,69 @@ def test_a_converted_cnn_compiles_itself_per_shape_and_matches_eager():
     model.train()
     model(x)  # training mode: the eager kernels, nothing compiled
     assert len(runtime_report(model)["signatures"]) == 2
+
+
+def _slowed(call, seconds: float = 0.05):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return call(*args, **kwargs)
+
+    return slow
+
+
+def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_runs_faster(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from slimkit.quant import onnx_export, ort_runtime
+    from slimkit.quant.runtime import Int8Runtime
+
+    x = torch.randn(4, 1, 12, 12)
+    model = _int8_cnn(0, "auto")
+    with torch.no_grad():
+        eager = model.forward.eager(x)
+    out = logits_of(model, x)
+    (signature,) = runtime_report(model)["signatures"]
+    times = signature["measured_ms"]
+    assert set(times) == {"compiled", "onnxruntime"} and all(t > 0 for t in times.values())
+    assert signature["path"] == min(times, key=times.get)  # the faster one, as measured
+    assert signature["int8_kernels"] == {"conv2d": 3, "linear": 1}  # compiled first, whichever is kept
+    assert torch.allclose(out, eager, atol=1e-4) and torch.allclose(logits_of(model, x), eager, atol=1e-4)
+
+    # a slow session loses the race, a slow graph loses it the other way
+    session_call = ort_runtime.OrtSignature.__call__
+    monkeypatch.setattr(ort_runtime.OrtSignature, "__call__", _slowed(session_call))
+    slow_session = _int8_cnn(1, "auto")
+    assert torch.allclose(logits_of(slow_session, x), slow_session.forward.eager(x), atol=1e-4)
+    assert runtime_paths(slow_session) == ["compiled"]
+    monkeypatch.setattr(ort_runtime.OrtSignature, "__call__", session_call)
+    compile_graph = Int8Runtime._compile
+    monkeypatch.setattr(
+        Int8Runtime, "_compile", lambda self, cpp_wrapper=True: _slowed(compile_graph(self, cpp_wrapper))
+    )
+    slow_graph = _int8_cnn(1, "auto")
+    assert torch.allclose(logits_of(slow_graph, x), slow_graph.forward.eager(x), atol=1e-4)
+    (signature,) = runtime_report(slow_graph)["signatures"]
+    assert signature["path"] == "onnxruntime" and signature["measured_ms"]["compiled"] >= 50
+
+    # a graph that cannot compile: the session serves; a model that cannot export: the graph does
+    def breaks(self, cpp_wrapper=True):
+        def fails(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return fails
+
+    monkeypatch.setattr(Int8Runtime, "_compile", breaks)
+    no_graph = _int8_cnn(2, "auto")
+    assert torch.allclose(logits_of(no_graph, x), no_graph.forward.eager(x), atol=1e-4)
+    (signature,) = runtime_report(no_graph)["signatures"]
+    assert signature["path"] == "onnxruntime" and "no C++ compiler" in signature["reason"]
+    assert "measured_ms" not in signature
+    monkeypatch.setattr(Int8Runtime, "_compile", compile_graph)
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no export")))
+    no_session = _int8_cnn(2, "auto")
+    assert torch.allclose(logits_of(no_session, x), no_session.forward.eager(x), atol=1e-4)
+    assert (
+        runtime_paths(no_session) == ["compiled"] and "measured_ms" not in runtime_report(no_session)["signatures"][0]
+    )
 
 
 def test_many_compiled_models_of_one_class_stay_compiled_and_correct():
