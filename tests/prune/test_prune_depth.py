@@ -273,6 +273,29 @@ def test_timm_blocks_leave_their_stages_and_load_back(tmp_path):
         torch.testing.assert_close(again(images[1]), small(images[1]), rtol=0, atol=0)
 
 
+def test_batchnorm_statistics_are_those_of_the_model_without_its_removed_blocks():
+    """reconstruct recomputes BatchNorm statistics at the point; blocks that the same calibrate
+    call removes must not be in the forward that computes them (the layers after a removed block
+    see other inputs once it is gone)."""
+    from slimkit.prune.reconstruct import recalibrate_batchnorms
+
+    model = timm_model("resnet", layers=(2, 2, 2, 2), zero_init_last=False)
+    images = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    recipe = {"layers": 2, "channels": 0.25, "importance": "activation", "reconstruct": True}
+    slimkit.prepare(model, {"prune": recipe}, example_inputs=images[0])
+    slimkit.calibrate(model, images)
+    small = slimkit.convert(model).eval()
+    assert sum(len(getattr(small, f"layer{i}")) for i in range(1, 5)) == 6
+    expected = copy.deepcopy(small)
+    recalibrate_batchnorms(expected, images, lambda net, batch: net(batch))
+    norms = [(n, m) for n, m in small.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    twins = dict(expected.named_modules())
+    assert len(norms) > 10
+    for name, norm in norms:
+        torch.testing.assert_close(norm.running_mean, twins[name].running_mean, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(norm.running_var, twins[name].running_var, rtol=1e-4, atol=1e-5, msg=name)
+
+
 DEPTH_FAMILIES = [
     "hf_bert",
     "hf_gpt2",
