@@ -124,9 +124,9 @@ def run_demo(
 
     stages = {s["stage"]: s for s in metrics["stages"]}
     prune = slimkit.Recipe.from_file(recipe).prune
-    # as loaded, the INT8 CNN runs as the recipe's quant.compile says (digits_pipeline.yaml:
-    # onnxruntime sessions of its QDQ export, built on the first inference call of each shape);
-    # the eager oneDNN kernels for comparison
+    # as loaded, the INT8 CNN runs as the recipe's quant.compile says (the default, auto: per input
+    # shape, its compiled graph or its onnxruntime session, whichever its first calls measure
+    # faster); the eager oneDNN kernels for comparison
     int8 = slimkit.from_pretrained(out / "student")
     eager = slimkit.quant.set_compile(slimkit.from_pretrained(out / "student"), "never")
     pruned_float = build_architecture(out / "student", blocks=("pruning",))  # for its speed and size

@@ -8,8 +8,9 @@
    knowledge distillation, then channel pruning on a cubic schedule with KD recovery, then
    quantization-aware training, then conversion to a real INT8 model (oneDNN kernels);
 4. prints a table of every stage (accuracy on the held-out split, parameters, weight bytes and
-   CPU latency measured side by side in this process; the INT8 model as loaded, which compiles
-   itself on its first inference call, and on its eager kernels) and leaves the folders in
+   CPU latency measured side by side in this process; the INT8 model as loaded, which on its
+   first inference call keeps the faster of its compiled graph and its onnxruntime session, and
+   on its eager kernels) and leaves the folders in
    --output-dir.
 
 This script only reads the flags: the demo is ``slimkit.plugins.digits_demo.run_demo``.
