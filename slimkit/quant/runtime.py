@@ -8,7 +8,9 @@ instance attribute, so the model keeps its class). Each call:
 2. picks the path. ``compile="auto"`` (the default, ``quant.compile``) compiles models with
    INT8 convolutions and, where onnxruntime is installed, also builds that signature's
    onnxruntime session and keeps whichever of the two its first calls measure faster
-   (:meth:`Int8Runtime._race`); Linear-only models (transformers) run eagerly. ``"always"``
+   (:meth:`Int8Runtime._race`; a model of the same structure at the same inputs, such as a
+   copy or a reload, reuses that choice within the process, so copies return the same values);
+   Linear-only models (transformers) run eagerly. ``"always"``
    compiles every model, and only compiles; ``"never"`` runs eagerly; ``"onnxruntime"`` runs
    inference calls on an onnxruntime session of slimkit's own QDQ export
    (:mod:`slimkit.quant.ort_runtime`: one per input signature, checked against the eager forward
@@ -58,6 +60,9 @@ logger = logging.getLogger("slimkit")
 CompileMode = Literal["auto", "always", "never", "onnxruntime"]
 COMPILE_MODES = ("auto", "always", "never", "onnxruntime")
 MAX_SIGNATURES = 8
+# compile="auto": the path measured faster per (model structure, input signature), this process
+_AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+_MAX_CHOICES = 512
 _COUNTERS = {"conv2d": "qconv_weight_prepack_matcher_count", "linear": "qlinear_weight_prepack_matcher_count"}
 
 
@@ -85,6 +90,19 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
         else:
             parts.append(type(leaf).__name__)
     return (str(spec), tuple(parts))
+
+
+def _choice_key(model: nn.Module, signature: tuple) -> tuple:
+    """What ``auto``'s measured choice depends on: the class, every tensor's name, shape and
+    dtype (not its values: a copy with other weights runs at the same speed), the inputs."""
+    structure = tuple((name, tuple(t.shape), t.dtype) for name, t in model.state_dict().items())
+    return type(model).__module__, type(model).__qualname__, hash(structure), signature
+
+
+def forget_auto_choices() -> None:
+    """Forget the paths ``compile="auto"`` measured in this process (models converted or set
+    to ``auto`` afterwards measure again on their first call of each shape)."""
+    _AUTO_CHOICES.clear()
 
 
 def check_finite_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -207,9 +225,32 @@ class Int8Runtime:
             return state.compiled(*args, **kwargs)
         if self.mode == "onnxruntime":
             return self._first_session(state, args, kwargs)
-        out = self._first_call(state, args, kwargs)
         if self.mode == "auto":
-            self._race(state, args, kwargs)
+            return self._first_auto(state, key, args, kwargs)
+        return self._first_call(state, args, kwargs)
+
+    def _first_auto(self, state: SignatureState, key: tuple, args: tuple, kwargs: dict):
+        """``compile="auto"``, a signature's first call: the path measured faster for a model of
+        the same structure at these inputs earlier in this process (a copy, a reload), else
+        compile and :meth:`_race`. Reusing the choice keeps copies on one path, so that they
+        return the same values (the two paths differ by float rounding), and saves the race."""
+        choice_key = _choice_key(self.model, key)
+        known = _AUTO_CHOICES.get(choice_key)
+        if known is not None and known[0] == "onnxruntime":
+            self._first_session(state, args, kwargs)  # returns the eager forward's values
+            if state.path == "onnxruntime":
+                state.measured_ms = dict(known[1])
+                return state.compiled(*args, **kwargs)  # the session's, as every later call
+            state.path, state.reason = "pending", None  # the session failed here: compile instead
+        out = self._first_call(state, args, kwargs)
+        if known is None:
+            out = self._race(state, args, kwargs, out)
+            if state.measured_ms is not None:
+                if len(_AUTO_CHOICES) >= _MAX_CHOICES:
+                    _AUTO_CHOICES.pop(next(iter(_AUTO_CHOICES)))
+                _AUTO_CHOICES[choice_key] = (state.path, dict(state.measured_ms))
+        elif known[0] == "compiled" and state.path == "compiled":
+            state.measured_ms = dict(known[1])
         return out
 
     def _first_session(self, state: SignatureState, args: tuple, kwargs: dict):
@@ -225,40 +266,43 @@ class Int8Runtime:
         state.path = "onnxruntime"
         return out
 
-    def _race(self, state: SignatureState, args: tuple, kwargs: dict) -> None:
+    def _race(self, state: SignatureState, args: tuple, kwargs: dict, out: Any) -> Any:
         """``compile="auto"``, after a signature's first compiled call: build its onnxruntime session
         too (where onnxruntime is installed and can run it) and keep the faster of the two on these
         inputs. Each path is timed in runs of consecutive calls, as it would be served (the other
-        path's threads idle meanwhile), alternating twice; the fastest call of each counts."""
+        path's threads idle meanwhile), alternating twice; the fastest call of each counts.
+        Returns the kept path's output of these inputs (``out``: the compiled call's), so that the
+        first call returns what the later ones will."""
         from .ort_runtime import SessionFailed, build, missing_onnxruntime
 
         if missing_onnxruntime() is not None:
-            return  # the compiled graph (or eager) stays; onnxruntime is an optional extra
+            return out  # the compiled graph (or eager) stays; onnxruntime is an optional extra
         try:
             session, _ = build(self.model, self.eager, args, kwargs)
         except SessionFailed as exc:
             logger.info("slimkit: %s keeps its compiled graph: onnxruntime: %s", type(self.model).__name__, exc)
-            return
+            return out
         if state.path != "compiled":  # compiling failed or lowered nothing: the session is the fast path
             state.compiled, state.path = session, "onnxruntime"
             state.reason = f"{state.reason}; runs on onnxruntime instead" if state.reason else None
-            return
+            return session(*args, **kwargs)
         paths = {"compiled": state.compiled, "onnxruntime": session}
         first = time.perf_counter()
-        paths["onnxruntime"](*args, **kwargs)  # its first run allocates
+        last = {"onnxruntime": session(*args, **kwargs)}  # its first run allocates
         calls = 3 if time.perf_counter() - first < 0.1 else 1  # big inputs: a few seconds at most
         best = {name: math.inf for name in paths}
         for _ in range(2):
             for name, run in paths.items():
                 for _ in range(calls):
                     start = time.perf_counter()
-                    run(*args, **kwargs)
+                    last[name] = run(*args, **kwargs)
                     best[name] = min(best[name], time.perf_counter() - start)
         state.measured_ms = {name: round(seconds * 1e3, 3) for name, seconds in best.items()}
         if best["onnxruntime"] < best["compiled"]:
             state.compiled, state.path = session, "onnxruntime"
         ms, name = state.measured_ms, type(self.model).__name__
         logger.info("slimkit: %s runs this input shape on %s (fastest call, ms: %s)", name, state.path, ms)
+        return last[state.path]
 
     @property
     def _picks_wrapper(self) -> bool:
@@ -397,4 +441,13 @@ def runtime_report(model: nn.Module) -> dict | None:
     return None if runtime is None else runtime.report()
 
 
-__all__ = ["COMPILE_MODES", "Int8Runtime", "check_mode", "install", "runtime_of", "runtime_report", "set_compile"]
+__all__ = [
+    "COMPILE_MODES",
+    "Int8Runtime",
+    "check_mode",
+    "forget_auto_choices",
+    "install",
+    "runtime_of",
+    "runtime_report",
+    "set_compile",
+]

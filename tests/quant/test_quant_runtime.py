@@ -50,9 +50,10 @@ def _slowed(call, seconds: float = 0.05):
 def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_runs_faster(monkeypatch):
     pytest.importorskip("onnxruntime")
     from slimkit.quant import onnx_export, ort_runtime
-    from slimkit.quant.runtime import Int8Runtime
+    from slimkit.quant.runtime import Int8Runtime, forget_auto_choices
 
     x = torch.randn(4, 1, 12, 12)
+    forget_auto_choices()
     model = _int8_cnn(0, "auto")
     with torch.no_grad():
         eager = model.forward.eager(x)
@@ -62,7 +63,18 @@ def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_
     assert set(times) == {"compiled", "onnxruntime"} and all(t > 0 for t in times.values())
     assert signature["path"] == min(times, key=times.get)  # the faster one, as measured
     assert signature["int8_kernels"] == {"conv2d": 3, "linear": 1}  # compiled first, whichever is kept
-    assert torch.allclose(out, eager, atol=1e-4) and torch.allclose(logits_of(model, x), eager, atol=1e-4)
+    assert torch.allclose(out, eager, atol=1e-4)
+    assert torch.equal(logits_of(model, x), out)  # the first call returned the kept path's values
+
+    # a copy (or a reload) takes the same path without racing again: the same values
+    races = []
+    monkeypatch.setattr(Int8Runtime, "_race", lambda self, *a: races.append(1))
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits_of(twin, x), out) and not races
+    assert runtime_report(twin)["signatures"][0]["path"] == signature["path"]
+    assert runtime_report(twin)["signatures"][0]["measured_ms"] == times
+    monkeypatch.undo()
+    forget_auto_choices()
 
     # a slow session loses the race, a slow graph loses it the other way
     session_call = ort_runtime.OrtSignature.__call__
@@ -71,6 +83,7 @@ def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_
     assert torch.allclose(logits_of(slow_session, x), slow_session.forward.eager(x), atol=1e-4)
     assert runtime_paths(slow_session) == ["compiled"]
     monkeypatch.setattr(ort_runtime.OrtSignature, "__call__", session_call)
+    forget_auto_choices()
     compile_graph = Int8Runtime._compile
     monkeypatch.setattr(
         Int8Runtime, "_compile", lambda self, cpp_wrapper=True: _slowed(compile_graph(self, cpp_wrapper))
@@ -88,6 +101,7 @@ def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_
         return fails
 
     monkeypatch.setattr(Int8Runtime, "_compile", breaks)
+    forget_auto_choices()
     no_graph = _int8_cnn(2, "auto")
     assert torch.allclose(logits_of(no_graph, x), no_graph.forward.eager(x), atol=1e-4)
     (signature,) = runtime_report(no_graph)["signatures"]
@@ -95,6 +109,7 @@ def test_auto_keeps_whichever_of_the_compiled_graph_and_the_onnxruntime_session_
     assert "measured_ms" not in signature
     monkeypatch.setattr(Int8Runtime, "_compile", compile_graph)
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no export")))
+    forget_auto_choices()
     no_session = _int8_cnn(2, "auto")
     assert torch.allclose(logits_of(no_session, x), no_session.forward.eager(x), atol=1e-4)
     assert (
