@@ -195,7 +195,7 @@ def model_card(model: nn.Module, config: dict[str, Any]) -> str:
             f"| int8 layers | {listed}: real int8 kernels (names in the `quantization` block of config.json) |"
         )
         path = {
-            "auto": "compiled on first inference call"
+            "auto": "compiled or onnxruntime, whichever the first inference call of each input shape measures faster"
             if any(e.get("kind") == "conv2d" for e in quant.get("layers", {}).values())
             else "eager oneDNN kernels",
             "always": "compiled on first inference call",

@@ -237,11 +237,10 @@ class Int8Runtime:
         choice_key = _choice_key(self.model, key)
         known = _AUTO_CHOICES.get(choice_key)
         if known is not None and known[0] == "onnxruntime":
-            self._first_session(state, args, kwargs)  # returns the eager forward's values
-            if state.path == "onnxruntime":
-                state.measured_ms = dict(known[1])
-                return state.compiled(*args, **kwargs)  # the session's, as every later call
-            state.path, state.reason = "pending", None  # the session failed here: compile instead
+            session = self._session_or_none(args, kwargs)
+            if session is not None:  # else compile instead
+                state.compiled, state.path, state.measured_ms = session, "onnxruntime", dict(known[1])
+                return session(*args, **kwargs)  # the session's values, as every later call's
         out = self._first_call(state, args, kwargs)
         if known is None:
             out = self._race(state, args, kwargs, out)
@@ -266,6 +265,19 @@ class Int8Runtime:
         state.path = "onnxruntime"
         return out
 
+    def _session_or_none(self, args: tuple, kwargs: dict):
+        """``auto``: this signature's onnxruntime session, or None where onnxruntime is not installed
+        (an optional extra) or cannot run it (the compiled graph, or eager, serves; logged at info)."""
+        from .ort_runtime import SessionFailed, build, missing_onnxruntime
+
+        if missing_onnxruntime() is not None:
+            return None
+        try:
+            return build(self.model, self.eager, args, kwargs)[0]
+        except SessionFailed as exc:
+            logger.info("slimkit: %s does not run on onnxruntime: %s", type(self.model).__name__, exc)
+            return None
+
     def _race(self, state: SignatureState, args: tuple, kwargs: dict, out: Any) -> Any:
         """``compile="auto"``, after a signature's first compiled call: build its onnxruntime session
         too (where onnxruntime is installed and can run it) and keep the faster of the two on these
@@ -273,14 +285,8 @@ class Int8Runtime:
         path's threads idle meanwhile), alternating twice; the fastest call of each counts.
         Returns the kept path's output of these inputs (``out``: the compiled call's), so that the
         first call returns what the later ones will."""
-        from .ort_runtime import SessionFailed, build, missing_onnxruntime
-
-        if missing_onnxruntime() is not None:
-            return out  # the compiled graph (or eager) stays; onnxruntime is an optional extra
-        try:
-            session, _ = build(self.model, self.eager, args, kwargs)
-        except SessionFailed as exc:
-            logger.info("slimkit: %s keeps its compiled graph: onnxruntime: %s", type(self.model).__name__, exc)
+        session = self._session_or_none(args, kwargs)
+        if session is None:
             return out
         if state.path != "compiled":  # compiling failed or lowered nothing: the session is the fast path
             state.compiled, state.path = session, "onnxruntime"
