@@ -116,24 +116,68 @@ def keep_nonfinite(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """``quantized`` with ``x``'s NaN / inf values put back: PyTorch's fake-quant kernels clamp
     them to finite grid values, which would hide a diverged input or weight behind plausible
     numbers (and a finite loss)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # One reduction instead of a mask, a select and the select's backward on every
+        # activation: QAT's step cost over a plain one fell from 1.69x to 1.31x on resnet18 and
+        # from 1.37x to 1.17x on MiniLM (2-core CPU). min and max propagate NaN; a CPU tensor's
+        # values are at hand, so the branch costs no device sync (traced graphs keep the select).
+        if x.numel() == 0:
+            return quantized
+        lo, hi = torch.aminmax(x.detach())
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return quantized
     return torch.where(torch.isfinite(x), quantized, x)
+
+
+class _MaskedStraightThrough(torch.autograd.Function):
+    """PyTorch's fused fake-quant kernel forward (values and the in-range mask in one pass),
+    with a backward that selects the gradient by the mask. PyTorch's own backward multiplies by
+    the boolean mask, which first casts it to a float tensor the size of the activation: on a
+    resnet18 QAT step that cast and product were a tenth of the step on CPU. Same values, same
+    gradients (tested against ``torch.fake_quantize_per_*_affine``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, qmin, qmax):
+        if axis is None:
+            enabled = torch.ones((), dtype=torch.long, device=x.device)
+            out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, scale, zero_point, enabled, qmin, qmax
+            )
+        else:
+            out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+                x, scale, zero_point, axis, qmin, qmax
+            )
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None, None
+
+
+def _fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None, qmin: int, qmax: int
+) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaskedStraightThrough.apply(x, scale, zero_point, axis, qmin, qmax)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """Per-tensor uint8 fake-quant; gradient 1 inside the clipping range and 0 outside; NaN and
     inf pass through unchanged."""
-    return keep_nonfinite(x, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX))
+    return keep_nonfinite(x, _fake_quantize(x, scale, zero_point, None, ACT_QMIN, ACT_QMAX))
 
 
 def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, axis: int, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """Symmetric fake-quant of weights to ``[-qmax, qmax]``, per channel along ``axis`` (or per
     tensor for a 0-dim scale); straight-through gradient, 0 outside the clipping range; NaN /
     inf kept."""
-    if scale.dim() == 0:
-        zero = torch.zeros((), dtype=torch.int32, device=w.device)
-        return keep_nonfinite(w, torch.fake_quantize_per_tensor_affine(w, scale, zero, -qmax, qmax))
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-    return keep_nonfinite(w, torch.fake_quantize_per_channel_affine(w, scale, zero, axis, -qmax, qmax))
+    return keep_nonfinite(w, _fake_quantize(w, scale, zero, None if scale.dim() == 0 else axis, -qmax, qmax))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,62 @@ def test_quantize_activation_rounds_half_to_even_like_the_kernels():
 def test_activation_qparams_keep_zero_in_range_for_positive_inputs():
     scale, zero_point = activation_qparams(torch.tensor(2.0), torch.tensor(6.0), symmetric=False)
     assert int(zero_point) == 0 and float(scale) == pytest.approx(6.0 / 255)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_fake_quant_keeps_nan_and_inf_and_its_gradient_is_the_fused_kernels(bad):
+    """The CPU shortcut (a range check, no select) and the traced path (the select) give the
+    same values and gradients: finite inputs get the kernel's grid and its straight-through
+    gradient, a NaN / inf stays where it was."""
+    from slimkit.quant.numerics import fake_quantize_activation
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 4, 4) * 2).requires_grad_()
+    if bad is not None:
+        with torch.no_grad():
+            x[1, 2, 3, 0] = bad
+    scale, zero_point = torch.tensor(0.01), torch.tensor(100, dtype=torch.int32)
+    y = fake_quantize_activation(x, scale, zero_point)
+    y.sum().backward()
+    reference_x = x.detach().clone().requires_grad_()
+    fused = torch.fake_quantize_per_tensor_affine(reference_x, scale, zero_point, 0, 255)
+    reference = torch.where(torch.isfinite(reference_x), fused, reference_x)
+    reference.sum().backward()
+    assert torch.equal(y, reference) or (bad is not None and torch.allclose(y, reference, equal_nan=True))
+    assert torch.equal(x.grad, reference_x.grad)
+    finite = torch.isfinite(x.detach())
+    assert torch.equal(y.detach()[finite], fused.detach()[finite])
+    if bad is not None:
+        got = y.detach()[1, 2, 3, 0]
+        assert torch.isnan(got) if bad != bad else got == bad
+    assert 0 < int((x.grad == 0).sum()) < x.numel()  # clipped values get no gradient, the rest do
+
+
+def test_fake_quant_of_an_empty_tensor_is_empty():
+    from slimkit.quant.numerics import fake_quantize_activation
+
+    y = fake_quantize_activation(torch.empty(0, 4), torch.tensor(0.1), torch.tensor(0, dtype=torch.int32))
+    assert y.shape == (0, 4)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_fake_quant_values_and_gradients_are_pytorchs(per_channel):
+    """Clipped weights included: slimkit's backward selects by the kernel's mask where PyTorch's
+    multiplies by it; the numbers must not differ."""
+    from slimkit.quant.numerics import fake_quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, requires_grad=True)
+    upstream = torch.randn(6, 3, 3, 3)
+    scale = torch.full((6,), 1.0 / 63) if per_channel else torch.tensor(1.0 / 63)  # clips |w| > 1
+    ours = fake_quantize_weight(w, scale, axis=0, qmax=63)
+    (ours * upstream).sum().backward()
+    ref_w = w.detach().clone().requires_grad_()
+    if per_channel:
+        reference = torch.fake_quantize_per_channel_affine(ref_w, scale, torch.zeros(6, dtype=torch.int32), 0, -63, 63)
+    else:
+        reference = torch.fake_quantize_per_tensor_affine(ref_w, scale, torch.zeros((), dtype=torch.int32), -63, 63)
+    (reference * upstream).sum().backward()
+    assert torch.equal(ours, reference)
+    assert torch.equal(w.grad, ref_w.grad)
+    assert 0 < int((w.grad == 0).sum()) < w.numel()
