@@ -36,7 +36,7 @@ from ..errors import IncompatibleError
 from . import int8_hardware
 from .numerics import ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, dynamic_activation_qparams, quantize_activation
 from .sites import prepare_sites_for_tracing
-from .state import Int8LayerState, QuantMixin, attach_state, state_of, subclass
+from .state import Int8LayerState, QuantMixin, attach_state, state_of, subclass, version_of
 
 
 def load_decomposed_ops():
@@ -80,7 +80,10 @@ class Int8Layer(QuantMixin):
     # -- qparams and prepacked weights (cached, never copied; rebuilt when any tensor changes) --
     def _input_qparams(self) -> tuple[float, int]:
         cache = int8_state(self).cache
-        key = (self.input_scale._version, self.input_zero_point._version, self.input_scale.data_ptr())
+        scale, zero_point = self.input_scale, self.input_zero_point
+        if scale.is_inference():  # no version counter to tell a change by: read the two numbers
+            return float(scale), int(zero_point)
+        key = (scale._version, zero_point._version, scale.data_ptr())
         if cache.qparams is None or cache.qparams[0] != key:
             cache.qparams = (key, (float(self.input_scale), int(self.input_zero_point)))
         return cache.qparams[1]
@@ -88,7 +91,7 @@ class Int8Layer(QuantMixin):
     def _packed(self, x_scale: float, x_zero_point: int, x_shape: list[int] | None) -> torch.Tensor:
         state = int8_state(self)
         w = self.weight
-        key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
+        key = (version_of(w), w.data_ptr(), version_of(self.weight_scale), x_scale, x_zero_point)
         cached = state.cache.packed
         if cached is None or cached[0] != key:
             cached = state.cache.packed = (key, self._prepack(w, self.weight_scale, x_scale, x_zero_point, x_shape))
@@ -116,7 +119,7 @@ class Int8Layer(QuantMixin):
         or None where one kernel call is exact (costs a second call per such layer)."""
         state = int8_state(self)
         w = self.weight
-        key = (w._version, w.data_ptr(), self.weight_scale._version, x_scale, x_zero_point)
+        key = (version_of(w), w.data_ptr(), version_of(self.weight_scale), x_scale, x_zero_point)
         if state.cache.split is None or state.cache.split[0] != key:
             parts = None
             if int8_hardware.saturating_cpu() and w.numel() and int(w.abs().amax()) > int8_hardware.EXACT_QMAX:

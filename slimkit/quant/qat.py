@@ -43,7 +43,17 @@ from .numerics import (
     quantize_weight,
 )
 from .observers import weight_scale
-from .state import LayerState, QuantMixin, WeightSpec, attach_state, clear, restore_class, state_of, swap_class
+from .state import (
+    LayerState,
+    QuantMixin,
+    WeightSpec,
+    attach_state,
+    clear,
+    restore_class,
+    state_of,
+    swap_class,
+    version_of,
+)
 
 
 def layer_state(layer: nn.Module) -> LayerState:
@@ -62,7 +72,7 @@ def _observed_scale(layer: nn.Module, state: LayerState, weight: torch.Tensor, s
     if not spec.per_channel or spec.observer == "minmax" or managed_by_fsdp(layer):  # see managed_by_fsdp
         return weight_scale(weight.detach(), axis, spec.per_channel, spec.observer, spec.percentile, spec.qmax)
     raw = layer.weight
-    key = (raw._version, raw.data_ptr(), tuple(raw.shape))
+    key = (version_of(raw), raw.data_ptr(), tuple(raw.shape))
     if state.weight_cache is None or state.weight_cache[0] != key:
         state.weight_cache = (key, weight_scale(raw.detach(), axis, True, spec.observer, spec.percentile, spec.qmax))
     scale = state.weight_cache[1]

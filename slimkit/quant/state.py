@@ -60,6 +60,14 @@ class LayerState:
     held: tuple | None = None
 
 
+def version_of(tensor: torch.Tensor) -> int | None:
+    """``tensor._version`` for cache keys, or None for an inference tensor (made or copied under
+    ``torch.inference_mode()``, e.g. a converted model deep-copied or loaded there), which keeps
+    no version counter: reading it raises. Caches then key on the storage alone; an inference
+    tensor can only change in place inside inference mode, and slimkit never changes one."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class KernelCache:
     """A converted layer's input qparams as numbers and its prepacked oneDNN weights, rebuilt
     when a tensor changes. Never copied (``copy.deepcopy`` / pickle give an empty one): the

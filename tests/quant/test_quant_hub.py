@@ -91,3 +91,24 @@ def test_a_block_naming_a_missing_layer_is_reported(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match="layer9.conv"):
         slimkit.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("compile_mode", ["never", "onnxruntime"])
+def test_an_int8_model_copied_or_loaded_under_inference_mode_runs(compile_mode, tmp_path):
+    """A serving process often does everything under ``torch.inference_mode()``: the tensors of
+    a model copied or loaded there keep no version counter, which the INT8 layers' kernel caches
+    read (they raised "Inference tensors do not track version counter")."""
+    import copy
+
+    if compile_mode == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    x = torch.randn(4, 3, 32, 32)
+    int8 = _ptq_int8(_resnet18(), x, compile_mode).eval()
+    folder = slimkit.save_pretrained(int8, tmp_path / "int8")
+    with torch.inference_mode():
+        expected = int8(x)
+        copied = copy.deepcopy(int8)
+        loaded = slimkit.from_pretrained(folder)
+        assert copied.conv1.weight.is_inference() and loaded.conv1.weight.is_inference()
+        assert torch.equal(copied(x), expected)
+        assert torch.equal(loaded(x), expected)
