@@ -124,6 +124,12 @@ class QuantConfig(Config):
         "also quantize Conv2d outputs (after folded BatchNorm and ReLU) and the residual adds they feed, "
         "so INT8 CNNs stay uint8 between layers (as onnxruntime's quantize_static); false: layer inputs only",
     )
+    gates: bool = help_field(
+        True,
+        "with conv_outputs: also quantize the sigmoid inside nn.SiLU modules and sigmoid gates of quantized "
+        "tensors, and the products they feed (EfficientNet's SiLU and squeeze-excite), as quantize_static does: "
+        "onnxruntime then runs int8 sigmoids and products; false keeps them in float",
+    )
 
     def phase_start(self) -> int | None:
         return self.start_step if self.mode == "qat" else None  # PTQ and dynamic do not train

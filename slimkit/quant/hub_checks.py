@@ -47,7 +47,7 @@ def check_block(block: Any, newest: int) -> dict:
         if "input" in info:
             expect_str(info["input"], WHERE, f"{field}.input", ("site",))
     for name, where in expect_mapping(block.get("sites", {}), WHERE, "slimkit.quantization.sites").items():
-        expect_str(where, WHERE, f"slimkit.quantization.sites[{short_repr(name)}]", ("output", "input"))
+        expect_str(where, WHERE, f"slimkit.quantization.sites[{short_repr(name)}]", ("output", "input", "gate"))
     expect_names(block.get("sites_read_by_layers_only", []), WHERE, "slimkit.quantization.sites_read_by_layers_only")
     folded = expect_mapping(block.get("folded_batchnorms", {}), WHERE, "slimkit.quantization.folded_batchnorms")
     for name, how in folded.items():

@@ -115,7 +115,7 @@ class EmbeddingState:
 class SiteState:
     """An activation quantizer between layers (:mod:`.sites`)."""
 
-    where: str  # "output" (a forward hook) | "input" (a pre-hook)
+    where: str  # "output" (a forward hook) | "input" (a pre-hook) | "gate" (sites.GatedSiLU)
     # converted, and only INT8 layers read the tensor: in eager mode they quantize it themselves,
     # so rounding it here first would be a wasted elementwise pass
     read_by_layers_only: bool = False
