@@ -115,6 +115,7 @@ def test_quant_config_round_trips_every_field():
         "bias_correction": True,
         "compile": "never",
         "conv_outputs": False,
+        "gates": False,
         "keep_fp32": "auto",
         "keep_fp32_floor": 0.995,
         "keep_fp32_max": 0.2,
