@@ -212,7 +212,9 @@ def _image_inputs(batch: int, size: int = 224, channels: int = 3) -> torch.Tenso
     return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
 
 
-def bench_timm(name: str, batches: list[int], rounds: int) -> dict:
+def build_image_model(name: str) -> tuple[nn.Module, list[torch.Tensor], int, int]:
+    """(FP32 model in eval mode, its calibration batches, channels, size) for an image model:
+    the small CNNs of small_models.py at 32x32, timm models at 224x224 with random weights."""
     import timm
     from small_models import TutorialCNN, demo_cnn
 
@@ -223,7 +225,11 @@ def bench_timm(name: str, batches: list[int], rounds: int) -> dict:
         fp32 = TutorialCNN().eval()
     else:
         fp32 = timm.create_model(TIMM_MODELS[name], pretrained=False).eval()
-    calibration = [_image_inputs(8 + i, size, channels) for i in range(2)]
+    return fp32, [_image_inputs(8 + i, size, channels) for i in range(2)], channels, size
+
+
+def bench_timm(name: str, batches: list[int], rounds: int) -> dict:
+    fp32, calibration, channels, size = build_image_model(name)
     with tempfile.TemporaryDirectory() as tmp:
         candidates = Candidates(name, fp32, calibration, Path(tmp), modes=("ptq",))
         result = {"model": TIMM_MODELS.get(name, name), **candidates.info, "batches": {}}

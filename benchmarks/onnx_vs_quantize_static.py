@@ -32,20 +32,9 @@ from int8_common import (  # noqa: E402
     setup_machine,
     write_json,
 )
-from int8_speed import SMALL_MODELS, TIMM_MODELS, _image_inputs  # noqa: E402
-from small_models import TutorialCNN, demo_cnn  # noqa: E402
+from int8_speed import SMALL_MODELS, _image_inputs, build_image_model  # noqa: E402
 
 import slimkit  # noqa: E402
-
-
-def _build(name: str):
-    if name == "digits_cnn":
-        return demo_cnn().eval()
-    if name == "tutorial_smallcnn":
-        return TutorialCNN().eval()
-    import timm
-
-    return timm.create_model(TIMM_MODELS[name], pretrained=False).eval()
 
 
 def optimized_ops(path: Path) -> dict[str, int]:
@@ -61,9 +50,7 @@ def optimized_ops(path: Path) -> dict[str, int]:
 
 
 def compare(name: str, batches: list[int], rounds: int) -> dict:
-    fp32 = _build(name)
-    channels, size = SMALL_MODELS.get(name, (3, 224))
-    calibration = [_image_inputs(8 + i, size, channels) for i in range(2)]  # int8_speed.py's
+    fp32, calibration, channels, size = build_image_model(name)  # int8_speed.py's, same calibration
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepared = copy.deepcopy(fp32)
