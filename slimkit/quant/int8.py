@@ -81,11 +81,9 @@ class Int8Layer(QuantMixin):
     def _input_qparams(self) -> tuple[float, int]:
         cache = int8_state(self).cache
         scale, zero_point = self.input_scale, self.input_zero_point
-        if scale.is_inference():  # no version counter to tell a change by: read the two numbers
-            return float(scale), int(zero_point)
-        key = (scale._version, zero_point._version, scale.data_ptr())
+        key = (version_of(scale), version_of(zero_point), scale.data_ptr())
         if cache.qparams is None or cache.qparams[0] != key:
-            cache.qparams = (key, (float(self.input_scale), int(self.input_zero_point)))
+            cache.qparams = (key, (float(scale), int(zero_point)))
         return cache.qparams[1]
 
     def _packed(self, x_scale: float, x_zero_point: int, x_shape: list[int] | None) -> torch.Tensor:

@@ -136,8 +136,9 @@ class Quantizer(Method):
             logger.info("quant: equalized %d layer pairs (%d sweeps)", len(self.equalized), sweeps)
         if recording is not None and self._wants_sites():
             folded_bns = {n: pairs[n][1] if n in pairs else None for n in convs}
-            gates = [n for n, m in modules.items() if type(m) is nn.SiLU]  # exactly: GatedSiLU replaces its forward
-            self.plan = sites.plan_sites(recording, selected, folded_bns, cfg.exclude, gates if cfg.gates else None)
+            # exactly nn.SiLU: GatedSiLU replaces its forward, so no subclass's own forward is lost
+            gates = [n for n, m in modules.items() if type(m) is nn.SiLU] if cfg.gates else None
+            self.plan = sites.plan_sites(recording, selected, folded_bns, cfg.exclude, gates)
         del recording  # it keeps every activation of the example pass alive
         spec = WeightSpec(
             per_channel=cfg.weights.granularity == "per_channel",

@@ -325,12 +325,10 @@ class GatedSiLU(QuantMixin):
 
 
 def _install_hook(module: nn.Module, where: str, read_by_layers_only: bool = False) -> None:
-    if where == "gate":
-        swap_class(module, GatedSiLU, "Gated")
     attach_state(module).site = SiteState(where, read_by_layers_only)
-    if where == "gate":
-        return
-    if where == "output":
+    if where == "gate":  # no hook: the quantizer sits inside GatedSiLU's forward
+        swap_class(module, GatedSiLU, "Gated")
+    elif where == "output":
         if quantize_output_hook not in module._forward_hooks.values():
             module.register_forward_hook(quantize_output_hook)
     elif quantize_input_hook not in module._forward_pre_hooks.values():
