@@ -43,6 +43,21 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return same, (a - b).abs().max().item()
 
 
+def near_tie_flips(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Fraction of samples whose argmax differs while the reference's top-two gap is below twice
+    the largest logit difference on the samples that did not flip: a swap the rounding noise seen
+    in this very comparison could cause (any swap moves its own sample by at least half its gap,
+    so that sample's own change proves nothing)."""
+    reference, candidate = torch.as_tensor(reference), torch.as_tensor(candidate)
+    top2 = reference.topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]
+    flipped = reference.argmax(-1) != candidate.argmax(-1)
+    if flipped.all():
+        return 0.0
+    noise = (reference - candidate).abs().amax(-1)[~flipped].max()
+    return (flipped & (gap < 2 * noise)).float().mean().item()
+
+
 def cnn_loss(model, batch):
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
