@@ -192,7 +192,8 @@ class Candidates:
                 )
             for name in ("ort_static_int8", "ort_dynamic_int8", "torch_dynamic_int8"):
                 parity[f"{name}_vs_fp32"] = _agreement(outputs["fp32_eager"], outputs[name])
-        timings = interleaved(variants, rounds=rounds, iters=iters)
+        # sub-millisecond calls (small CNNs, onnxruntime at batch 1) fill at least 50 ms a round
+        timings = interleaved(variants, rounds=rounds, iters=iters, min_round_s=0.05)
         kernels = {
             name: slimkit.quant.runtime_report(model)["signatures"]
             for name, model in self.models.items()
