@@ -58,7 +58,7 @@ from .latency import LatencyTable, interleaved_ms, machine_key, torch_threads
 from .metrics import count_macs, count_parameters
 from .oneshot import call_on_batch, reconstruct_point
 from .reconstruct import recalibrate_batchnorms
-from .selection import choose
+from .selection import choose, removable
 from .slicing import remove_units
 from .target_compare import PLANS, pick, uniform_plan
 from .target_costs import CostModel, layers_of
@@ -562,10 +562,18 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
     """``prune.target.compare`` (see :mod:`.target_compare`): the solver's plan against uniform
     widths and the unweighted curves' plan at its predicted cost; updates ``outcome``."""
     groups = pruner.channels.groups + pruner.heads.groups
+    rounding = [pruner.channels.round_to] * len(pruner.channels.groups) + [pruner.heads.round_to] * len(
+        pruner.heads.groups
+    )
+
+    def snap(g: int, count: int) -> int:  # as `channels: f` rounds it, within the group's candidates
+        return min(max(removable(groups[g], count, rounding[g]), cands[g][0]), cands[g][-1])
+
     budget = cost.total(counts)
     plans = {
         "solver": counts,
         "uniform": uniform_plan([g.size for g in groups], cands, cost, budget),
+        "fraction": uniform_plan([g.size for g in groups], cands, cost, budget, snap),
         "local": greedy(cands, local, cost, budget),
     }
     reference = flat_outputs(model, samples, "prune.target")

@@ -21,6 +21,8 @@ the whole model's cost for per-group removal counts:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +149,7 @@ class CostModel:
             layers = [layer for layer in layers if layer.shape is not None]
         self.kind, self.layers, self.table = kind, layers, table
         self._memo: dict[tuple[str, int, int], float] = {}
+        self._interpolating = False  # see interpolating()
         self.by_group: dict[int, list[int]] = {}
         for i, layer in enumerate(layers):
             for g in layer.sides:
@@ -177,12 +180,43 @@ class CostModel:
             # dense: rest = fixed + scaled; at counts: rest_then = fixed + scaled * volume
             self.scaled = min(max((self.rest - rest_then) / (1.0 - volume), 0.0), self.rest)
 
+    @contextmanager
+    def interpolating(self) -> Iterator[None]:
+        """Latency: within this block a width that was not timed is estimated linearly between
+        the timed widths of the same layer instead of being timed (a plan off the candidate
+        grid, e.g. uniform widths at an exact fraction, priced without timing dozens of widths)."""
+        self._interpolating = True
+        try:
+            yield
+        finally:
+            self._interpolating = False
+
     def _ms(self, layer: Layer, counts: dict[int, int]) -> float:
         n_in, n_out = layer.widths(counts)
         key = (layer.name, round(n_in), round(n_out))
         if key not in self._memo:
+            estimate = self._between(key) if self._interpolating else None
+            if estimate is not None:
+                return estimate
             self._memo[key] = self.table.ms(layer.shape, key[1], key[2])
         return self._memo[key]
+
+    def _between(self, key: tuple[str, int, int]) -> float | None:
+        """The time of an untimed ``(layer, in, out)`` width, linear between the nearest timed
+        widths of that layer that differ from it on one side only (the nearest one beyond the
+        timed range); None when that layer has no such timing."""
+        for vary, keep in ((1, 2), (2, 1)):
+            points = sorted((k[vary], ms) for k, ms in self._memo.items() if k[0] == key[0] and k[keep] == key[keep])
+            if not points:
+                continue
+            x = key[vary]
+            below = [p for p in points if p[0] <= x]
+            above = [p for p in points if p[0] >= x]
+            if below and above and above[0][0] > below[-1][0]:
+                (x0, y0), (x1, y1) = below[-1], above[0]
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            return (below[-1] if below else above[0])[1]
+        return None
 
     def layer_cost(self, i: int, counts: dict[int, int]) -> float:
         layer = self.layers[i]

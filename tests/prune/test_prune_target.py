@@ -388,7 +388,7 @@ def test_compare_keeps_the_best_plan_it_measured_and_its_figure_is_the_converted
     model = prune_to({"macs": 0.7}, copy.deepcopy(dense), reconstruct=True)
     outcome = slimkit.prune.summary(model)["target"]
     compared = outcome["compared"]
-    assert set(compared) == {"solver", "uniform", "local"}, compared
+    assert set(compared) == {"solver", "uniform", "fraction", "local"}, compared
     measured = {n: e["cosine"] for n, e in compared.items() if "cosine" in e}
     assert "solver" in measured and len(measured) >= 2, compared  # uniform differs from the solver here
     best = max(measured, key=measured.get)
@@ -405,6 +405,34 @@ def test_compare_off_keeps_the_solvers_plan():
     model = prune_to({"macs": 0.7, "compare": False}, reconstruct=True)
     outcome = slimkit.prune.summary(model)["target"]
     assert outcome["picked"] == "solver" and outcome["compared"] == {}
+
+
+def test_uniform_plan_removes_the_exact_fraction_a_user_would_not_the_next_timed_width():
+    """compare's uniform plan is what `channels: f` prunes at the fraction that meets the budget
+    (rounded as the group rounds), not each group's first timed candidate above it, which on a
+    grid of 6 widths removes up to a fifth more than needed."""
+    from contextlib import nullcontext
+
+    from slimkit.prune.target_compare import uniform_plan
+
+    class KeptUnits:  # the cost of a plan: units kept in all groups
+        def total(self, plan):
+            return sum(100 - c for c in plan.values())
+
+        def interpolating(self):
+            return nullcontext()
+
+    cands = [[0, 18, 36, 54, 72, 90]] * 2
+    budget = 110.0  # 45 of each group's 100 units removed meets it
+    coarse = uniform_plan([100, 100], cands, KeptUnits(), budget)
+    assert coarse == {0: 54, 1: 54}
+
+    def kept_in_eights(group: int, count: int) -> int:  # round_to 8 on the kept width
+        return 100 - min(-(-(100 - count) // 8) * 8, 100)
+
+    exact = uniform_plan([100, 100], cands, KeptUnits(), budget, kept_in_eights)
+    assert exact == {0: 52, 1: 52}  # 48 kept: the first multiple of 8 at or below 55
+    assert KeptUnits().total(exact) <= budget < KeptUnits().total({0: 44, 1: 44})
 
 
 def test_pick_keeps_the_best_plan_within_tolerance_and_times_only_what_it_must():
