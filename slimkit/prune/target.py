@@ -418,12 +418,17 @@ def solve_target(
     return chosen, blocks, outcome
 
 
+def _group_kinds(pruner: Pruner) -> list:
+    """The kind (channels or heads) of every group, in the solver's group order."""
+    return [pruner.channels] * len(pruner.channels.groups) + [pruner.heads] * len(pruner.heads.groups)
+
+
 def _solve(
     pruner: Pruner, model: nn.Module, scores: list, pruned: list, outcome: TargetOutcome
 ) -> tuple[dict[int, int], list[int]]:
     cfg, target = pruner.config, pruner.config.target
     groups = pruner.channels.groups + pruner.heads.groups
-    kinds = [pruner.channels] * len(pruner.channels.groups) + [pruner.heads] * len(pruner.heads.groups)
+    kinds = _group_kinds(pruner)
     inputs = with_tokens(rebatched(pruner._inputs(model), target.batch), target.tokens)
     kind = "latency" if target.timed else target.kind
     was_training = model.training
@@ -562,12 +567,10 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
     """``prune.target.compare`` (see :mod:`.target_compare`): the solver's plan against uniform
     widths and the unweighted curves' plan at its predicted cost; updates ``outcome``."""
     groups = pruner.channels.groups + pruner.heads.groups
-    rounding = [pruner.channels.round_to] * len(pruner.channels.groups) + [pruner.heads.round_to] * len(
-        pruner.heads.groups
-    )
+    kinds = _group_kinds(pruner)
 
     def snap(g: int, count: int) -> int:  # as `channels: f` rounds it, within the group's candidates
-        return min(max(removable(groups[g], count, rounding[g]), cands[g][0]), cands[g][-1])
+        return min(max(removable(groups[g], count, kinds[g].round_to), cands[g][0]), cands[g][-1])
 
     budget = cost.total(counts)
     plans = {
