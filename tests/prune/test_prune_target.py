@@ -435,6 +435,40 @@ def test_uniform_plan_removes_the_exact_fraction_a_user_would_not_the_next_timed
     assert KeptUnits().total(exact) <= budget < KeptUnits().total({0: 44, 1: 44})
 
 
+def test_cost_model_interpolates_untimed_widths_only_inside_interpolating():
+    """Pricing a plan off the timed grid estimates a width linearly between the timed widths of
+    the same layer (the nearest one beyond them) instead of timing it; outside the block, or for a
+    layer never timed, the width is timed as before."""
+    from slimkit.prune.latency import LayerShape
+    from slimkit.prune.target_costs import CostModel, Layer
+
+    class Table:  # a layer's time grows with its output width; every timing recorded
+        def __init__(self):
+            self.timed = []
+
+        def ms(self, shape, n_in, n_out):
+            self.timed.append((n_in, n_out))
+            return float(n_out)
+
+    table = Table()
+    layer = Layer("fc", LayerShape("linear", 64, 100, (1, 64), -1), sides={0: [0.0, 1.0]})
+    cost = CostModel("latency", [layer], dense_total=100.0, table=table)
+    cost.prime([[0, 40, 80]])  # widths 100, 60 and 20 timed
+    assert sorted(table.timed) == [(64, 20), (64, 60), (64, 100)]
+    with cost.interpolating():
+        table.timed.clear()
+        assert cost._ms(layer, {0: 30}) == pytest.approx(70.0)  # between 60 and 100
+        assert cost._ms(layer, {0: 90}) == pytest.approx(20.0)  # beyond the timed range: the nearest
+        assert table.timed == []
+        narrower_input = Layer("fc", layer.shape, sides={0: [1.0, 0.0]})  # in 34, out 100
+        assert cost._ms(narrower_input, {0: 30}) == pytest.approx(100.0)  # nearest timed: in 64
+        assert table.timed == []
+        untimed = Layer("fc2", layer.shape, sides={0: [0.0, 1.0]})  # no timing of this layer at all
+        assert cost._ms(untimed, {0: 30}) == pytest.approx(70.0)
+        assert table.timed == [(64, 70)]
+    assert cost._ms(layer, {0: 50}) == pytest.approx(50.0) and table.timed[-1] == (64, 50)  # timed now
+
+
 def test_pick_keeps_the_best_plan_within_tolerance_and_times_only_what_it_must():
     from slimkit.prune.target_compare import pick
 
