@@ -15,6 +15,8 @@ waits for ``slimkit.calibrate`` and is refused with a clear error when none came
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from ..modules import get_module
 from ..recipe import PruneConfig
 from . import importance
 from .schedule import pruning_points
-from .statistics import InputStats, Recorder, columns_of
+from .statistics import InputStats, Recorder, columns_of, record, without
 from .units import UnitGroup
 
 
@@ -79,6 +81,7 @@ class PointData:
         self.gradients: GradientStatistics | None = None
         self.calibrated = False  # slimkit.calibrate supplied this point's data
         self.samples: list = []  # a few of calibrate's batches while it prunes (prune.target probes them)
+        self.transposed = transposed
         if config.records_inputs:
             readers: dict[str, list[tuple[int, int]]] = {}
             for g, group in enumerate(self.groups):
@@ -146,6 +149,25 @@ class PointData:
             if any(bool((after[g] & ~before[g]).any()) for g, _ in consumer.members):
                 changed.append(consumer)
         return changed
+
+    def record(self, model: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any]) -> dict:
+        """What every consumer sees on ``batches`` alone (not added to the recorded statistics)."""
+        modules = {name: c.module for name, c in self.consumers.items()}
+        return record(model, modules, self.transposed, batches, forward)
+
+    @contextmanager
+    def holding_out(self, part: dict[str, InputStats]) -> Iterator[None]:
+        """Inside, every consumer's statistics lack ``part``'s rows (some of the recorded batches,
+        :meth:`record`-ed again): refits read only the others."""
+        saved = {name: c.stats for name, c in self.consumers.items()}
+        try:
+            for name, consumer in self.consumers.items():
+                if name in part:
+                    consumer.stats = without(consumer.stats, part[name])
+            yield
+        finally:
+            for name, consumer in self.consumers.items():
+                consumer.stats = saved[name]
 
     def summary(self) -> dict[str, Any]:
         return {"consumers": len(self.consumers), "recording": bool(self.recorder and self.recorder.active)}

@@ -146,6 +146,33 @@ def add_batch(
         stats.cross = block if stats.cross is None else stats.cross + block
 
 
+def without(total: InputStats, part: InputStats) -> InputStats:
+    """``total`` less the rows ``part`` recorded: the statistics are sums, so this is what a
+    refit reads that must not see those rows (``cross`` is left out: it pairs a sequential
+    reference's inputs, which ``part`` does not record)."""
+    out = InputStats(total.layout, total.positions, total.columns, total.bias, extras=dict(total.extras))
+    out.count, out.sq_count = total.count - part.count, total.sq_count - part.sq_count
+    out.calls = max(total.calls - part.calls, 0)
+    for attr in ("sq", "gram"):
+        mine, theirs = getattr(total, attr), getattr(part, attr)
+        setattr(out, attr, mine if mine is None or theirs is None else mine - theirs.to(mine.device))
+    return out
+
+
+def record(model: nn.Module, consumers: dict[str, nn.Module], transposed: dict, batches: list, forward) -> dict:
+    """The statistics ``consumers`` of ``model`` see on ``batches`` alone (``forward(model,
+    batch)`` calls the model), recorded by a recorder of their own that is removed after."""
+    recorder = Recorder(model, consumers, transposed, gram=True)
+    recorder.active = True
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        recorder.remove()
+    return recorder.stats
+
+
 class _Stop(Exception):
     """Raised inside a forward to stop it once the consumer of interest has been seen."""
 

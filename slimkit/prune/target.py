@@ -60,7 +60,7 @@ from .oneshot import call_on_batch, reconstruct_point
 from .reconstruct import recalibrate_batchnorms
 from .selection import choose, removable
 from .slicing import remove_units
-from .target_compare import PLANS, pick, uniform_plan
+from .target_compare import PLANS, pick, plan_key, rank_value, uniform_plan
 from .target_costs import CostModel, layers_of
 from .target_int8 import Int8Copies
 from .target_solver import candidates, greedy, next_aim
@@ -73,6 +73,7 @@ logger = logging.getLogger("slimkit")
 DEFAULT_ROUND_TO = 8  # channel widths with a target, unless prune.round_to says otherwise
 _COUNTED_WIDTHS = 32  # candidate widths per group for macs / params targets
 _REACH_SAMPLES = 2  # calibration batches each group's output-reach probe runs on
+_FOLDS = 2  # compare's cross-fit: folds of the calibration samples, each scored on a refit without it
 _DEPTH_SAMPLES = 4  # calibration batches the depth options are ranked on (every set: a forward each)
 
 
@@ -502,7 +503,6 @@ def _solve_depth(
     closest to the goal. Updates ``outcome`` with the chosen option's figures."""
     groups = pruner.channels.groups + pruner.heads.groups
     depth = pruner.depth
-    reference = flat_outputs(model, samples, "prune.target")
     tried = []  # (miss, -cosine, counts, blocks, sub-outcome)
     refusals = []
     for order, depth_cost in [([], 0.0), *options]:
@@ -525,7 +525,7 @@ def _solve_depth(
             continue
         cosine = _picked_cosine(sub)
         if cosine is None:
-            cosine = _plan_cosine(pruner, measure, counts, samples, reference)
+            cosine = rank_value(_score_plans(pruner, measure, model, [counts], samples)[0])
         entry.update(measured=round(float(sub.measured or 0.0), 4), met=sub.met, cosine=round(cosine, 6))
         entry["widths"] = {g.root: [g.size, g.size - counts[i]] for i, g in enumerate(groups) if counts[i]}
         outcome.depth.append(entry)
@@ -545,22 +545,52 @@ def _solve_depth(
 
 
 def _picked_cosine(outcome: TargetOutcome) -> float | None:
-    """The output cosine ``compare`` measured of the plan it kept (None: compare did not run)."""
+    """What ``compare`` ranked the plan it kept by (None: compare did not run)."""
     entry = outcome.compared.get(outcome.picked)
     while entry is not None and "same_as" in entry:
         entry = outcome.compared.get(entry["same_as"])
-    return None if entry is None else entry.get("cosine")
+    return None if entry is None else rank_value(entry)
 
 
-def _plan_cosine(pruner: Pruner, measure: _Measure, plan: dict[int, int], samples: list, reference) -> float:
-    """Output cosine to the dense model of a copy pruned as the point prunes (refit, removal,
-    BatchNorm statistics), on ``samples``."""
+def _pruned_outputs(net: nn.Module, recount: list, batches: list, refitting: bool) -> list:
+    if refitting:  # rank 0 alone: the statistics are not reduced across processes here
+        recalibrate_batchnorms(net, recount, call_on_batch, reduce=False)
+    return flat_outputs(net, batches, "prune.target")
+
+
+def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list) -> list[dict]:
+    """Output cosine to the dense model of copies pruned to ``plans`` the way the point prunes
+    them (consumers refit, units removed, BatchNorm statistics recounted), one dict per plan.
+
+    ``cosine``: the copy the point builds, on the calibration ``samples`` its refit and recount
+    have seen. ``held_out`` (with a refit and at least two sample batches): cross-fitted on two
+    folds of the samples: each fold scored on a copy refit without that fold's rows (the
+    recorded statistics are sums: :meth:`PointData.holding_out`) and recounted on the other
+    fold. A refit that fits the calibration rows rather than the data they stand for shows
+    there: on random-weight MobileNetV3 at 2x (batch 1) the solver's plan scored 0.70 on the
+    calibration images and 0.59 on held-out ones, where uniform widths scored 0.615 and 0.608."""
     refitting = pruner.config.reconstruct and pruner.data is not None
-    net = measure.probe(plan, refit=refitting)
     with torch.no_grad():
-        if refitting:  # rank 0 alone: the statistics are not reduced across processes here
-            recalibrate_batchnorms(net, samples, call_on_batch, reduce=False)
-        return mean_cosine(flat_outputs(net, samples, "prune.target"), reference)
+        reference = flat_outputs(model, samples, "prune.target")
+        scores = []
+        for plan in plans:
+            net = measure.probe(plan, refit=refitting)
+            scores.append({"cosine": mean_cosine(_pruned_outputs(net, samples, samples, refitting), reference)})
+            del net
+        if not refitting or len(samples) < _FOLDS:
+            return scores
+        outputs: list[list] = [[] for _ in plans]
+        references: list = []
+        for fold in range(_FOLDS):  # fold outermost: one fold's statistics held at a time
+            scored = samples[fold::_FOLDS]
+            rest = [b for i, b in enumerate(samples) if i % _FOLDS != fold]
+            references += [r for i, r in enumerate(reference) if i % _FOLDS == fold]
+            with pruner.data.holding_out(pruner.data.record(model, scored, call_on_batch)):
+                for p, plan in enumerate(plans):
+                    outputs[p] += _pruned_outputs(measure.probe(plan, refit=True), rest, scored, True)
+        for entry, out in zip(scores, outputs):
+            entry["held_out"] = mean_cosine(out, references)
+    return scores
 
 
 def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, counts, samples, outcome) -> dict[int, int]:
@@ -579,17 +609,16 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
         "fraction": uniform_plan([g.size for g in groups], cands, cost, budget, snap),
         "local": greedy(cands, local, cost, budget),
     }
-    reference = flat_outputs(model, samples, "prune.target")
+    distinct = list({plan_key(p): p for p in plans.values()}.values())
+    scored = dict(zip(map(plan_key, distinct), _score_plans(pruner, measure, model, distinct, samples)))
     measured: dict[int, tuple[float, float]] = {}  # id(plan) -> (reduction, pruned value)
-
-    def quality(plan: dict[int, int]) -> float:
-        return _plan_cosine(pruner, measure, plan, samples, reference)
 
     def reduction(plan: dict[int, int]) -> float:
         measured[id(plan)] = measure.reduction(plan)
         return measured[id(plan)][0]
 
     solver_miss = abs(outcome.measured / outcome.goal - 1.0)
+    quality = lambda plan: scored[plan_key(plan)]  # noqa: E731
     name, outcome.compared = pick(plans, quality, reduction, outcome.goal, pruner.config.target.tolerance, solver_miss)
     outcome.picked = name
     logger.info("prune.target.compare: kept the %s plan (%s)", name, outcome.compared)

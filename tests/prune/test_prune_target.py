@@ -380,8 +380,10 @@ def test_groups_whose_error_hardly_reaches_the_output_are_cut_first():
 def test_compare_keeps_the_best_plan_it_measured_and_its_figure_is_the_converted_models():
     """With calibration batches the solver also prunes copies to uniform widths and to the plan of
     the unweighted curves at its predicted cost; the kept plan is the best one measured within
-    the tolerance, and the cosine it reports is what the converted model gives on those batches."""
+    the tolerance (ranked by its cross-fitted cosine), and the cosine it reports on every
+    calibration batch is what the converted model gives on those batches."""
     from slimkit.outputs import flat_outputs, mean_cosine
+    from slimkit.prune.target_compare import rank_value
 
     dense = cnn()
     batches = images(2, 5)
@@ -389,16 +391,45 @@ def test_compare_keeps_the_best_plan_it_measured_and_its_figure_is_the_converted
     outcome = slimkit.prune.summary(model)["target"]
     compared = outcome["compared"]
     assert set(compared) == {"solver", "uniform", "fraction", "local"}, compared
-    measured = {n: e["cosine"] for n, e in compared.items() if "cosine" in e}
+    measured = {n: e for n, e in compared.items() if "cosine" in e}
     assert "solver" in measured and len(measured) >= 2, compared  # uniform differs from the solver here
-    best = max(measured, key=measured.get)
+    assert all("held_out" in e for e in measured.values()), compared  # a refit and two batches: cross-fitted
+    best = max(measured, key=lambda n: rank_value(measured[n]))
     if best != "solver" and compared[best]["miss"] <= 0.1:
         assert outcome["picked"] == best, outcome
     small = slimkit.convert(model).eval()
     with torch.no_grad():
         cosine = mean_cosine(flat_outputs(small, batches), flat_outputs(dense, batches))
-    assert abs(cosine - measured[outcome["picked"]]) < 1e-4, (cosine, compared)
+    assert abs(cosine - measured[outcome["picked"]]["cosine"]) < 1e-4, (cosine, compared)
     assert abs(count_macs(small, batches[0]) / count_macs(dense, batches[0]) - 0.7) <= 0.07
+
+
+def test_compare_ranks_plans_on_rows_their_refit_did_not_see():
+    """A refit with fewer recorded rows than weight columns reproduces those rows exactly: scored
+    on them every plan keeps cosine 1.0, and the check could not tell plans apart. The
+    cross-fitted score refits without each fold's rows (the statistics are sums, so a fold is
+    subtracted) and shows what is kept on rows the refit did not see."""
+    from slimkit.prune.statistics import InputStats, record, without
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 16)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 16, generator=g) for _ in range(2)]  # 16 rows, 97 columns to refit
+    section = {"importance": "activation", "reconstruct": True, "include": ["0"]}
+
+    # the statistics of both batches less the second's are the first's
+    consumers = {"2": model[2]}
+    both, second = (record(model, consumers, {}, b, lambda m, x: m(x))["2"] for b in (batches, batches[1:]))
+    first = record(model, consumers, {}, batches[:1], lambda m, x: m(x))["2"]
+    rest = without(both, second)
+    assert isinstance(rest, InputStats) and (rest.count, rest.sq_count) == (first.count, first.sq_count) == (8, 8)
+    assert torch.allclose(rest.gram, first.gram) and torch.allclose(rest.sq, first.sq)
+
+    slimkit.prepare(model, {"prune": {"target": {"macs": 0.5}, **section}}, example_inputs=batches[0])
+    slimkit.calibrate(model, batches)
+    entry = slimkit.prune.summary(model)["target"]["compared"]["solver"]
+    assert entry["cosine"] > 0.999, entry  # the refit interpolates the rows it is scored on
+    assert entry["held_out"] < entry["cosine"] - 0.1, entry
 
 
 def test_compare_off_keeps_the_solvers_plan():
@@ -480,16 +511,22 @@ def test_pick_keeps_the_best_plan_within_tolerance_and_times_only_what_it_must()
         timed.append(plan[0])
         return {2: 2.1, 3: 3.0}[plan[0]]
 
-    name, report = pick(plans, lambda p: quality[p[0]], reduction, goal=2.0, tolerance=0.1, solver_miss=0.02)
+    name, report = pick(plans, lambda p: {"cosine": quality[p[0]]}, reduction, 2.0, tolerance=0.1, solver_miss=0.02)
     assert name == "uniform" and timed == [3, 2], report  # local is best but 50% off the goal
     assert report["local"]["miss"] == 0.5 and report["uniform"]["measured"] == 2.1
 
     timed.clear()
     quality[1] = 0.999
-    name, report = pick(plans, lambda p: quality[p[0]], reduction, goal=2.0, tolerance=0.1, solver_miss=0.02)
+    name, report = pick(plans, lambda p: {"cosine": quality[p[0]]}, reduction, 2.0, tolerance=0.1, solver_miss=0.02)
     assert name == "solver" and timed == [], report  # the best is the solver's: nothing else is timed
 
     same = {"solver": {0: 1}, "uniform": {0: 1}, "local": {0: 3}}
     quality[1] = 0.5
-    name, report = pick(same, lambda p: quality[p[0]], reduction, goal=3.0, tolerance=0.1, solver_miss=0.3)
+    name, report = pick(same, lambda p: {"cosine": quality[p[0]]}, reduction, 3.0, tolerance=0.1, solver_miss=0.3)
     assert report["uniform"] == {"same_as": "solver"} and name == "local", report
+
+    # a held-out score ranks where one was measured: the solver's plan fits its rows best, not others'
+    held = {1: {"cosine": 0.99, "held_out": 0.80}, 2: {"cosine": 0.95, "held_out": 0.94}, 3: {"cosine": 0.9}}
+    timed.clear()
+    name, report = pick(plans, lambda p: held[p[0]], reduction, 2.0, tolerance=0.1, solver_miss=0.02)
+    assert name == "uniform" and timed == [2] and report["solver"] == {"cosine": 0.99, "held_out": 0.8}, report

@@ -50,7 +50,9 @@ def test_the_recipe_takes_layers_with_a_target_and_still_refuses_ratios():
 
 def test_blocks_that_do_nothing_go_first_and_the_plan_with_the_best_outputs_is_kept():
     dense = identity_blocks()
-    model = solve(copy.deepcopy(dense), {"macs": 0.7}, layers=2)
+    # no refit: the plans are then scored exactly on these batches; with one they are scored on
+    # rows the refit did not see, and 12 noise images cannot separate plans 0.03 apart
+    model = solve(copy.deepcopy(dense), {"macs": 0.8}, layers=2, reconstruct=False)
     outcome = slimkit.prune.summary(model)["target"]
     options = outcome["depth"]
     assert [len(o["layers"]) for o in options] == [0, 1, 2]
@@ -71,7 +73,7 @@ def test_blocks_that_do_nothing_go_first_and_the_plan_with_the_best_outputs_is_k
     with torch.no_grad():
         torch.testing.assert_close(small(batch), prepared, rtol=1e-4, atol=1e-4)
     ratio = count_macs(small, batch) / count_macs(dense, batch)
-    assert abs(ratio - 0.7) <= 0.1 * 0.7
+    assert abs(ratio - 0.8) <= 0.1 * 0.8
 
 
 def test_a_budget_widths_cannot_reach_is_met_with_blocks_refused_without_and_checkpointed():
