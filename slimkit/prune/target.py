@@ -97,7 +97,7 @@ class TargetOutcome:
     widths: dict[str, list[int]] = field(default_factory=dict)  # group root -> [dense, kept]
     output_reach: dict[str, float] = field(default_factory=dict)  # group root -> weight of its error curve
     picked: str = "solver"  # prune.target.compare: the plan kept
-    compared: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> its measured cosine (and reduction)
+    compared: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> cosine, held_out (and reduction)
     layers_measured: int = 0
     layers_cached: int = 0
     int8: bool = False  # prune.target.int8: measured = the pruned INT8 model against the dense FP32 one
