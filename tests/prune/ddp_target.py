@@ -7,7 +7,8 @@ With a second argument ``int8`` the target times INT8 copies on rank 0 (``prune.
 with ``quant.keep_fp32``, which agrees across processes by a broadcast: rank 0 must not start
 it while the others wait for the widths). With ``depth`` the target may remove blocks too
 (``prune.layers``): rank 0 ranks them on its own batches, alone, and every process removes the
-blocks it chose.
+blocks it chose. The plain (float) mode refits (``reconstruct``): rank 0 then scores compare's
+plans cross-fitted, its folds' statistics subtracted from the totals summed over processes.
 """
 
 import json
@@ -28,7 +29,7 @@ def main(out: Path, mode: str) -> None:
     g = torch.Generator().manual_seed(100 + rank)  # every process sees other images
     batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
     target = {"speedup": 1.1, "batch": 4, "threads": 1, "rounds": 1, "cache": str(out / f"cache{rank}")}
-    recipe = {"prune": {"target": target, "importance": "activation"}}
+    recipe = {"prune": {"target": target, "importance": "activation", "reconstruct": mode == "float"}}
     if mode == "depth":  # resnet18's residual branches all working: their removal costs something
         model = settle_batchnorm(timm_model("resnet-wide", zero_init_last=False), torch.randn(8, 3, 32, 32)).eval()
         recipe["prune"].update(layers=3, max_layer_ratio=0.5)
@@ -45,6 +46,7 @@ def main(out: Path, mode: str) -> None:
     widths = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, torch.nn.Conv2d)}
     record = {"rank": rank, "world_size": torch.distributed.get_world_size(), "chosen": chosen, "widths": widths}
     record["blocks"] = blocks
+    record["compared"] = summary["target"]["compared"]
     (out / f"rank{rank}.json").write_text(json.dumps(record, sort_keys=True))
     torch.distributed.destroy_process_group()
 

@@ -213,6 +213,9 @@ def test_ddp_processes_keep_rank_zeros_widths(tmp_path, mode):
         return
     # only rank 0 timed layers (and wrote a cache): the others took its decision
     assert list((tmp_path / "cache0").glob("latency-*.json")) and not (tmp_path / "cache1").exists()
+    if mode == "float":  # a refit: rank 0 ranked compare's plans cross-fitted
+        scored = [e for e in ranks[0]["compared"].values() if "cosine" in e]
+        assert scored and all("held_out" in e for e in scored), ranks[0]["compared"]
 
 
 def test_the_correction_interpolates_between_tries_that_bracket_the_goal():
