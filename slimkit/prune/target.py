@@ -503,6 +503,7 @@ def _solve_depth(
     closest to the goal. Updates ``outcome`` with the chosen option's figures."""
     groups = pruner.channels.groups + pruner.heads.groups
     depth = pruner.depth
+    reference = flat_outputs(model, samples, "prune.target")
     tried = []  # (miss, -cosine, counts, blocks, sub-outcome)
     refusals = []
     for order, depth_cost in [([], 0.0), *options]:
@@ -525,7 +526,7 @@ def _solve_depth(
             continue
         cosine = _picked_cosine(sub)
         if cosine is None:
-            cosine = rank_value(_score_plans(pruner, measure, model, [counts], samples)[0])
+            cosine = rank_value(_score_plans(pruner, measure, model, [counts], samples, reference)[0])
         entry.update(measured=round(float(sub.measured or 0.0), 4), met=sub.met, cosine=round(cosine, 6))
         entry["widths"] = {g.root: [g.size, g.size - counts[i]] for i, g in enumerate(groups) if counts[i]}
         outcome.depth.append(entry)
@@ -558,20 +559,20 @@ def _pruned_outputs(net: nn.Module, recount: list, batches: list, refitting: boo
     return flat_outputs(net, batches, "prune.target")
 
 
-def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list) -> list[dict]:
-    """Output cosine to the dense model of copies pruned to ``plans`` the way the point prunes
-    them (consumers refit, units removed, BatchNorm statistics recounted), one dict per plan.
+def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list, reference) -> list:
+    """Output cosine to the dense model (its outputs on ``samples``: ``reference``) of copies
+    pruned to ``plans`` the way the point prunes them (consumers refit, units removed, BatchNorm
+    statistics recounted), one dict per plan.
 
     ``cosine``: the copy the point builds, on the calibration ``samples`` its refit and recount
     have seen. ``held_out`` (with a refit and at least two sample batches): cross-fitted on two
     folds of the samples: each fold scored on a copy refit without that fold's rows (the
     recorded statistics are sums: :meth:`PointData.holding_out`) and recounted on the other
     fold. A refit that fits the calibration rows rather than the data they stand for shows
-    there: on random-weight MobileNetV3 at 2x (batch 1) the solver's plan scored 0.70 on the
-    calibration images and 0.59 on held-out ones, where uniform widths scored 0.615 and 0.608."""
+    there: on a timm resnet calibrated on 3 batches of 4 noise images, the kept plan scored 0.895
+    on them, 0.72 cross-fitted, and the converted model 0.63 on new images."""
     refitting = pruner.config.reconstruct and pruner.data is not None
     with torch.no_grad():
-        reference = flat_outputs(model, samples, "prune.target")
         scores = []
         for plan in plans:
             net = measure.probe(plan, refit=refitting)
@@ -610,7 +611,9 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
         "local": greedy(cands, local, cost, budget),
     }
     distinct = list({plan_key(p): p for p in plans.values()}.values())
-    scored = dict(zip(map(plan_key, distinct), _score_plans(pruner, measure, model, distinct, samples)))
+    reference = flat_outputs(model, samples, "prune.target")
+    scores = _score_plans(pruner, measure, model, distinct, samples, reference)
+    scored = dict(zip(map(plan_key, distinct), scores))
     measured: dict[int, tuple[float, float]] = {}  # id(plan) -> (reduction, pruned value)
 
     def reduction(plan: dict[int, int]) -> float:
