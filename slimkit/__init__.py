@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hub import from_pretrained, save_pretrained
+from .malloc import steady_malloc
 from .methods import HubBlock, register_method, registered_methods
 from .model_info import ModelInfo, model_info
 from .quant import export_onnx
@@ -78,5 +79,6 @@ __all__ = [
     "registered_methods",
     "save_pretrained",
     "step",
+    "steady_malloc",
     "uniform_layer_map",
 ]

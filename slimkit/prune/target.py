@@ -47,6 +47,7 @@ from torch import nn
 from ..adapters import call_model
 from ..distributed import alone, broadcast_, is_distributed, rank
 from ..errors import ConfigError, IncompatibleError
+from ..malloc import faults_per_call, is_steady
 from ..modules import matches_any
 from ..outputs import flat_outputs, mean_cosine
 from ..recipe import TargetConfig
@@ -104,6 +105,10 @@ class TargetOutcome:
     int8_dense: float | None = None  # int8: the dense model's INT8 copy against its FP32 self
     layers: list[str] = field(default_factory=list)  # prune.layers: the blocks removed, in removal order
     depth: list[dict[str, Any]] = field(default_factory=list)  # prune.layers: each block count tried
+    # timed targets: the dense model's minor page faults per forward at `batch` (None: not
+    # counted), and whether slimkit.steady_malloc was applied (see slimkit/malloc.py)
+    page_faults: float | None = None
+    steady_malloc: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +126,12 @@ class TargetOutcome:
             )
             + f"; {'within' if self.met else 'outside'} tolerance"
             + (f"; {len(self.layers)} block(s) removed: {', '.join(self.layers)}" if self.layers else "")
+            + (
+                f"; timed with the default allocator, {self.page_faults * 4096 / 2**20:.0f} MB of page faults per "
+                "dense forward (see slimkit.steady_malloc)"
+                if self.page_faults is not None and self.page_faults > _FAULTS_WARN and not self.steady_malloc
+                else ""
+            )
             + ")"
         )
 
@@ -450,6 +461,8 @@ def _solve(
             options = _depth_options(pruner, model, samples)  # before any copy: they would carry the gates
             int8 = Int8Copies(pruner, samples) if target.int8 else None
             measure = _Measure(pruner, model, inputs, kind, scores, pruned, int8)
+            if kind == "latency":
+                _check_page_faults(measure, outcome)
             table = None
             if kind == "latency":
                 table = LatencyTable(machine_key(torch.get_num_threads(), target.batch), target.cache)
@@ -461,6 +474,27 @@ def _solve(
         model.train(was_training)
         if recording:
             recorder.active = True
+
+
+_FAULTS_WARN = 25_600  # minor page faults per dense forward (100 MB of 4 KB pages) worth a warning
+
+
+def _check_page_faults(measure: _Measure, outcome: TargetOutcome) -> None:
+    """Count the dense model's page faults per forward at the timed batch; warn where they are
+    many and the allocator was left as it is: those timings partly measure glibc handing the
+    activations back and forth, and vary with what the process freed before (slimkit/malloc.py)."""
+    with torch.inference_mode():
+        outcome.page_faults = faults_per_call(lambda: call_model(measure.dense_copy, measure.inputs))
+    outcome.steady_malloc = is_steady()
+    if outcome.page_faults is not None and outcome.page_faults > _FAULTS_WARN and not outcome.steady_malloc:
+        logger.warning(
+            "prune.target: the dense model takes %d minor page faults (%d MB) per forward at batch %d: the "
+            "allocator maps its large activations anew on every call, so the timings include that and vary "
+            "with what the process freed before (often more than the tolerance). Call slimkit.steady_malloc() "
+            "before slimkit.prepare, or start Python with MALLOC_MMAP_THRESHOLD_=1073741824 "
+            "MALLOC_TRIM_THRESHOLD_=2147483648 (or jemalloc / tcmalloc preloaded), and serve the model the same way",
+            outcome.page_faults, outcome.page_faults * 4096 / 2**20, outcome.batch,
+        )  # fmt: skip
 
 
 def _solve_widths(pruner: Pruner, model, measure: _Measure, cands, layers, table, samples, outcome) -> dict[int, int]:
