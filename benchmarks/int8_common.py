@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import slimkit.malloc
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 
@@ -54,7 +56,25 @@ def machine_info() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # "steady": large blocks kept in the heap (slimkit.steady_malloc); "default": glibc's own
+        # behaviour, under which a dense model at batch 32 page-faults its activations every call
+        "malloc": "steady" if slimkit.malloc.is_steady() else "default",
     }
+
+
+def add_malloc_argument(parser) -> None:
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "steady"),
+        default="default",
+        help="steady: call slimkit.steady_malloc() first (glibc keeps large blocks: no page faults per forward "
+        "at large batches, as with jemalloc / tcmalloc); default: the allocator as a plain python process has it",
+    )
+
+
+def apply_malloc(args) -> None:
+    if args.malloc == "steady" and not slimkit.steady_malloc():
+        raise SystemExit("--malloc steady: this C library has no mallopt (glibc only)")
 
 
 def interleaved(

@@ -51,6 +51,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_common import (  # noqa: E402
     EVAL_SENTENCES,
+    add_malloc_argument,
+    apply_malloc,
     interleaved,
     machine_info,
     minilm,
@@ -425,7 +427,9 @@ def main() -> None:
     parser.add_argument("--qat-models", nargs="*", default=["resnet18", "minilm"], help="QAT step ratio models")
     parser.add_argument("--qat-rounds", type=int, default=10, help="interleaved rounds of the QAT step ratio")
     parser.add_argument("--output", default="int8_speed.json", help="file name under benchmarks/results/")
+    add_malloc_argument(parser)
     args = parser.parse_args()
+    apply_malloc(args)
     setup_machine()
     report = {"machine": machine_info(), "settings": vars(args), "models": {}, "qat_step": {}}
     # the QAT steps first: measured after the INT8 timings, resnet18's ratio read 1.45x where a

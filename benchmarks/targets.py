@@ -390,6 +390,7 @@ def run_model(name: str, args) -> dict:
                     "solver_measured": round(solver["measured"], 3),
                     "solver_rounds": solver["rounds"],
                     "layers_timed": solver["layers_measured"],
+                    "dense_page_faults": solver["page_faults"],
                     "seconds": round(seconds, 1),
                     "widths": solver["widths"],
                     "size_mb": size_mb(model),
@@ -513,7 +514,9 @@ def main() -> None:
         default=None,
         help="latency tables to reuse (default: a fresh folder, so that tables timed on a busy machine never count)",
     )
+    common.add_malloc_argument(parser)
     args = parser.parse_args()
+    common.apply_malloc(args)
     if args.cache is None:
         args.cache = Path(tempfile.mkdtemp(prefix="slimkit-latency-"))
     args.grid = UNIFORM_GRID
