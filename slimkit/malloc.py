@@ -71,6 +71,15 @@ def is_steady() -> bool:
     return _steady
 
 
+def page_bytes() -> int:
+    """The size of a memory page (4 KB on x86-64 Linux; 16 or 64 KB on some ARM kernels)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 4096
+    return resource.getpagesize()
+
+
 def minor_faults() -> int | None:
     """Minor page faults of this process so far (None where ``resource`` does not exist)."""
     try:

@@ -47,7 +47,7 @@ from torch import nn
 from ..adapters import call_model
 from ..distributed import alone, broadcast_, is_distributed, rank
 from ..errors import ConfigError, IncompatibleError
-from ..malloc import faults_per_call, is_steady
+from ..malloc import faults_per_call, is_steady, page_bytes
 from ..modules import matches_any
 from ..outputs import flat_outputs, mean_cosine
 from ..recipe import TargetConfig
@@ -127,9 +127,9 @@ class TargetOutcome:
             + f"; {'within' if self.met else 'outside'} tolerance"
             + (f"; {len(self.layers)} block(s) removed: {', '.join(self.layers)}" if self.layers else "")
             + (
-                f"; timed with the default allocator, {self.page_faults * 4096 / 2**20:.0f} MB of page faults per "
-                "dense forward (see slimkit.steady_malloc)"
-                if self.page_faults is not None and self.page_faults > _FAULTS_WARN and not self.steady_malloc
+                f"; timed with the default allocator, {self.page_faults * page_bytes() / 2**20:.0f} MB of page "
+                "faults per dense forward (see slimkit.steady_malloc)"
+                if _many_faults(self.page_faults) and not self.steady_malloc
                 else ""
             )
             + ")"
@@ -476,7 +476,11 @@ def _solve(
             recorder.active = True
 
 
-_FAULTS_WARN = 25_600  # minor page faults per dense forward (100 MB of 4 KB pages) worth a warning
+_FAULTS_WARN_MB = 100  # page faults per dense forward worth a warning, in MB of pages
+
+
+def _many_faults(faults: float | None) -> bool:
+    return faults is not None and faults * page_bytes() > _FAULTS_WARN_MB * 2**20
 
 
 def _check_page_faults(measure: _Measure, outcome: TargetOutcome) -> None:
@@ -486,14 +490,14 @@ def _check_page_faults(measure: _Measure, outcome: TargetOutcome) -> None:
     with torch.inference_mode():
         outcome.page_faults = faults_per_call(lambda: call_model(measure.dense_copy, measure.inputs))
     outcome.steady_malloc = is_steady()
-    if outcome.page_faults is not None and outcome.page_faults > _FAULTS_WARN and not outcome.steady_malloc:
+    if _many_faults(outcome.page_faults) and not outcome.steady_malloc:
         logger.warning(
             "prune.target: the dense model takes %d minor page faults (%d MB) per forward at batch %d: the "
-            "allocator maps its large activations anew on every call, so the timings include that and vary "
-            "with what the process freed before (often more than the tolerance). Call slimkit.steady_malloc() "
+            "allocator maps its large activations anew on every call, so the timings include that and can vary "
+            "with what the process freed before. Call slimkit.steady_malloc() "
             "before slimkit.prepare, or start Python with MALLOC_MMAP_THRESHOLD_=1073741824 "
             "MALLOC_TRIM_THRESHOLD_=2147483648 (or jemalloc / tcmalloc preloaded), and serve the model the same way",
-            outcome.page_faults, outcome.page_faults * 4096 / 2**20, outcome.batch,
+            outcome.page_faults, outcome.page_faults * page_bytes() / 2**20, outcome.batch,
         )  # fmt: skip
 
 
