@@ -4,20 +4,22 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its *mmap
 with a fresh ``mmap`` and returns it to the OS when freed; the threshold rises with the blocks
 freed, but never above 32 MB, and the top of the heap is given back whenever more than twice
 the threshold is free there. A forward at batch 32 allocates activations of tens to hundreds of
-MB, so every call maps them anew and the kernel zeroes every 4 KB page on first touch. Measured
-on a 2-core Zen 4 EPYC (dense FP32, eager, 2 threads, batch 32 of 224 px images):
+MB, so every call maps them anew and the kernel zeroes every page on first touch. Measured on a
+2-core Zen 4 EPYC (dense FP32, eager, 2 threads, batch 32 of 224 px images; each allocator in a
+process of its own, ``benchmarks/malloc_effect.py``):
 
-* resnet50: 965,579 minor page faults per forward (3.7 GB zeroed), 2,873 ms; with
-  :func:`steady_malloc`, no page faults and 1,802 ms (1.6x);
-* mobilenetv3_large_100: 450 ms against 280 ms;
-* all-MiniLM-L6-v2 at 32 x 128 tokens: 47,316 faults per forward, the time about the same.
+* resnet50: 960,908 minor page faults per forward (3.7 GB zeroed), 3,050 ms; with
+  :func:`steady_malloc`, no page faults and 1,931 ms (1.58x);
+* mobilenetv3_large_100: 489 ms against 289 ms; efficientnet_b0: 1,178 ms against 474 ms;
+* all-MiniLM-L6-v2 at 32 x 128 tokens: no gain (582 ms against 689 ms); its activations stay
+  under the threshold once it has risen.
 
 Two consequences. Speed-ups at batch 32 against the default allocator partly measure the dense
-model's page faults (a pruned or INT8 model whose activations fit below the threshold pays none):
-uniform 50% channels on mobilenetv3 measured 2.63-2.76x against the default allocator and
-1.79-1.97x against a steady one. And the threshold depends on what the process freed before, so
-the same pair of models timed at different moments of one process differed by 15% and more,
-wider than ``prune.target``'s tolerance.
+model's page faults (a pruned or INT8 model allocates less and pays fewer): uniform 50%
+channels on mobilenetv3 measured 2.35-2.47x against the default allocator and 2.05-2.12x
+against a steady one. And how many blocks a call maps anew depends on what the process freed
+before (MiniLM took 47,316 faults per forward in one process and none in another), one source
+of the spread of batch-32 timings, not all of it.
 
 :func:`steady_malloc` does what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the
 environment (or jemalloc / tcmalloc preloaded, as PyTorch's CPU tuning guide advises) do: large

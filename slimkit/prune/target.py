@@ -310,6 +310,7 @@ class _Measure:
         self.curves: dict = {}  # _error_curves' readers and curves, reused across depth options
         self.dense_copy = self.base_copy = None
         self.factor = 1.0
+        self._dense_outputs: tuple[int, list] | None = None  # (id of the samples, the outputs)
         if kind == "latency":
             self.dense_copy = self._copy().eval()
             if int8 is not None:
@@ -321,6 +322,14 @@ class _Measure:
 
     def _copy(self) -> nn.Module:
         return copy.deepcopy(self.model, dict(self.memo))
+
+    def dense_outputs(self, samples: list) -> list:
+        """The dense model's outputs on ``samples``, what plans are scored against: computed once
+        for every compare and depth option of the solve."""
+        if self._dense_outputs is None or self._dense_outputs[0] != id(samples):
+            with torch.no_grad():  # kept for the whole solve: no autograd graph with it
+                self._dense_outputs = (id(samples), flat_outputs(self.model, samples, "prune.target"))
+        return self._dense_outputs[1]
 
     def remove_blocks(self, blocks: list[Block]) -> None:
         """From now on every copy has ``blocks`` removed; measures the base model (see the class)."""
@@ -488,7 +497,8 @@ def _check_page_faults(measure: _Measure, outcome: TargetOutcome) -> None:
     many and the allocator was left as it is: those timings partly measure glibc handing the
     activations back and forth, and vary with what the process freed before (slimkit/malloc.py)."""
     with torch.inference_mode():
-        outcome.page_faults = faults_per_call(lambda: call_model(measure.dense_copy, measure.inputs))
+        # the dense copy was just timed (_Measure warms it up and runs it 5+ rounds): no warm-up
+        outcome.page_faults = faults_per_call(lambda: call_model(measure.dense_copy, measure.inputs), calls=2, warmup=0)
     outcome.steady_malloc = is_steady()
     if _many_faults(outcome.page_faults) and not outcome.steady_malloc:
         logger.warning(
@@ -541,7 +551,6 @@ def _solve_depth(
     closest to the goal. Updates ``outcome`` with the chosen option's figures."""
     groups = pruner.channels.groups + pruner.heads.groups
     depth = pruner.depth
-    reference = flat_outputs(model, samples, "prune.target")
     tried = []  # (miss, -cosine, counts, blocks, sub-outcome)
     refusals = []
     for order, depth_cost in [([], 0.0), *options]:
@@ -564,7 +573,7 @@ def _solve_depth(
             continue
         cosine = _picked_cosine(sub)
         if cosine is None:
-            cosine = rank_value(_score_plans(pruner, measure, model, [counts], samples, reference)[0])
+            cosine = rank_value(_score_plans(pruner, measure, model, [counts], samples)[0])
         entry.update(measured=round(float(sub.measured or 0.0), 4), met=sub.met, cosine=round(cosine, 6))
         entry["widths"] = {g.root: [g.size, g.size - counts[i]] for i, g in enumerate(groups) if counts[i]}
         outcome.depth.append(entry)
@@ -597,10 +606,10 @@ def _pruned_outputs(net: nn.Module, recount: list, batches: list, refitting: boo
     return flat_outputs(net, batches, "prune.target")
 
 
-def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list, reference) -> list:
-    """Output cosine to the dense model (its outputs on ``samples``: ``reference``) of copies
-    pruned to ``plans`` the way the point prunes them (consumers refit, units removed, BatchNorm
-    statistics recounted), one dict per plan.
+def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list) -> list[dict]:
+    """Output cosine to the dense model (:meth:`_Measure.dense_outputs`) of copies pruned to
+    ``plans`` the way the point prunes them (consumers refit, units removed, BatchNorm statistics
+    recounted), one dict per plan.
 
     ``cosine``: the copy the point builds, on the calibration ``samples`` its refit and recount
     have seen. ``held_out`` (with a refit and at least two sample batches): cross-fitted on two
@@ -610,6 +619,7 @@ def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: lis
     there: on a timm resnet calibrated on 3 batches of 4 noise images, the kept plan scored 0.895
     on them, 0.72 cross-fitted, and the converted model 0.63 on new images."""
     refitting = pruner.config.reconstruct and pruner.data is not None
+    reference = measure.dense_outputs(samples)
     with torch.no_grad():
         scores = []
         for plan in plans:
@@ -649,9 +659,7 @@ def _compare(pruner: Pruner, model, measure: _Measure, cost, cands, local, count
         "local": greedy(cands, local, cost, budget),
     }
     distinct = list({plan_key(p): p for p in plans.values()}.values())
-    reference = flat_outputs(model, samples, "prune.target")
-    scores = _score_plans(pruner, measure, model, distinct, samples, reference)
-    scored = dict(zip(map(plan_key, distinct), scores))
+    scored = dict(zip(map(plan_key, distinct), _score_plans(pruner, measure, model, distinct, samples)))
     measured: dict[int, tuple[float, float]] = {}  # id(plan) -> (reduction, pruned value)
 
     def reduction(plan: dict[int, int]) -> float:
