@@ -25,3 +25,14 @@ def accelerate_launch(
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def close_process_group() -> None:
+    """Ends a launched script: waits for every process, then destroys the process group. Left to
+    interpreter exit, gloo's threads are torn down in no set order, and a process that finished
+    its work can still abort ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -17,6 +17,7 @@ import transformers
 import slimkit
 from slimkit.plugins.hf import slim_callbacks
 from tests.families import hf_model
+from tests.models import close_process_group
 from tests.test_hf_trainer import ToyText
 
 
@@ -49,3 +50,4 @@ def main(out: Path, version: int) -> None:
 if __name__ == "__main__":
     for v in sys.argv[2:]:
         main(Path(sys.argv[1]), int(v))
+    close_process_group()

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 import slimkit
 from tests.families import tiny_bert_config
+from tests.models import close_process_group
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -69,3 +70,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    close_process_group()

@@ -18,6 +18,7 @@ from prune_helpers import training_args
 import slimkit
 from slimkit.plugins.hf import slim_callbacks
 from tests.families import hf_model
+from tests.models import close_process_group
 
 
 class LocalStatistics(transformers.TrainerCallback):
@@ -78,3 +79,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    close_process_group()
