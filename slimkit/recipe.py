@@ -60,7 +60,14 @@ class FeaturePair(Config):
     student: str = help_field("", "student module name; '*' stands for the layer index")
     teacher: str = help_field("", "teacher module name; '*' stands for the layer index")
     weight: float = help_field(1.0, "weight of this term in the loss")
-    loss: Literal["mse", "cosine"] = help_field("mse", "mse, or cosine (1 - cosine similarity)")
+    loss: Literal["mse", "cosine", "relation"] = help_field(
+        "mse",
+        "mse, cosine (1 - cosine similarity), or relation (squared difference of the batch's "
+        "pairwise cosine similarities: what ranking by similarity depends on)",
+    )
+    pool: Literal["none", "mean"] = help_field(
+        "none", "mean: average over valid tokens / positions first (a mean-pooled sentence embedding)"
+    )
     map: LayerMap | None = help_field(
         None, "with '*': 'uniform' (default) or explicit [[student_layer, teacher_layer], ...]"
     )

@@ -5,7 +5,7 @@ from torch import nn
 
 import slimkit
 from slimkit import IncompatibleError, uniform_layer_map
-from slimkit.distill import align, attention_kd, build_projector, feature_loss, logit_kd, task_cross_entropy
+from slimkit.distill import align, attention_kd, build_projector, feature_loss, logit_kd, mean_pool, task_cross_entropy
 
 
 def direct_kd(s, t, T):
@@ -116,6 +116,45 @@ def test_feature_loss_mse_cosine_and_token_mask():
     assert feature_loss(maps, maps)[0].item() == 0.0
     total, count = feature_loss(maps, maps * 2, "cosine")
     assert count.item() == 32 and abs(total.item()) < 1e-5  # same direction per pixel
+
+
+def test_mean_pooled_feature_loss_ignores_padding():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    pooled_s = torch.stack([s[0, :2].mean(0), s[1].mean(0)])
+    pooled_t = torch.stack([t[0, :2].mean(0), t[1].mean(0)])
+    torch.testing.assert_close(mean_pool(s, mask), pooled_s)
+    total, count = feature_loss(s, t, "cosine", mask, pool="mean")
+    assert count.item() == 2
+    torch.testing.assert_close(total / count, (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean())
+    padded = s.clone()
+    padded[0, 2:] = 1e3  # what the padded positions hold must not move the sentence embedding
+    torch.testing.assert_close(feature_loss(padded, t, "cosine", mask, "mean")[0], total)
+    maps = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(mean_pool(maps), maps.mean(dim=(2, 3)))
+
+
+def test_relation_loss_compares_pairwise_similarities_not_features():
+    torch.manual_seed(0)
+    t = torch.randn(6, 16)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    scaled = t * torch.rand(6, 1).add(0.5)  # each sample rescaled: its cosines are unchanged
+    for same in (t @ rotation, scaled):
+        total, count = feature_loss(same, t, "relation")
+        assert count.item() == 36 and total.item() < 1e-8
+    assert feature_loss(t @ rotation, t, "cosine")[0].item() > 1.0  # a feature loss would see it
+    other = torch.randn(6, 16, requires_grad=True)
+    total, count = feature_loss(other, t, "relation")
+    s_sim = F.cosine_similarity(other[:, None], other[None], dim=-1)
+    t_sim = F.cosine_similarity(t[:, None], t[None], dim=-1)
+    torch.testing.assert_close(total / count, (s_sim - t_sim).pow(2).mean())
+    total.backward()
+    assert other.grad is not None and other.grad.abs().sum() > 0
+    tokens, mask = torch.randn(3, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 3)
+    noisy = tokens.clone()
+    noisy[:, 3:] = torch.randn(3, 2, 8)  # padding differs, valid tokens agree: no relation loss
+    assert feature_loss(noisy, tokens, "relation", mask)[0].item() < 1e-8
 
 
 def test_attention_kd_per_head_average_and_masks():

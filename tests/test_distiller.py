@@ -224,3 +224,57 @@ def test_example_inputs_the_models_cannot_run_are_a_clear_error():
     teacher, student, recipe = resnet_pair(features=False)
     with pytest.raises(IncompatibleError, match=r"the student \(ResNet\) could not run on the example inputs"):
         slimkit.prepare(student, recipe, teacher=teacher, example_inputs=torch.randn(2, 5, 32, 32))
+
+
+def test_pooled_relation_term_trains_a_headless_encoder_towards_the_teachers_similarities():
+    """distill.features with pool: mean and loss: relation beside the per-token term on the same
+    module: two terms, the relation one equal to the pairwise cosines of the masked-mean
+    sentence embeddings, and falling as the student trains on it."""
+    import transformers
+
+    from tests.families import tiny_bert_config
+
+    torch.manual_seed(0)
+    teacher = transformers.BertModel(tiny_bert_config()).eval()
+    torch.manual_seed(1)
+    student = transformers.BertModel(tiny_bert_config())
+    ids = torch.randint(5, 90, (8, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(8, 10, dtype=torch.long)
+    mask[::2, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    layer = "encoder.layer.1"
+    recipe = {
+        "distill": {
+            "features": [
+                {"student": layer, "teacher": layer, "loss": "cosine"},
+                {"student": layer, "teacher": layer, "loss": "relation", "pool": "mean", "weight": 10.0},
+            ]
+        }
+    }
+    slimkit.prepare(student, recipe, teacher=teacher, example_inputs=batch)
+    optimizer = torch.optim.Adam([p for n, p in student.named_parameters() if "slimkit" not in n], lr=3e-3)
+    history = []
+    for _ in range(40):
+        student.train()
+        out = student(**batch)
+        loss = slimkit.compute_loss(student, out)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(slimkit.log_values(student))
+    first = history[0]
+    assert set(first) == {f"distill/feature.{layer}", f"distill/feature.{layer}.mean.relation"}
+
+    def sentence_similarities(model):
+        hidden = model(**batch).last_hidden_state  # BERT's last layer output, no final norm
+        keep = mask.unsqueeze(-1).float()
+        pooled = F.normalize((hidden * keep).sum(1) / keep.sum(1), dim=-1)
+        return pooled @ pooled.T
+
+    torch.manual_seed(1)
+    start = transformers.BertModel(tiny_bert_config())  # the student as it was before training
+    with torch.no_grad():
+        expected = (sentence_similarities(start) - sentence_similarities(teacher)).pow(2).mean()
+    assert first[f"distill/feature.{layer}.mean.relation"] == pytest.approx(10.0 * expected.item(), rel=1e-4)
+    last = history[-1][f"distill/feature.{layer}.mean.relation"]
+    assert last < 0.2 * first[f"distill/feature.{layer}.mean.relation"]

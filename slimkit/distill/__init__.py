@@ -2,7 +2,7 @@
 
 from .capture import FeatureCapture, hidden_states
 from .distiller import Distiller
-from .losses import attention_kd, feature_loss, logit_kd, task_cross_entropy
+from .losses import attention_kd, feature_loss, logit_kd, mean_pool, task_cross_entropy
 from .mapping import expand_pairs, uniform_layer_map
 from .projectors import align, build_projector
 
@@ -16,6 +16,7 @@ __all__ = [
     "feature_loss",
     "hidden_states",
     "logit_kd",
+    "mean_pool",
     "task_cross_entropy",
     "uniform_layer_map",
 ]

@@ -38,6 +38,15 @@ logger = logging.getLogger("slimkit")
 _STUDENT_ONLY_KWARGS = ("labels", "num_items_in_batch", "return_loss")
 
 
+def _feature_term(student: str, pair: Any) -> str:
+    """The logged name of a feature term; pooled and relation terms on a module that also has a
+    per-token term get their own name (``distill/feature.encoder.layer.5.mean.relation``)."""
+    name = f"distill/feature.{student}"
+    if pair.pool != "none":
+        name += f".{pair.pool}"
+    return name + ".relation" if pair.loss == "relation" else name
+
+
 def _projector_key(student: str, teacher: str) -> str:
     # ModuleDict keys cannot hold dots.
     return f"{student}__to__{teacher}".replace(".", "_")
@@ -226,8 +235,10 @@ class Distiller(Method):
             if matches_any(s, skipped):
                 continue
             projected = align(self.projectors[_projector_key(s, t)](s_feats[s]), t_feats[t])
-            total, count = feature_loss(projected, t_feats[t], pair.loss, mask)
-            terms[f"distill/feature.{s}"] = pair.weight * total / count.clamp_min(1)
+            total, count = feature_loss(projected, t_feats[t], pair.loss, mask, pair.pool)
+            name = _feature_term(s, pair)
+            term = pair.weight * total / count.clamp_min(1)
+            terms[name] = terms[name] + term if name in terms else term
         for s, t, pair in self.attention_pairs:
             if matches_any(s, skipped):
                 continue

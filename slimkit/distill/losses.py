@@ -137,16 +137,28 @@ def feature_loss(
     teacher: torch.Tensor,
     kind: str = "mse",
     token_mask: torch.Tensor | None = None,
+    pool: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MSE (or 1 - cosine) between aligned features of the same shape.
+    """MSE, 1 - cosine, or the relation loss between aligned features of the same shape.
 
     Features are [B, C], [B, N, C] (tokens; ``token_mask`` [B, N] drops padding) or
     [B, C, H, W] (maps). The channel axis is the last one, except for maps (axis 1).
+    ``pool="mean"`` first averages each sample over its valid tokens or spatial positions (the
+    sentence embedding of a mean-pooling encoder), so the loss compares one vector per sample.
+    ``kind="relation"`` compares the batch's pairwise cosine similarities instead of the
+    features themselves (similarity-preserving KD, Tung & Mori 2019): the squared difference of
+    the student's and the teacher's [B, B] similarity matrices, which is what ranking by
+    embedding similarity depends on. It needs no projector and sees only the local batch.
     Returns (sum over positions of the per-position loss, number of positions); MSE averages
-    over channels within a position.
+    over channels within a position, the relation loss counts the B * B pairs.
     """
     with fp32_losses(student):  # bf16 features under autocast: the MSE itself in fp32
         student, teacher = student.float(), teacher.detach().float()
+        if pool == "mean":
+            student, teacher = mean_pool(student, token_mask), mean_pool(teacher, token_mask)
+            token_mask = None
+        if kind == "relation":
+            return _relation_loss(student, teacher, token_mask)
         channel_dim = 1 if student.dim() == 4 else -1
         if kind == "cosine":
             per_pos = 1.0 - F.cosine_similarity(student, teacher, dim=channel_dim, eps=1e-8)
@@ -155,6 +167,31 @@ def feature_loss(
         if token_mask is not None and student.dim() == 3 and token_mask.shape == per_pos.shape:
             per_pos = per_pos[token_mask.bool()]
         return per_pos.sum(), torch.tensor(per_pos.numel(), device=per_pos.device)
+
+
+def mean_pool(features: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One vector per sample: [B, N, C] averaged over the tokens ``token_mask`` keeps (all when
+    it is None or does not match), [B, C, H, W] over positions, [B, C] as it is."""
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if features.dim() != 3:
+        return features
+    if token_mask is None or token_mask.shape != features.shape[:2]:
+        return features.mean(dim=1)
+    keep = token_mask.to(features.dtype).unsqueeze(-1)
+    return (features * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+def _relation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if token_mask is not None and student.dim() == 3 and token_mask.shape == student.shape[:2]:
+        keep = token_mask.to(student.dtype).unsqueeze(-1)  # padding must not make two samples alike
+        student, teacher = student * keep, teacher * keep
+    s = F.normalize(student.flatten(1), dim=1, eps=1e-8)
+    t = F.normalize(teacher.flatten(1), dim=1, eps=1e-8)
+    diff = (s @ s.T - t @ t.T).pow(2)
+    return diff.sum(), torch.tensor(diff.numel(), device=diff.device)
 
 
 def attention_kd(
