@@ -18,10 +18,13 @@ At each stage: the quality, the size reduction (weight bytes, x) and the latency
 both against the FP32 teacher; latencies are measured side by side in this process (A/B
 interleaved, 2 threads, denormals flushed), for the INT8 model eager and compiled
 (``slimkit.quant.compile_int8``, the fastest INT8 path for MiniLM in ``int8_speed.py``). Writes
-``benchmarks/results/pipeline.json``.
+``benchmarks/results/pipeline.json``. ``--malloc steady`` calls ``slimkit.steady_malloc()`` first:
+under glibc's default allocator the FP32 teacher at batch 32 x 128 can page-fault its activations
+in on every forward (the solver warns when it does), and its timing, the denominator of every
+speed-up, then moves with what the process freed before.
 
     python benchmarks/pipeline.py [--only digits|minilm] [--minilm-steps 600] [--minilm-recipe R]
-        [--save-student DIR] [--out JSON]
+        [--save-student DIR] [--malloc default|steady] [--out JSON]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.hub import build_architecture  # noqa: E402
+from slimkit.model_info import model_info_of  # noqa: E402
 from slimkit.plugins.digits_demo import run_demo  # noqa: E402
 from slimkit.plugins.distill_run import DistillOptions, run_distillation  # noqa: E402
 from slimkit.report import interleaved_latencies, tensor_bytes  # noqa: E402
@@ -159,13 +163,15 @@ def minilm(
         seconds = time.perf_counter() - started
         teacher = slimkit.from_pretrained(teacher_dir).eval()
         int8 = slimkit.from_pretrained(tmp / "student").eval()
+        # what prune.target asked, what the solver measured on its INT8 copies at step 0
+        solver = (model_info_of(int8).report.get("methods") or {}).get("target")
         slimkit.quant.set_compile(int8, "never")  # the eager row, whatever quant.compile the recipe set
         pruned = build_architecture(tmp / "student", blocks=("pruning",)).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
-        texts = list(stdlib_docs().eval.inputs)  # the held-out split distill.py scores on
+        eval_texts = list(stdlib_docs().eval.inputs)  # the held-out split distill.py scores on
         held_out = [
-            dict(tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            for i in range(0, len(texts), 64)
+            dict(tokenizer(eval_texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(eval_texts), 64)
         ]
         reference = _embeddings(teacher, held_out)
         fp32_onnx = slimkit.export_onnx(copy.deepcopy(teacher), tmp / "teacher.onnx", held_out[0])
@@ -229,6 +235,7 @@ def minilm(
     return {
         "recipe_file": str(recipe_path.relative_to(ROOT)) if recipe_path.is_relative_to(ROOT) else str(recipe_path),
         "recipe": recipe,
+        "solver_target": solver,
         "quality_metric": "embedding cosine (and Spearman of pairwise similarities) to the FP32 teacher, held-out "
         "stdlib-docs sentences",
         "latency_inputs": "batch 32, sequence 128",
@@ -244,6 +251,8 @@ def minilm(
 
 
 def main() -> None:
+    from int8_common import add_malloc_argument, apply_malloc
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("digits", "minilm"))
     p.add_argument("--minilm-steps", type=int, default=600)
@@ -259,7 +268,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "pipeline.json", help="the JSON to update")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    add_malloc_argument(p)
     args = p.parse_args()
+    apply_malloc(args)  # before any model exists: the teacher's batch-32 timing depends on it
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     out_file = args.out
