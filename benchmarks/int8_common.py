@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import slimkit.distill
 import slimkit.malloc
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -365,7 +366,6 @@ def minilm():
 
 
 def mean_pool(last_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sentence-transformers' mean pooling, then L2 normalisation."""
-    mask = mask.unsqueeze(-1).to(last_hidden.dtype)
-    pooled = (last_hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    """Sentence-transformers' mean pooling (the library's, which KD's ``pool: mean`` uses), then
+    L2 normalisation."""
+    return torch.nn.functional.normalize(slimkit.distill.mean_pool(last_hidden, mask), dim=-1)

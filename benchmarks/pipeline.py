@@ -251,7 +251,7 @@ def minilm(
 
 
 def main() -> None:
-    from int8_common import add_malloc_argument, apply_malloc
+    from int8_common import add_malloc_argument, apply_malloc, machine_info
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("digits", "minilm"))
@@ -281,8 +281,6 @@ def main() -> None:
         results["minilm"] = minilm(
             args.minilm_steps, args.rounds, args.minilm_recipe, args.minilm_lr, args.save_student, args.minilm_texts
         )
-    from int8_common import machine_info
-
     results.update(benchmark="pipeline", torch=torch.__version__, threads=args.threads, machine=machine_info())
     RESULTS.mkdir(exist_ok=True)
     out_file.write_text(json.dumps(results, indent=2) + "\n")
