@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import call_model, get_logits
 from .batches import model_inputs
+from .distill.losses import mean_pool
 from .errors import SlimkitError
 
 
@@ -30,24 +31,33 @@ def output_tensor(outputs: Any, role: str = "sensitivity") -> torch.Tensor:
     return logits
 
 
-def _rows(output: torch.Tensor, inputs: Any) -> torch.Tensor:
+def _rows(output: torch.Tensor, inputs: Any, pool: str = "none") -> torch.Tensor:
     """The rows compared: one per sample, or for token outputs ``(batch, tokens, features)``
     with an attention mask, one per real token: padding positions hold states no user reads
-    (mean pooling and heads skip them), and they would otherwise dominate the comparison."""
+    (mean pooling and heads skip them), and they would otherwise dominate the comparison.
+
+    ``pool="mean"``: token outputs become one row per sample, the mean over its real tokens (the
+    sentence embedding a mean-pooling encoder serves). Token states and their mean rank pruned
+    copies differently: on all-MiniLM-L6-v2 the widths closest in token cosine kept less of the
+    embeddings' pairwise-similarity ranking than uniform widths at the same speed."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    if output.dim() == 3 and isinstance(mask, torch.Tensor) and mask.shape == output.shape[:2]:
+    matched = output.dim() == 3 and isinstance(mask, torch.Tensor) and mask.shape == output.shape[:2]
+    if pool == "mean" and output.dim() == 3:
+        return mean_pool(output, mask.to(output.device) if matched else None)
+    if matched:
         return output[mask.to(output.device).bool()]
     return output.flatten(1)
 
 
 @torch.no_grad()
-def flat_outputs(model: nn.Module, batches: list, role: str = "sensitivity") -> list[torch.Tensor]:
-    """One ``(rows, features)`` float tensor per batch: a row per sample, or per real token."""
+def flat_outputs(model: nn.Module, batches: list, role: str = "sensitivity", pool: str = "none") -> list[torch.Tensor]:
+    """One ``(rows, features)`` float tensor per batch: a row per sample, or per real token
+    (``pool="mean"``: a row per sample, its tokens averaged; see :func:`_rows`)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []
     for batch in batches:
         inputs = model_inputs(batch, device)
-        out.append(_rows(output_tensor(call_model(model, inputs), role).float(), inputs))
+        out.append(_rows(output_tensor(call_model(model, inputs), role).float(), inputs, pool))
     return out
 
 

@@ -7,7 +7,7 @@ which re-exports it. How the budget is met: :mod:`slimkit.prune.target`.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from ._config import Config, help_field
 
@@ -47,6 +47,12 @@ class TargetConfig(Config):
         True,
         "with calibration batches, also prune copies to uniform widths and to the unweighted curves' widths at the "
         "same predicted cost, and keep the plan whose outputs stay closest to the dense model's",
+    )
+    pool: Literal["none", "mean"] = help_field(
+        "none",
+        "token outputs (last_hidden_state with an attention mask): what plans are judged by (output reach, "
+        "compare): none, every real token's state; mean, each sample's mean over its real tokens (the sentence "
+        "embedding a mean-pooling encoder serves)",
     )
     cache: str | None = help_field(
         None, "folder of the per-machine latency tables (default: $SLIMKIT_CACHE/latency or ~/.cache/slimkit/latency)"

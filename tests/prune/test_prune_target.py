@@ -441,6 +441,53 @@ def test_compare_off_keeps_the_solvers_plan():
     assert outcome["picked"] == "solver" and outcome["compared"] == {}
 
 
+def test_pool_mean_judges_plans_by_the_sentence_embedding_not_token_states():
+    """``pool: mean`` on a headless encoder: the plans are scored by each sentence's mean over its
+    real tokens, so the kept plan's reported cosine is the converted model's pooled-embedding
+    cosine on the calibration batches (padding included in the batches, excluded from the
+    mean), not its token cosine; the default still scores token states, and each keeps more of
+    what it is judged by. (No refit: with a few
+    dozen token rows a refit reproduces them, and every plan would score 1.0.)"""
+    from slimkit.distill import mean_pool
+    from slimkit.outputs import flat_outputs, mean_cosine
+    from tests.families import hf_model, token_batch
+
+    def padded(seed: int) -> dict:
+        batch = token_batch(4, 12, seed=seed)
+        batch["attention_mask"][1:, 7 + seed :] = 0  # three sentences shorter than the batch
+        return batch
+
+    dense = hf_model("bert-base").eval()
+    with torch.no_grad():  # blocks that write as much into the residual stream as trained ones do
+        for layer in dense.encoder.layer:
+            layer.output.dense.weight.mul_(8.0)
+            layer.attention.output.dense.weight.mul_(8.0)
+    batches = [padded(s) for s in (1, 2)]
+    with torch.no_grad():
+        pooled = lambda net: [mean_pool(net(**b).last_hidden_state, b["attention_mask"]) for b in batches]  # noqa: E731
+        tokens = lambda net: flat_outputs(net, batches)  # noqa: E731
+        reached = {}
+        for pool in ("mean", "none"):
+            model = copy.deepcopy(dense)
+            recipe = {"prune": {"target": {"macs": 0.4, "pool": pool}, "importance": "activation"}}
+            slimkit.prepare(model, recipe, example_inputs=batches[0])
+            slimkit.calibrate(model, batches)
+            outcome = slimkit.prune.summary(model)["target"]
+            entry = outcome["compared"][outcome["picked"]]
+            entry = outcome["compared"].get(entry.get("same_as"), entry)
+            small = slimkit.convert(model).eval()
+            reached[pool] = {
+                "mean": mean_cosine(pooled(small), pooled(dense)),
+                "none": mean_cosine(tokens(small), tokens(dense)),
+                "reported": entry["cosine"],
+            }
+    for pool, figures in reached.items():
+        assert abs(figures["reported"] - figures[pool]) < 1e-4, reached
+    # each measure picks different widths here, and each keeps more of what it judges by
+    assert reached["mean"]["mean"] > reached["none"]["mean"] + 1e-3, reached
+    assert reached["none"]["none"] > reached["mean"]["none"] + 3e-4, reached
+
+
 def test_uniform_plan_removes_the_exact_fraction_a_user_would_not_the_next_timed_width():
     """compare's uniform plan is what `channels: f` prunes at the fraction that meets the budget
     (rounded as the group rounds), not each group's first timed candidate above it, which on a
