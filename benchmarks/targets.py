@@ -366,6 +366,8 @@ def run_model(name: str, args) -> dict:
         for goal in args.speedups:
             target = {"speedup": goal, "batch": batch, "threads": common.THREADS, "cache": str(args.cache)}
             section = {"target": target, "importance": "activation", "reconstruct": True}
+            if text and args.pool != "none":  # judge plans by the sentence embedding, not token states
+                target["pool"] = args.pool
             if args.layers:  # whole blocks may go too (the solver chooses how many)
                 section["layers"] = args.layers
             start = time.perf_counter()
@@ -506,6 +508,9 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=float, default=0, help="prune.layers of the target: the most blocks it may remove (0: none)"
     )
+    parser.add_argument(
+        "--pool", choices=("none", "mean"), default="none", help="MiniLM: prune.target.pool (what plans are judged by)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small images, batch 1, 2x, few rounds")
     parser.add_argument("--output", type=Path, default=RESULTS / "targets.json")
     parser.add_argument(
@@ -527,7 +532,13 @@ def main() -> None:
     args.batches = args.batches or ([1] if args.quick else [1, 32])
     args.speedups = args.speedups or ([2.0] if args.quick else [2.0, 3.0])
     common.setup_machine()
-    report = {"machine": common.machine_info(), "quick": args.quick, "size": args.size, "models": {}}
+    report = {
+        "machine": common.machine_info(),
+        "quick": args.quick,
+        "size": args.size,
+        "pool": args.pool,
+        "models": {},
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # written after each model: a long run stopped early keeps what it measured
         report["models"][name] = run_model(name, args)
