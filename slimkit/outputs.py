@@ -38,8 +38,8 @@ def _rows(output: torch.Tensor, inputs: Any, pool: str = "none") -> torch.Tensor
 
     ``pool="mean"``: token outputs become one row per sample, the mean over its real tokens (the
     sentence embedding a mean-pooling encoder serves). Token states and their mean rank pruned
-    copies differently: on all-MiniLM-L6-v2 the widths closest in token cosine kept less of the
-    embeddings' pairwise-similarity ranking than uniform widths at the same speed."""
+    copies differently: on all-MiniLM-L6-v2 at batch 32, widths chosen by the pooled rows kept
+    0.003-0.019 more embedding cosine than those chosen by the token rows (README, ``pool``)."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     matched = output.dim() == 3 and isinstance(mask, torch.Tensor) and mask.shape == output.shape[:2]
     if pool == "mean" and output.dim() == 3:
