@@ -117,10 +117,8 @@ def main() -> None:
             f"after {recovery} steps"
         )
     report["goal"] = "no more held-out errors than uniform pruning at the closest MACs, summed over the seeds"
-    report["goal_met"] = all(t[k]["target"] <= t[k]["uniform"] for t in report["totals"] for k in ("accuracy",))
-    report["goal_met_after_recovery"] = all(
-        t["accuracy_after_recovery"]["target"] <= t["accuracy_after_recovery"]["uniform"] for t in report["totals"]
-    )
+    for key, name in (("accuracy", "goal_met"), ("accuracy_after_recovery", "goal_met_after_recovery")):
+        report[name] = all(t[key]["target"] <= t[key]["uniform"] for t in report["totals"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"goal met: {report['goal_met']} (after recovery: {report['goal_met_after_recovery']}); wrote {args.output}")

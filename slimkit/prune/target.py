@@ -267,8 +267,7 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
     batches = [b for b in batches if b is not None]
     if not batches:
         return [1.0] * len(cands)
-    pool = measure.pruner.config.target.pool
-    reference = flat_outputs(model, batches, "prune.target", pool)
+    reference = measure.outputs(model, batches)
     base = {g: c[0] for g, c in enumerate(cands)}
     reach = []
     for g, options in enumerate(cands):
@@ -278,7 +277,7 @@ def output_reach(model: nn.Module, measure: _Measure, cands, local, batches: lis
             reach.append(None)
             continue
         net = measure.probe({**base, g: count})
-        drop = 1.0 - mean_cosine(flat_outputs(net, batches, "prune.target", pool), reference)
+        drop = 1.0 - mean_cosine(measure.outputs(net, batches), reference)
         del net
         reach.append(max(drop, 0.0) / error)
     known = sorted(r for r in reach if r is not None and r > 0)
@@ -329,9 +328,13 @@ class _Measure:
         for every compare and depth option of the solve."""
         if self._dense_outputs is None or self._dense_outputs[0] != id(samples):
             with torch.no_grad():  # kept for the whole solve: no autograd graph with it
-                pool = self.pruner.config.target.pool
-                self._dense_outputs = (id(samples), flat_outputs(self.model, samples, "prune.target", pool))
+                self._dense_outputs = (id(samples), self.outputs(self.model, samples))
         return self._dense_outputs[1]
+
+    def outputs(self, net: nn.Module, batches: list) -> list:
+        """``net``'s outputs on ``batches`` as every copy is judged: rows per real token, or per
+        sentence with ``prune.target.pool: mean``."""
+        return flat_outputs(net, batches, "prune.target", self.pruner.config.target.pool)
 
     def remove_blocks(self, blocks: list[Block]) -> None:
         """From now on every copy has ``blocks`` removed; measures the base model (see the class)."""
@@ -602,10 +605,10 @@ def _picked_cosine(outcome: TargetOutcome) -> float | None:
     return None if entry is None else rank_value(entry)
 
 
-def _pruned_outputs(net: nn.Module, recount: list, batches: list, refitting: bool, pool: str) -> list:
+def _pruned_outputs(measure: _Measure, net: nn.Module, recount: list, batches: list, refitting: bool) -> list:
     if refitting:  # rank 0 alone: the statistics are not reduced across processes here
         recalibrate_batchnorms(net, recount, call_on_batch, reduce=False)
-    return flat_outputs(net, batches, "prune.target", pool)
+    return measure.outputs(net, batches)
 
 
 def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: list, samples: list) -> list[dict]:
@@ -621,13 +624,13 @@ def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: lis
     there: on a timm resnet calibrated on 3 batches of 4 noise images, the kept plan scored 0.895
     on them, 0.72 cross-fitted, and the converted model 0.63 on new images."""
     refitting = pruner.config.reconstruct and pruner.data is not None
-    pool = pruner.config.target.pool
     reference = measure.dense_outputs(samples)
     with torch.no_grad():
         scores = []
         for plan in plans:
             net = measure.probe(plan, refit=refitting)
-            scores.append({"cosine": mean_cosine(_pruned_outputs(net, samples, samples, refitting, pool), reference)})
+            cosine = mean_cosine(_pruned_outputs(measure, net, samples, samples, refitting), reference)
+            scores.append({"cosine": cosine})
             del net
         if not refitting or len(samples) < _FOLDS:
             return scores
@@ -639,7 +642,7 @@ def _score_plans(pruner: Pruner, measure: _Measure, model: nn.Module, plans: lis
             references += [r for i, r in enumerate(reference) if i % _FOLDS == fold]
             with pruner.data.holding_out(pruner.data.record(model, scored, call_on_batch)):
                 for p, plan in enumerate(plans):
-                    outputs[p] += _pruned_outputs(measure.probe(plan, refit=True), rest, scored, True, pool)
+                    outputs[p] += _pruned_outputs(measure, measure.probe(plan, refit=True), rest, scored, True)
         for entry, out in zip(scores, outputs):
             entry["held_out"] = mean_cosine(out, references)
     return scores
